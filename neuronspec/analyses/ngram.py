@@ -1,0 +1,557 @@
+"""N-gram and token-detecting neurons, from sparse firing counts (METHODS.md §3).
+
+Voita, Ferrando, Nalmpantis (2023), "Neurons in Large Language Models: Dead, N-gram,
+Positional", §4. A neuron *fires* at position k when its gate pre-activation is > 0; the
+n-gram ending at k *triggered* it. Fig. 2 bins every alive neuron by the smallest number of
+distinct unigrams, taken by descending count, whose counts cover ≥95% of its firings. A
+neuron is *token-detecting* when 1–5 unigrams cover ≥95% of its firings and each of them is
+*covered*: the neuron fires on ≥95% of that token's occurrences (trigram variant: 1–50
+trigrams, same 95% rules). BOS/document-start positions are excluded by the counting pass.
+
+Everything here works on sorted sparse ``(neuron, key, count)`` triples — ``key`` is a token
+id for unigrams, ``(t[k-2]·V + t[k-1])·V + t[k]`` for trigrams — plus the occurrences of
+each key. No function materialises a dense ``[neurons, vocab]`` matrix; memory is O(pairs).
+
+Decisions where METHODS.md is silent (a reviewer should check these):
+
+- **Exact thresholds.** A coverage such as 0.95 is read as the nearest fraction with
+  denominator ≤ 10 000 (0.95 → 19/20) and every "≥ 95%" is decided in integer arithmetic,
+  ``covered·20 ≥ 19·total``: 19 of 20 firings is exactly 95% and qualifies, with no float
+  round-off at the boundary.
+- **Ties.** Unigrams are ranked by descending count, ties by ascending key. Ties never change
+  a covering count (it only depends on the sorted multiset of counts) nor whether a neuron
+  is a detector; they only decide which of two equally frequent tokens is *listed* when just
+  one of them is needed.
+- **Never-firing neurons** have covering count 0 (:data:`NEVER_FIRES`); they are not binned
+  in Fig. 2, which is over alive neurons.
+- **Which tokens a detector detects.** Take the tokens the neuron covers (fires on ≥95% of
+  their occurrences), by descending count; the neuron's tokens are the shortest such prefix
+  whose counts reach ≥95% of all its firings. It is a detector when that prefix exists and
+  has 1–5 tokens. This meets all three rules literally (1–5 unigrams covering ≥95% of its
+  firings, each covered, the covered tokens accounting for ≥95%). Further covered tokens
+  that are not needed (for example a rare token seen twice) neither disqualify the neuron
+  nor are listed. The covering count of a detector is therefore ≤ its number of tokens.
+- **Fig. 4 at layer 0.** With no lower layer, every token of layer 0 is "new overall" and
+  "new versus the previous layer".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from itertools import pairwise
+
+import numpy as np
+
+from neuronspec.errors import NeuronSpecError
+from neuronspec.findings import Finding
+
+NEVER_FIRES = 0
+"""Covering count reported for a neuron that never fired (it needs no unigram at all)."""
+
+DEFAULT_COVERING_BIN_EDGES: tuple[int, ...] = (1, 2, 6, 11, 21, 51, 101, 501)
+"""Lower edges of the Fig. 2 bins: 1, 2-5, 6-10, 11-20, 21-50, 51-100, 101-500, 501+."""
+
+MAX_DETECTOR_UNIGRAMS = 5  # Voita et al.: "triggered by at most 5 unigrams"
+MAX_DETECTOR_TRIGRAMS = 50  # Voita et al., trigram variant
+_MAX_DENOMINATOR = 10_000  # coverage → exact fraction; keeps count·den far below 2**63
+
+
+class CountTableError(NeuronSpecError, ValueError):
+    """Count tables that do not fit together: lengths, dtypes, ranges, order, duplicates."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _fraction(name: str, value: float) -> Fraction:
+    if not 0.0 < value <= 1.0:
+        raise CountTableError(f"{name} must be in (0, 1], got {value!r}")
+    return Fraction(value).limit_denominator(_MAX_DENOMINATOR)
+
+
+def _int_array(name: str, values: np.ndarray) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise CountTableError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise CountTableError(f"{name} must hold integers, got dtype {array.dtype}")
+    return array.astype(np.int64, copy=False)
+
+
+def _pairs(
+    neuron: np.ndarray, key: np.ndarray, count: np.ndarray, n_neurons: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate (neuron, key, count) triples; return them sorted by (neuron, key), count > 0."""
+    if n_neurons < 0:
+        raise CountTableError(f"n_neurons must be ≥ 0, got {n_neurons}")
+    neuron = _int_array("neuron", neuron)
+    key = _int_array("key", key)
+    count = _int_array("count", count)
+    if not len(neuron) == len(key) == len(count):
+        raise CountTableError(
+            f"neuron, key and count must have the same length, got "
+            f"{len(neuron)}, {len(key)}, {len(count)}"
+        )
+    if len(neuron) == 0:
+        return neuron, key, count
+    if neuron.min() < 0 or neuron.max() >= n_neurons:
+        raise CountTableError(
+            f"neuron ids must lie in [0, {n_neurons}), got range "
+            f"[{neuron.min()}, {neuron.max()}]; is n_neurons the layer width?"
+        )
+    if key.min() < 0:
+        raise CountTableError(f"keys must be ≥ 0, got {key.min()}")
+    if count.min() < 0:
+        raise CountTableError(f"counts must be ≥ 0, got {count.min()}")
+    if not _strictly_sorted(neuron, key):
+        order = np.lexsort((key, neuron))
+        neuron, key, count = neuron[order], key[order], count[order]
+        if not _strictly_sorted(neuron, key):
+            raise CountTableError(
+                "duplicate (neuron, key) pairs; merge shards by adding their counts first"
+            )
+    if count.min() == 0:  # a pair that never fired carries no information
+        keep = count > 0
+        neuron, key, count = neuron[keep], key[keep], count[keep]
+    return neuron, key, count
+
+
+def _strictly_sorted(neuron: np.ndarray, key: np.ndarray) -> bool:
+    neuron_step = np.diff(neuron)
+    return bool(np.all((neuron_step > 0) | ((neuron_step == 0) & (np.diff(key) > 0))))
+
+
+def _neuron_totals(neuron: np.ndarray, count: np.ndarray, n_neurons: int) -> np.ndarray:
+    """Firings per neuron, int64[n_neurons], from triples sorted by neuron."""
+    totals = np.zeros(n_neurons, dtype=np.int64)
+    if len(neuron):
+        starts = np.flatnonzero(np.r_[True, neuron[1:] != neuron[:-1]])
+        totals[neuron[starts]] = np.add.reduceat(count, starts)
+    return totals
+
+
+# --------------------------------------------------------------------------- greedy cover
+
+
+@dataclass(frozen=True)
+class _Cover:
+    """Triples ranked per neuron by descending count, and how many of them each neuron needs."""
+
+    neuron: np.ndarray  # (P,) sorted by (neuron, -count, key)
+    key: np.ndarray  # (P,)
+    rank: np.ndarray  # (P,) 0-based rank of the triple within its neuron
+    needed: np.ndarray  # (n_neurons,) entries needed to reach the target; 0 if none/not reached
+    reached: np.ndarray  # (n_neurons,) bool: the neuron's entries reach its target at all
+
+
+def _greedy_cover(
+    neuron: np.ndarray,
+    key: np.ndarray,
+    count: np.ndarray,
+    target: np.ndarray,
+    coverage: Fraction,
+    n_neurons: int,
+) -> _Cover:
+    """Per neuron, the fewest entries (by descending count) whose counts reach coverage·target.
+
+    Inputs are sorted by (neuron, key) with count > 0; ``target`` is int64[n_neurons]. Ties in
+    count keep ascending key order because the sort below is stable.
+    """
+    num, den = coverage.numerator, coverage.denominator
+    n_pairs = len(neuron)
+    if n_pairs == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        zeros = np.zeros(n_neurons, dtype=np.int64)
+        return _Cover(empty, empty, empty, zeros, zeros.astype(bool))
+    cmax = int(count.max())
+    if n_neurons * (cmax + 1) < 2**62:  # one int64 sort key: (neuron, -count), stable on key
+        order = np.argsort(neuron * (cmax + 1) + (cmax - count), kind="stable")
+    else:
+        order = np.lexsort((key, -count, neuron))
+    neuron, key, count = neuron[order], key[order], count[order]  # (P,) each
+    del order
+    starts = np.flatnonzero(np.r_[True, neuron[1:] != neuron[:-1]])  # (S,) segment starts
+    seg_len = np.diff(np.r_[starts, n_pairs])  # (S,)
+    seg_neuron = neuron[starts]  # (S,)
+    csum = np.cumsum(count)  # (P,) running total over all segments
+    before = csum[starts] - count[starts]  # (S,) running total before each segment
+    csum -= np.repeat(before, seg_len)  # (P,) running total within the segment
+    seg_sum = csum[np.r_[starts[1:], n_pairs] - 1]  # (S,)
+    seg_target = target[seg_neuron] * num  # (S,) compare ·den against ·num, exactly
+    short = csum * den < np.repeat(seg_target, seg_len)  # (P,) prefix still below target
+    del csum
+    reached = np.zeros(n_neurons, dtype=bool)
+    reached[seg_neuron] = seg_sum * den >= seg_target
+    needed = np.bincount(neuron[short], minlength=n_neurons).astype(np.int64) + 1
+    del short
+    needed[~reached] = 0
+    rank = np.arange(n_pairs, dtype=np.int64) - np.repeat(starts, seg_len)  # (P,)
+    return _Cover(neuron, key, rank, needed, reached)
+
+
+def covering_count(
+    neuron: np.ndarray,
+    key: np.ndarray,
+    count: np.ndarray,
+    *,
+    n_neurons: int,
+    coverage: float = 0.95,
+) -> np.ndarray:
+    """Smallest number of distinct keys, by descending count, covering ``coverage`` of firings.
+
+    Args:
+        neuron, key, count: int64[P] sparse firing counts (``pair_neuron``, ``pair_token``,
+            ``pair_count``; or the trigram triples), unique (neuron, key) pairs. Sorted by
+            (neuron, key) is the fast path; unsorted input is sorted here.
+        n_neurons: layer width W.
+        coverage: fraction of the neuron's firings to cover (Voita et al.: 0.95).
+
+    Returns:
+        int64[W]; :data:`NEVER_FIRES` (0) for a neuron that never fired.
+    """
+    frac = _fraction("coverage", coverage)
+    neuron, key, count = _pairs(neuron, key, count, n_neurons)
+    totals = _neuron_totals(neuron, count, n_neurons)
+    return _greedy_cover(neuron, key, count, totals, frac, n_neurons).needed
+
+
+# --------------------------------------------------------------------------- Fig. 2 bins
+
+
+def covering_bin_labels(bin_edges: Sequence[int] = DEFAULT_COVERING_BIN_EDGES) -> list[str]:
+    """Labels for the bins [e_i, e_{i+1} - 1] and the last, open one: "1", "2-5", …, "501+"."""
+    edges = _check_edges(bin_edges)
+    labels = []
+    for lo, hi in zip(edges, [*edges[1:], None], strict=True):
+        if hi is None:
+            labels.append(f"{lo}+")
+        elif hi - 1 == lo:
+            labels.append(f"{lo}")
+        else:
+            labels.append(f"{lo}-{hi - 1}")
+    return labels
+
+
+def _check_edges(bin_edges: Sequence[int]) -> list[int]:
+    edges = [int(e) for e in bin_edges]
+    if not edges or edges[0] != 1 or any(b <= a for a, b in pairwise(edges)):
+        raise CountTableError(
+            f"bin_edges must be strictly increasing lower edges starting at 1 (so every alive "
+            f"neuron falls in a bin), got {list(bin_edges)}"
+        )
+    return edges
+
+
+def covering_histogram(
+    covering_counts: np.ndarray,
+    *,
+    bin_edges: Sequence[int] = DEFAULT_COVERING_BIN_EDGES,
+) -> dict[str, int]:
+    """Number of alive neurons per covering-count bin (Fig. 2), in bin order; dead ones skipped."""
+    counts = _int_array("covering_counts", covering_counts)
+    edges = _check_edges(bin_edges)
+    alive = counts[counts > 0]
+    per_bin = np.bincount(np.searchsorted(edges, alive, side="right") - 1, minlength=len(edges))
+    return {label: int(n) for label, n in zip(covering_bin_labels(edges), per_bin, strict=True)}
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+def ngram_detectors(
+    neuron: np.ndarray,
+    key: np.ndarray,
+    count: np.ndarray,
+    occurrence_key: np.ndarray,
+    occurrence_count: np.ndarray,
+    *,
+    n_neurons: int,
+    max_ngrams: int = MAX_DETECTOR_UNIGRAMS,
+    coverage: float = 0.95,
+    occurrence_coverage: float = 0.95,
+) -> dict[int, list[int]]:
+    """Detector neurons and the keys each detects (module docstring: "Which tokens").
+
+    A key is *covered* by a neuron when ``count ≥ occurrence_coverage · occurrences(key)``.
+    The neuron is a detector when the covered keys, by descending count (ties: ascending key),
+    reach ``coverage`` of all its firings within ``max_ngrams`` keys.
+
+    Args:
+        neuron, key, count: int64[P] firing counts, unique (neuron, key) pairs.
+        occurrence_key, occurrence_count: int64[R] how often each key occurred at the counted
+            positions; unique keys, every fired key must be listed.
+        n_neurons: layer width W.
+        max_ngrams: 5 for unigrams, 50 for trigrams (Voita et al.).
+
+    Returns:
+        ``{neuron: [key, …]}`` for each detector neuron, in ascending neuron order; keys by
+        descending count.
+    """
+    if max_ngrams < 1:
+        raise CountTableError(f"max_ngrams must be ≥ 1, got {max_ngrams}")
+    frac = _fraction("coverage", coverage)
+    occ_frac = _fraction("occurrence_coverage", occurrence_coverage)
+    neuron, key, count = _pairs(neuron, key, count, n_neurons)
+    occurrences = _occurrences_of(key, count, occurrence_key, occurrence_count)  # (P,)
+    totals = _neuron_totals(neuron, count, n_neurons)
+    covered = count * occ_frac.denominator >= occurrences * occ_frac.numerator  # (P,)
+    del occurrences
+    cover = _greedy_cover(neuron[covered], key[covered], count[covered], totals, frac, n_neurons)
+    is_detector = cover.reached & (cover.needed <= max_ngrams)
+    keep = is_detector[cover.neuron] & (cover.rank < cover.needed[cover.neuron])
+    det_neuron, det_key = cover.neuron[keep], cover.key[keep]
+    if len(det_neuron) == 0:
+        return {}
+    bounds = np.flatnonzero(np.r_[True, det_neuron[1:] != det_neuron[:-1]])
+    return {
+        int(n): keys.tolist()
+        for n, keys in zip(det_neuron[bounds], np.split(det_key, bounds[1:]), strict=True)
+    }
+
+
+def _occurrences_of(
+    key: np.ndarray, count: np.ndarray, occurrence_key: np.ndarray, occurrence_count: np.ndarray
+) -> np.ndarray:
+    """Occurrences of each triple's key, int64[P]; checks that firings ≤ occurrences."""
+    occ_key = _int_array("occurrence_key", occurrence_key)
+    occ_count = _int_array("occurrence_count", occurrence_count)
+    if len(occ_key) != len(occ_count):
+        raise CountTableError(
+            f"occurrence_key and occurrence_count must have the same length, got "
+            f"{len(occ_key)}, {len(occ_count)}"
+        )
+    if len(key) == 0:
+        return np.zeros(0, dtype=np.int64)
+    if len(occ_key) and np.any(np.diff(occ_key) <= 0):
+        order = np.argsort(occ_key, kind="stable")
+        occ_key, occ_count = occ_key[order], occ_count[order]
+        if np.any(np.diff(occ_key) <= 0):
+            raise CountTableError("occurrence_key holds duplicate keys")
+    where = np.searchsorted(occ_key, key)  # (P,)
+    found = where < len(occ_key)
+    found[found] = occ_key[where[found]] == key[found]
+    if not found.all():
+        missing = key[~found][:5].tolist()
+        raise CountTableError(f"keys fired on but missing from the occurrence table: {missing}…")
+    occurrences = occ_count[where]
+    if np.any(count > occurrences):
+        bad = np.flatnonzero(count > occurrences)[0]
+        raise CountTableError(
+            f"key {key[bad]} fired {count[bad]} times but occurred only {occurrences[bad]} "
+            "times; the firing and occurrence tables come from different passes?"
+        )
+    return occurrences
+
+
+def token_detectors(
+    pair_neuron: np.ndarray,
+    pair_token: np.ndarray,
+    pair_count: np.ndarray,
+    token_count: np.ndarray,
+    *,
+    n_neurons: int,
+    max_tokens: int = MAX_DETECTOR_UNIGRAMS,
+    coverage: float = 0.95,
+    occurrence_coverage: float = 0.95,
+) -> dict[int, list[int]]:
+    """Token-detecting neurons (unigrams) from the dense ``token_count: int64[V]``."""
+    token_count = _int_array("token_count", token_count)
+    return ngram_detectors(
+        pair_neuron,
+        pair_token,
+        pair_count,
+        np.arange(len(token_count), dtype=np.int64),
+        token_count,
+        n_neurons=n_neurons,
+        max_ngrams=max_tokens,
+        coverage=coverage,
+        occurrence_coverage=occurrence_coverage,
+    )
+
+
+def trigram_key(t0: np.ndarray, t1: np.ndarray, t2: np.ndarray, *, vocab_size: int) -> np.ndarray:
+    """Key of the trigram (t[k-2], t[k-1], t[k]): ``(t0·V + t1)·V + t2``."""
+    t0, t1, t2 = (np.asarray(t, dtype=np.int64) for t in (t0, t1, t2))
+    return (t0 * vocab_size + t1) * vocab_size + t2
+
+
+def decode_trigram_key(key: np.ndarray, *, vocab_size: int) -> np.ndarray:
+    """Inverse of :func:`trigram_key`: int64[..., 3] with (t[k-2], t[k-1], t[k])."""
+    key = np.asarray(key, dtype=np.int64)
+    return np.stack([key // vocab_size**2, (key // vocab_size) % vocab_size, key % vocab_size], -1)
+
+
+# --------------------------------------------------------------------------- findings
+
+
+def relative_depth(layer: int, n_layers: int) -> float:
+    """l / (L-1), the x-axis of cross-model figures; 0 for a one-layer model."""
+    return layer / (n_layers - 1) if n_layers > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class NgramLayerFinding(Finding):
+    """N-gram statistics of one layer (Voita et al. Fig. 2 and the detectors of Fig. 3-4)."""
+
+    model: str
+    layer: int
+    n_layers: int  # layers in the model, for the relative depth l/(L-1)
+    n_neurons: int
+    n_tokens: int  # counted (non-BOS) positions
+    n_alive: int  # neurons that fired at least once at a counted position
+    coverage: float  # share of a neuron's firings its unigrams must cover (0.95)
+    occurrence_coverage: float  # share of a token's occurrences a neuron must fire on (0.95)
+    max_tokens: int  # a detector has 1..max_tokens tokens (5)
+    covering_histogram: dict[str, int]  # Fig. 2: alive neurons per covering-count bin
+    n_token_detectors: int  # Fig. 3a
+    detector_tokens: dict[int, list[int]]  # neuron -> tokens it detects
+    detected_tokens: list[int]  # sorted distinct tokens with a detector in this layer (Fig. 3b)
+    n_trigram_detectors: int | None = None  # None: no trigram tables were given
+    detector_trigrams: dict[int, list[int]] | None = None  # neuron -> trigram keys
+
+    @property
+    def relative_depth(self) -> float:
+        return relative_depth(self.layer, self.n_layers)
+
+
+def analyse_ngram_layer(
+    *,
+    model: str,
+    layer: int,
+    n_layers: int,
+    n_neurons: int,
+    vocab_size: int,
+    pair_neuron: np.ndarray,
+    pair_token: np.ndarray,
+    pair_count: np.ndarray,
+    token_count: np.ndarray,
+    tri_neuron: np.ndarray | None = None,
+    tri_key: np.ndarray | None = None,
+    tri_count: np.ndarray | None = None,
+    tri_occ_key: np.ndarray | None = None,
+    tri_occ_count: np.ndarray | None = None,
+    coverage: float = 0.95,
+    occurrence_coverage: float = 0.95,
+    max_tokens: int = MAX_DETECTOR_UNIGRAMS,
+    max_trigrams: int = MAX_DETECTOR_TRIGRAMS,
+    bin_edges: Sequence[int] = DEFAULT_COVERING_BIN_EDGES,
+) -> NgramLayerFinding:
+    """Fig. 2 histogram and token (and, if given, trigram) detectors of one layer."""
+    if not 0 <= layer < n_layers:
+        raise CountTableError(f"layer {layer} outside [0, {n_layers})")
+    token_count = _int_array("token_count", token_count)
+    if len(token_count) != vocab_size:
+        raise CountTableError(
+            f"token_count has {len(token_count)} entries, vocab_size is {vocab_size}"
+        )
+    pair_token = _int_array("pair_token", pair_token)
+    if len(pair_token) and pair_token.max() >= vocab_size:
+        raise CountTableError(f"token id {pair_token.max()} ≥ vocab_size {vocab_size}")
+    counts = covering_count(
+        pair_neuron, pair_token, pair_count, n_neurons=n_neurons, coverage=coverage
+    )
+    detectors = token_detectors(
+        pair_neuron,
+        pair_token,
+        pair_count,
+        token_count,
+        n_neurons=n_neurons,
+        max_tokens=max_tokens,
+        coverage=coverage,
+        occurrence_coverage=occurrence_coverage,
+    )
+    trigram_tables = (tri_neuron, tri_key, tri_count, tri_occ_key, tri_occ_count)
+    trigrams: dict[int, list[int]] | None = None
+    if any(t is not None for t in trigram_tables):
+        if any(t is None for t in trigram_tables):
+            raise CountTableError(
+                "give all five trigram tables (tri_neuron, tri_key, tri_count, tri_occ_key, "
+                "tri_occ_count) or none"
+            )
+        trigrams = ngram_detectors(
+            tri_neuron,
+            tri_key,
+            tri_count,
+            tri_occ_key,
+            tri_occ_count,
+            n_neurons=n_neurons,
+            max_ngrams=max_trigrams,
+            coverage=coverage,
+            occurrence_coverage=occurrence_coverage,
+        )
+    return NgramLayerFinding(
+        model=model,
+        layer=layer,
+        n_layers=n_layers,
+        n_neurons=n_neurons,
+        n_tokens=int(token_count.sum()),
+        n_alive=int(np.count_nonzero(counts)),
+        coverage=coverage,
+        occurrence_coverage=occurrence_coverage,
+        max_tokens=max_tokens,
+        covering_histogram=covering_histogram(counts, bin_edges=bin_edges),
+        n_token_detectors=len(detectors),
+        detector_tokens=detectors,
+        detected_tokens=sorted({t for tokens in detectors.values() for t in tokens}),
+        n_trigram_detectors=None if trigrams is None else len(trigrams),
+        detector_trigrams=trigrams,
+    )
+
+
+@dataclass(frozen=True)
+class TokenDetectorSummary(Finding):
+    """Token detectors across layers of one model: Voita et al. Fig. 3a, 3b and 4."""
+
+    model: str
+    n_layers: int
+    layers: list[int]
+    relative_depth: list[float]  # l / (L-1)
+    n_detectors: list[int]  # Fig. 3a: token-detecting neurons per layer
+    n_tokens: list[int]  # Fig. 3b solid: distinct tokens with a detector in layer l
+    n_tokens_cumulative: list[int]  # Fig. 3b dashed: … in layers 0..l
+    n_new_overall: list[int]  # Fig. 4: tokens of layer l covered in no lower layer
+    n_new_vs_previous: list[int]  # Fig. 4: tokens of layer l not covered in layer l-1
+
+
+def summarise_token_detectors(findings: Sequence[NgramLayerFinding]) -> TokenDetectorSummary:
+    """Per-layer and cumulative token-detector counts (Fig. 3-4) of one model.
+
+    ``findings`` must be layers 0, 1, …, m-1 of one model (any order): "new overall" means
+    "in no lower layer", which is only known when every lower layer was analysed.
+    """
+    if not findings:
+        raise CountTableError("no layer findings to summarise")
+    ordered = sorted(findings, key=lambda f: f.layer)
+    models = {(f.model, f.n_layers) for f in ordered}
+    if len(models) != 1:
+        raise CountTableError(f"findings mix models: {sorted(models)}")
+    layers = [f.layer for f in ordered]
+    if layers != list(range(len(layers))):
+        raise CountTableError(
+            f"need consecutive layers from 0 (Fig. 4 compares with every lower layer), got {layers}"
+        )
+    seen: set[int] = set()
+    previous: set[int] = set()
+    n_tokens, cumulative, new_overall, new_vs_previous = [], [], [], []
+    for finding in ordered:
+        tokens = set(finding.detected_tokens)
+        n_tokens.append(len(tokens))
+        new_overall.append(len(tokens - seen))
+        new_vs_previous.append(len(tokens - previous))
+        seen |= tokens
+        previous = tokens
+        cumulative.append(len(seen))
+    n_layers = ordered[0].n_layers
+    return TokenDetectorSummary(
+        model=ordered[0].model,
+        n_layers=n_layers,
+        layers=layers,
+        relative_depth=[f.relative_depth for f in ordered],
+        n_detectors=[f.n_token_detectors for f in ordered],
+        n_tokens=n_tokens,
+        n_tokens_cumulative=cumulative,
+        n_new_overall=new_overall,
+        n_new_vs_previous=new_vs_previous,
+    )
