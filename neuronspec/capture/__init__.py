@@ -1,0 +1,1 @@
+"""Capture: hooks on model sites, streamed neuron statistics, and their disk cache."""
