@@ -1,0 +1,97 @@
+"""One streamed pass: model × corpus → :class:`NeuronStats`, cached on disk.
+
+The pass reads the ``mlp_pre`` and ``mlp`` sites of every layer through the site adapter,
+folds each layer into the accumulators as soon as both of its sites have arrived, and
+drops the activations: peak memory is one batch of one layer's sites.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from neuronspec.capture.cache import TensorCache, cache_key
+from neuronspec.capture.stats import STATS_FORMAT, NeuronStats, StatsConfig
+from neuronspec.data.corpus import TokenWindows
+from neuronspec.models.registry import LoadedModel
+
+
+def model_vocab_size(loaded: LoadedModel) -> int:
+    """Token ids range over the larger of the embedding matrix and the tokenizer."""
+    tokenizer_size = len(loaded.tokenizer) if loaded.tokenizer is not None else 0
+    return max(int(loaded.model.config.vocab_size), tokenizer_size)
+
+
+def collect_stats(
+    loaded: LoadedModel,
+    windows: torch.Tensor,
+    *,
+    bos_id: int | None,
+    config: StatsConfig = StatsConfig(),
+    batch_size: int = 16,
+) -> NeuronStats:
+    """Stream ``windows`` ``(n, T)`` through the model once and return the statistics."""
+    adapter = loaded.adapter
+    widths = [adapter.width("mlp")] * adapter.n_layers
+    stats = NeuronStats.empty(widths, windows.shape[1], model_vocab_size(loaded), config)
+    targets = [(site, layer) for layer in range(adapter.n_layers) for site in ("mlp_pre", "mlp")]
+    pending: dict[int, torch.Tensor] = {}
+    batch_state: dict[str, torch.Tensor] = {}
+
+    def on_site(site: str, layer: int, value: torch.Tensor) -> None:
+        if site == "mlp_pre":
+            pending[layer] = value
+            return
+        pre = pending.pop(layer)
+        stats.add_layer(layer, pre, value, batch_state["ids"], batch_state["counted"])
+
+    device = loaded.device
+    with torch.inference_mode(), adapter.read(targets, on_site):
+        for start in range(0, len(windows), batch_size):
+            ids = windows[start : start + batch_size]
+            batch_state["counted"] = stats.add_tokens(ids, bos_id)
+            batch_state["ids"] = ids
+            loaded.model(input_ids=ids.to(device), use_cache=False)
+            if pending:
+                raise RuntimeError(f"site mlp of layers {sorted(pending)} never fired")
+    return stats
+
+
+def stats_cache_key(loaded: LoadedModel, corpus: TokenWindows, config: StatsConfig) -> str:
+    return cache_key(
+        {
+            "stats_format": STATS_FORMAT,
+            "model": loaded.fingerprint,
+            "dtype": str(next(loaded.model.parameters()).dtype),
+            "corpus": corpus.fingerprint,
+            "config": config.to_json(),
+        }
+    )
+
+
+def cached_stats(
+    loaded: LoadedModel,
+    corpus: TokenWindows,
+    *,
+    config: StatsConfig = StatsConfig(),
+    cache_dir: Path | None,
+    batch_size: int = 16,
+) -> NeuronStats:
+    """Statistics of ``loaded`` on the analysis windows of ``corpus``, from the cache if there.
+
+    Workers that ask for the same entry at once compute it once (file lock in the cache).
+    """
+
+    def compute():
+        stats = collect_stats(
+            loaded, corpus.analysis, bos_id=corpus.bos_id, config=config, batch_size=batch_size
+        )
+        return stats.to_tensors(), stats.meta()
+
+    if cache_dir is None:
+        tensors, meta = compute()
+    else:
+        key = stats_cache_key(loaded, corpus, config)
+        tensors, meta = TensorCache(Path(cache_dir)).get_or_compute(key, compute)
+    return NeuronStats.from_tensors(tensors, meta)

@@ -1,0 +1,387 @@
+"""Streaming, mergeable neuron statistics (one pass over the corpus fills all of them).
+
+Per layer, from the ``mlp_pre`` site (firing = pre-activation > threshold, METHODS §1)
+and the ``mlp`` site (activation values):
+
+==================  =====================  ==================================================
+name                shape / dtype          meaning
+==================  =====================  ==================================================
+fire_by_pos         (T, W) int64           firings of neuron n at window position p
+act_sum             (W,) float64           Σ a over all tokens (``mlp`` site)
+act_sumsq           (W,) float64           Σ a²
+act_absmax          (W,) float64           max |a|                                 (merge: max)
+abs_hist            (n_bins + 2,) int64    histogram of |a| over all (token, neuron), fixed
+                                           log-spaced edges; first/last bin = under/overflow
+pearson_abs_sum     (W,) float64           Σ over windows of |Pearson r(a, position)|
+pair_key/count      (P,) int64             sparse unigram firings: key = n·V + token, at
+                                           counted positions (not window start, not BOS)
+tri_key/count       (Q,) int64             sparse trigram firings: key = n·V³ + trigram
+==================  =====================  ==================================================
+
+Shared by all layers: ``tokens_by_pos (T,)`` (its entry 0 is the number of windows),
+``token_count (V,)`` (occurrences at counted positions), ``tri_occ_key/count`` (trigram
+occurrences).
+
+Every field merges by addition (``act_absmax`` by maximum, sparse tables by key union),
+so shards of a corpus give the same statistics as the whole. Memory is independent of
+corpus length: nothing ``(tokens, neurons)``-shaped is kept beyond the current batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from neuronspec.errors import NeuronSpecError, TooFewTokensError
+
+STATS_FORMAT = "neuronspec-stats-v1"
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """What the streamed pass collects. Part of the cache key."""
+
+    fire_threshold: float = 0.0  # METHODS §1: a neuron fires when mlp_pre > 0
+    hist_bins: int = 160  # log-spaced |a| bins: 16 per decade over 1e-10 .. 1e6
+    hist_min: float = 1e-10
+    hist_max: float = 1e6
+    unigrams: bool = True  # sparse (neuron, token) firing counts for METHODS §3
+    trigrams: bool = False  # sparse (neuron, trigram) counts: large, opt-in
+
+    def hist_edges(self) -> np.ndarray:
+        """The ``hist_bins + 1`` bin edges of ``abs_hist`` (bin 0 is < hist_min)."""
+        return np.logspace(math.log10(self.hist_min), math.log10(self.hist_max), self.hist_bins + 1)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _merge_sparse(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum ``counts`` of equal ``keys``; returns sorted unique keys and their totals."""
+    if keys.numel() == 0:
+        return keys.to(torch.long), counts.to(torch.long)
+    unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    totals = torch.zeros(unique.numel(), dtype=torch.long).index_add_(0, inverse, counts)
+    return unique, totals
+
+
+class _SparseCounter:
+    """A growing sparse count table; pending batches are consolidated when they get large."""
+
+    def __init__(self, keys: torch.Tensor | None = None, counts: torch.Tensor | None = None):
+        self.keys = keys if keys is not None else torch.zeros(0, dtype=torch.long)
+        self.counts = counts if counts is not None else torch.zeros(0, dtype=torch.long)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pending_size = 0
+
+    def add(self, keys: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+        if counts is None:
+            keys, counts = torch.unique(keys, return_counts=True)
+        self._pending.append((keys.cpu(), counts.cpu()))
+        self._pending_size += keys.numel()
+        if self._pending_size > max(4_000_000, self.keys.numel()):
+            self.consolidate()
+
+    def consolidate(self) -> None:
+        if self._pending:
+            keys = torch.cat([self.keys, *(k for k, _ in self._pending)])
+            counts = torch.cat([self.counts, *(c for _, c in self._pending)])
+            self.keys, self.counts = _merge_sparse(keys, counts)
+            self._pending, self._pending_size = [], 0
+
+
+@dataclass
+class LayerStats:
+    """Accumulators of one layer (see the module docstring for the fields)."""
+
+    fire_by_pos: torch.Tensor
+    act_sum: torch.Tensor
+    act_sumsq: torch.Tensor
+    act_absmax: torch.Tensor
+    abs_hist: torch.Tensor
+    pearson_abs_sum: torch.Tensor
+    pairs: _SparseCounter
+    trigrams: _SparseCounter
+
+    @classmethod
+    def empty(cls, window: int, width: int, config: StatsConfig) -> LayerStats:
+        return cls(
+            fire_by_pos=torch.zeros(window, width, dtype=torch.long),
+            act_sum=torch.zeros(width, dtype=torch.float64),
+            act_sumsq=torch.zeros(width, dtype=torch.float64),
+            act_absmax=torch.zeros(width, dtype=torch.float64),
+            abs_hist=torch.zeros(config.hist_bins + 2, dtype=torch.long),
+            pearson_abs_sum=torch.zeros(width, dtype=torch.float64),
+            pairs=_SparseCounter(),
+            trigrams=_SparseCounter(),
+        )
+
+    @property
+    def width(self) -> int:
+        return self.fire_by_pos.shape[1]
+
+    @property
+    def fire_count(self) -> torch.Tensor:
+        """(W,) int64: firings of each neuron over all positions."""
+        return self.fire_by_pos.sum(0)
+
+
+@dataclass
+class NeuronStats:
+    """Streamed statistics of one model on one corpus, for every layer."""
+
+    config: StatsConfig
+    vocab_size: int
+    window: int
+    layers: list[LayerStats]
+    tokens_by_pos: torch.Tensor  # (T,) int64
+    token_count: torch.Tensor  # (V,) int64, counted positions only
+    tri_occurrences: _SparseCounter
+
+    @classmethod
+    def empty(cls, widths: list[int], window: int, vocab_size: int, config: StatsConfig):
+        if config.trigrams and max(widths) * vocab_size**3 >= 2**63:
+            raise NeuronSpecError(
+                f"trigram keys overflow int64 for width {max(widths)} and vocab {vocab_size}"
+            )
+        return cls(
+            config=config,
+            vocab_size=vocab_size,
+            window=window,
+            layers=[LayerStats.empty(window, width, config) for width in widths],
+            tokens_by_pos=torch.zeros(window, dtype=torch.long),
+            token_count=torch.zeros(vocab_size, dtype=torch.long),
+            tri_occurrences=_SparseCounter(),
+        )
+
+    # -- derived counts --------------------------------------------------------------------
+    @property
+    def n_windows(self) -> int:
+        return int(self.tokens_by_pos[0])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens_by_pos.sum())
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def require_tokens(self, min_tokens: int | None) -> None:
+        """Raise if the statistics cover fewer tokens than a spec asks for (METHODS §2)."""
+        if min_tokens is not None and self.n_tokens < min_tokens:
+            raise TooFewTokensError(
+                f"statistics cover {self.n_tokens} tokens but {min_tokens} were required; "
+                "raise --max-tokens / --text-limit or use a larger corpus"
+            )
+
+    # -- streaming ---------------------------------------------------------------------------
+    def add_tokens(self, input_ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+        """Account one batch of windows ``(B, T)``; returns the counted-position mask ``(B, T)``."""
+        batch, window = input_ids.shape
+        if window != self.window:
+            raise NeuronSpecError(f"batch window {window} != statistics window {self.window}")
+        self.tokens_by_pos += batch
+        counted = _counted_positions(input_ids, bos_id)  # (B, T)
+        self.token_count += torch.bincount(input_ids[counted].cpu(), minlength=self.vocab_size)
+        if self.config.trigrams:
+            keys, valid = _trigram_keys(input_ids, counted, self.vocab_size)
+            self.tri_occurrences.add(keys[valid])
+        return counted
+
+    def add_layer(
+        self,
+        layer: int,
+        pre: torch.Tensor,
+        act: torch.Tensor,
+        input_ids: torch.Tensor,
+        counted: torch.Tensor,
+    ) -> None:
+        """Accumulate one layer for one batch. ``pre`` and ``act`` are ``(B, T, W)``."""
+        stats = self.layers[layer]
+        input_ids, counted = input_ids.to(pre.device), counted.to(pre.device)
+        fires = pre > self.config.fire_threshold  # (B, T, W) bool
+        stats.fire_by_pos += fires.sum(0).cpu()
+        act64 = act.double()  # (B, T, W)
+        stats.act_sum += act64.sum((0, 1)).cpu()
+        stats.act_sumsq += act64.square().sum((0, 1)).cpu()
+        absact = act64.abs()
+        torch.maximum(stats.act_absmax, absact.amax((0, 1)).cpu(), out=stats.act_absmax)
+        stats.abs_hist += _log_histogram(absact, self.config)
+        stats.pearson_abs_sum += _abs_pearson_with_position(act64).sum(0).cpu()
+        if self.config.unigrams:
+            b, t, n = torch.nonzero(fires & counted[:, :, None], as_tuple=True)
+            stats.pairs.add(n * self.vocab_size + input_ids[b, t])
+        if self.config.trigrams:
+            keys, valid = _trigram_keys(input_ids, counted, self.vocab_size)
+            b, t, n = torch.nonzero(fires & valid[:, :, None], as_tuple=True)
+            stats.trigrams.add(n * self.vocab_size**3 + keys[b, t])
+
+    # -- merging and serialisation ------------------------------------------------------------
+    def merge(self, other: NeuronStats) -> NeuronStats:
+        """Statistics of the union of both corpora (new object; inputs unchanged)."""
+        if (self.config, self.vocab_size, self.window) != (
+            other.config,
+            other.vocab_size,
+            other.window,
+        ) or [s.width for s in self.layers] != [s.width for s in other.layers]:
+            raise NeuronSpecError("cannot merge statistics of different models or configs")
+        return NeuronStats.from_tensors(
+            _merge_tensor_dicts(self.to_tensors(), other.to_tensors()), self.meta()
+        )
+
+    def meta(self) -> dict:
+        return {
+            "format": STATS_FORMAT,
+            "config": self.config.to_json(),
+            "vocab_size": self.vocab_size,
+            "window": self.window,
+            "widths": [s.width for s in self.layers],
+        }
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        self.tri_occurrences.consolidate()
+        tensors = {
+            "tokens_by_pos": self.tokens_by_pos,
+            "token_count": self.token_count,
+            "tri_occ_key": self.tri_occurrences.keys,
+            "tri_occ_count": self.tri_occurrences.counts,
+        }
+        for index, stats in enumerate(self.layers):
+            stats.pairs.consolidate()
+            stats.trigrams.consolidate()
+            for name in _DENSE_FIELDS:
+                tensors[f"layer{index}.{name}"] = getattr(stats, name)
+            tensors[f"layer{index}.pair_key"] = stats.pairs.keys
+            tensors[f"layer{index}.pair_count"] = stats.pairs.counts
+            tensors[f"layer{index}.tri_key"] = stats.trigrams.keys
+            tensors[f"layer{index}.tri_count"] = stats.trigrams.counts
+        return {name: tensor.contiguous() for name, tensor in tensors.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> NeuronStats:
+        if meta.get("format") != STATS_FORMAT:
+            raise NeuronSpecError(f"statistics format {meta.get('format')!r} != {STATS_FORMAT}")
+        layers = []
+        for index in range(len(meta["widths"])):
+            get = lambda name, i=index: tensors[f"layer{i}.{name}"]  # noqa: E731
+            layers.append(
+                LayerStats(
+                    **{name: get(name) for name in _DENSE_FIELDS},
+                    pairs=_SparseCounter(get("pair_key"), get("pair_count")),
+                    trigrams=_SparseCounter(get("tri_key"), get("tri_count")),
+                )
+            )
+        return cls(
+            config=StatsConfig(**meta["config"]),
+            vocab_size=meta["vocab_size"],
+            window=meta["window"],
+            layers=layers,
+            tokens_by_pos=tensors["tokens_by_pos"],
+            token_count=tensors["token_count"],
+            tri_occurrences=_SparseCounter(tensors["tri_occ_key"], tensors["tri_occ_count"]),
+        )
+
+    # -- views for analyses ----------------------------------------------------------------------
+    def unigram_table(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sparse unigram firings of ``layer``: ``(neuron, token, count)`` sorted by (neuron, token)."""
+        if not self.config.unigrams:
+            raise NeuronSpecError("these statistics were collected without unigram counts")
+        pairs = self.layers[layer].pairs
+        pairs.consolidate()
+        keys = pairs.keys.numpy()
+        return keys // self.vocab_size, keys % self.vocab_size, pairs.counts.numpy()
+
+    def trigram_occurrences(self) -> tuple[np.ndarray, np.ndarray]:
+        """Occurrences of each trigram at counted positions: ``(key, count)`` sorted by key."""
+        if not self.config.trigrams:
+            raise NeuronSpecError(
+                "these statistics were collected without trigram counts (StatsConfig.trigrams)"
+            )
+        self.tri_occurrences.consolidate()
+        return self.tri_occurrences.keys.numpy(), self.tri_occurrences.counts.numpy()
+
+    def trigram_table(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sparse trigram firings of ``layer``: ``(neuron, trigram key, count)``."""
+        if not self.config.trigrams:
+            raise NeuronSpecError(
+                "these statistics were collected without trigram counts (StatsConfig.trigrams)"
+            )
+        table = self.layers[layer].trigrams
+        table.consolidate()
+        keys = table.keys.numpy()
+        cube = self.vocab_size**3
+        return keys // cube, keys % cube, table.counts.numpy()
+
+
+_DENSE_FIELDS = (
+    "fire_by_pos",
+    "act_sum",
+    "act_sumsq",
+    "act_absmax",
+    "abs_hist",
+    "pearson_abs_sum",
+)
+
+
+def _merge_tensor_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
+    merged: dict[str, torch.Tensor] = {}
+    for name in a:
+        if name.endswith("_key"):
+            continue
+        if name.endswith("_count") and name.replace("_count", "_key") in a:
+            key = name.replace("_count", "_key")
+            keys, counts = _merge_sparse(torch.cat([a[key], b[key]]), torch.cat([a[name], b[name]]))
+            merged[key], merged[name] = keys, counts
+        elif name.endswith("act_absmax"):
+            merged[name] = torch.maximum(a[name], b[name])
+        else:
+            merged[name] = a[name] + b[name]
+    return merged
+
+
+def _counted_positions(input_ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    """(B, T) bool: positions n-gram counts use: not the window start, not a BOS token."""
+    counted = torch.ones_like(input_ids, dtype=torch.bool)
+    counted[:, 0] = False
+    if bos_id is not None:
+        counted &= input_ids != bos_id
+    return counted
+
+
+def _trigram_keys(
+    input_ids: torch.Tensor, counted: torch.Tensor, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trigram key ``(t[k-2]·V + t[k-1])·V + t[k]`` per position ``(B, T)``, and where it is valid
+    (all three tokens counted, i.e. in-window and no BOS among them)."""
+    ids = input_ids.long()
+    keys = torch.zeros_like(ids)
+    keys[:, 2:] = (ids[:, :-2] * vocab + ids[:, 1:-1]) * vocab + ids[:, 2:]
+    valid = torch.zeros_like(counted)
+    valid[:, 2:] = counted[:, :-2] & counted[:, 1:-1] & counted[:, 2:]
+    return keys, valid
+
+
+def _log_histogram(absact: torch.Tensor, config: StatsConfig) -> torch.Tensor:
+    """Counts of |a| in fixed log-spaced bins; index 0 = below hist_min, last = above hist_max."""
+    lo, hi = math.log10(config.hist_min), math.log10(config.hist_max)
+    scaled = (torch.log10(absact.clamp_min(1e-300)) - lo) / (hi - lo) * config.hist_bins
+    index = torch.floor(scaled).clamp(-1, config.hist_bins).long() + 1  # (..,) in 0..bins+1
+    return torch.bincount(index.flatten().cpu(), minlength=config.hist_bins + 2)
+
+
+def _abs_pearson_with_position(act: torch.Tensor) -> torch.Tensor:
+    """|Pearson r(a, position)| per window and neuron, ``(B, W)``; 0 where a is constant."""
+    window = act.shape[1]
+    pos = torch.arange(window, dtype=act.dtype, device=act.device)
+    pos = (pos - pos.mean()) / pos.std(unbiased=False)  # (T,)
+    centred = act - act.mean(1, keepdim=True)  # (B, T, W)
+    std = centred.square().mean(1).sqrt()  # (B, W)
+    cov = torch.einsum("btw,t->bw", centred, pos) / window  # (B, W)
+    constant = std <= 1e-9 * act.abs().amax(1).clamp_min(1e-30)  # (B, W): r undefined
+    r = torch.where(constant, torch.zeros_like(cov), cov / std.clamp_min(1e-300))
+    return r.abs()

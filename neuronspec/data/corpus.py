@@ -1,0 +1,170 @@
+"""Corpora as fixed-length token windows, split into an analysis part and a held-out part.
+
+Texts come through ``datasets``: the toy world (default), wikitext-2 when it is in the
+local HF cache, or local ``.txt`` / ``.jsonl`` files. Each document is prefixed with the
+tokenizer's BOS token (GPT-2 style ``<|endoftext|>``), the token stream is concatenated
+and cut into windows of ``window`` tokens; the remainder is dropped. Position 0 of every
+window therefore has no context and is treated like a document start by n-gram counts.
+
+The analysis windows and the held-out windows never overlap (METHODS §10: perplexity is
+measured on held-out text, never on the windows used to select neurons).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from neuronspec.errors import CorpusError
+
+DEFAULT_CORPUS = "toyworld"
+DEFAULT_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Which texts, and how many. ``text_limit`` counts documents; ``max_tokens`` caps the
+    analysis tokens (whole windows); ``None`` means no limit."""
+
+    name: str = DEFAULT_CORPUS
+    window: int = DEFAULT_WINDOW
+    text_limit: int | None = None
+    max_tokens: int | None = None
+    heldout_fraction: float = 0.1  # used only when a corpus has no held-out split of its own
+
+    def __post_init__(self) -> None:
+        if self.text_limit is not None and self.text_limit < 1:
+            raise CorpusError(f"text limit must be at least 1 document, got {self.text_limit}")
+        if self.max_tokens is not None and self.max_tokens < self.window:
+            raise CorpusError(
+                f"max tokens ({self.max_tokens}) is less than one window of {self.window} tokens"
+            )
+        if self.window < 2:
+            raise CorpusError(f"window length must be at least 2 tokens, got {self.window}")
+
+
+@dataclass(frozen=True)
+class TokenWindows:
+    """Tokenised corpus. ``analysis`` and ``heldout`` are ``(n_windows, window)`` int64."""
+
+    corpus: str
+    analysis: torch.Tensor
+    heldout: torch.Tensor
+    bos_id: int | None
+    vocab_size: int
+    fingerprint: str
+
+    @property
+    def n_tokens(self) -> int:
+        return self.analysis.numel()
+
+    @property
+    def window(self) -> int:
+        return self.analysis.shape[1]
+
+
+def load_texts(name: str, split: str) -> list[str]:
+    """Texts of corpus ``name`` for ``split`` ("analysis" or "heldout"), via ``datasets``.
+
+    For corpora without their own held-out split this returns all texts for "analysis"
+    and an empty list for "heldout" (the caller then splits windows).
+    """
+    import datasets
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if name == "toyworld":
+        from neuronspec.data.toyworld import toyworld_dataset
+
+        dataset = toyworld_dataset("train" if split == "analysis" else "heldout")
+    elif name in ("wikitext2", "wikitext-2"):
+        hf_split = "train" if split == "analysis" else "validation"
+        try:
+            dataset = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
+        except Exception as error:  # datasets raises several types when offline
+            raise CorpusError(
+                "wikitext-2 is not available offline: on a machine with network run "
+                "`python -c \"import datasets; datasets.load_dataset('wikitext', "
+                "'wikitext-2-raw-v1')\"` and copy ~/.cache/huggingface here, or pass a "
+                f"local .txt/.jsonl file to --corpus ({type(error).__name__}: {error})"
+            ) from error
+    else:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise CorpusError(
+                f"unknown corpus {name!r}: use 'toyworld', 'wikitext2', or a path to a local "
+                ".txt (one document per blank-line-separated paragraph) or .jsonl file with a "
+                "'text' field"
+            )
+        if split == "heldout":
+            return []
+        if path.suffix == ".jsonl":
+            dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+            if "text" not in dataset.column_names:
+                raise CorpusError(f"{path} has no 'text' field; columns: {dataset.column_names}")
+        else:
+            dataset = datasets.load_dataset(
+                "text", data_files=str(path), split="train", sample_by="paragraph"
+            )
+    return [text for text in dataset["text"] if text and text.strip()]
+
+
+def _tokenize_stream(texts: list[str], tokenizer, bos_id: int | None) -> list[int]:
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    stream: list[int] = []
+    for ids in encoded:
+        if bos_id is not None:
+            stream.append(bos_id)
+        stream.extend(ids)
+    return stream
+
+
+def _to_windows(stream: list[int], window: int) -> torch.Tensor:
+    n = len(stream) // window
+    return torch.tensor(stream[: n * window], dtype=torch.long).view(n, window)
+
+
+def build_windows(tokenizer, config: CorpusConfig) -> TokenWindows:
+    """Tokenise corpus ``config.name`` into analysis and held-out windows."""
+    bos_id = (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    )
+    texts = load_texts(config.name, "analysis")
+    heldout_texts = load_texts(config.name, "heldout")
+    if config.text_limit is not None:
+        texts = texts[: config.text_limit]
+    if not texts:
+        raise CorpusError(f"corpus {config.name!r} has no non-empty texts")
+    analysis = _to_windows(_tokenize_stream(texts, tokenizer, bos_id), config.window)
+    if heldout_texts:
+        limit = None if config.text_limit is None else max(1, config.text_limit // 10)
+        heldout = _to_windows(
+            _tokenize_stream(heldout_texts[:limit], tokenizer, bos_id), config.window
+        )
+    else:
+        n_heldout = int(len(analysis) * config.heldout_fraction)
+        heldout = analysis[len(analysis) - n_heldout :]
+        analysis = analysis[: len(analysis) - n_heldout]
+    if config.max_tokens is not None:
+        analysis = analysis[: config.max_tokens // config.window]
+    if len(analysis) == 0:
+        raise CorpusError(
+            f"corpus {config.name!r} is too short: fewer than one analysis window of "
+            f"{config.window} tokens after tokenisation; give more or longer texts"
+        )
+    digest = hashlib.sha256()
+    digest.update(f"{config.name}|{config.window}|{bos_id}|{len(tokenizer)}".encode())
+    digest.update(analysis.numpy().tobytes())
+    digest.update(b"|heldout|")
+    digest.update(heldout.numpy().tobytes())
+    return TokenWindows(
+        corpus=config.name,
+        analysis=analysis,
+        heldout=heldout,
+        bos_id=bos_id,
+        vocab_size=len(tokenizer),
+        fingerprint=digest.hexdigest(),
+    )

@@ -1,0 +1,205 @@
+"""Model registry: short ids → HF checkpoints, offline loading, and a site adapter per family.
+
+``load_model("mamba130m")`` loads ``state-spaces/mamba-130m-hf`` with the normal
+``from_pretrained`` code, but only from what is on this machine (a local directory or
+the HF cache); nothing is downloaded. A known model that is not available raises
+:class:`ModelNotAvailableError` with instructions, which the pytest plugin turns into
+a skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from neuronspec.errors import ModelNotAvailableError, NeuronSpecError, UnknownModelError
+from neuronspec.models.adapters import SiteAdapter, adapter_for
+
+# Short id → HF repo. Families are read from the checkpoint's config.
+HUB_MODELS: dict[str, str] = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "mamba130m": "state-spaces/mamba-130m-hf",
+    "mamba370m": "state-spaces/mamba-370m-hf",
+    "mamba790m": "state-spaces/mamba-790m-hf",
+    "mamba1.4b": "state-spaces/mamba-1.4b-hf",
+    "mamba2.8b": "state-spaces/mamba-2.8b-hf",
+}
+# The embedded default, shipped in the repo (see neuronspec/zoo).
+EMBEDDED_MODELS: tuple[str, ...] = ("tiny-gpt2", "tiny-mamba")
+DEFAULT_MODELS: tuple[str, ...] = EMBEDDED_MODELS
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def known_model_ids() -> list[str]:
+    return [*EMBEDDED_MODELS, *HUB_MODELS]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model id resolves to: a local directory, or a hub repo to read from the HF cache."""
+
+    model_id: str
+    local_dir: Path | None = None
+    repo: str | None = None
+
+    @property
+    def description(self) -> str:
+        return str(self.local_dir) if self.local_dir is not None else f"{self.repo} (HF cache)"
+
+
+def resolve(model_id: str) -> ModelSource:
+    """Map a short id, an HF repo name or a local directory to a :class:`ModelSource`."""
+    if model_id in EMBEDDED_MODELS:
+        from neuronspec.zoo import weights_dir
+
+        return ModelSource(model_id, local_dir=weights_dir(model_id))
+    if model_id in HUB_MODELS:
+        return ModelSource(model_id, repo=HUB_MODELS[model_id])
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return ModelSource(model_id, local_dir=path.resolve())
+    if model_id in HUB_MODELS.values():
+        return ModelSource(model_id, repo=model_id)
+    raise UnknownModelError(
+        f"unknown model {model_id!r}; known: {', '.join(known_model_ids())}, "
+        "or a local directory holding an HF checkpoint and tokenizer"
+    )
+
+
+def _local_files(source: ModelSource) -> Path:
+    """The directory holding the checkpoint; raises ModelNotAvailableError if it is not here."""
+    if source.local_dir is not None:
+        if not (source.local_dir / "config.json").is_file():
+            raise ModelNotAvailableError(
+                f"model {source.model_id!r}: {source.local_dir} has no config.json; "
+                "point --models at a directory saved with save_pretrained()"
+            )
+        directory = source.local_dir
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(source.repo, "config.json")
+        if not isinstance(config, str):
+            raise ModelNotAvailableError(
+                f"model {source.model_id!r} ({source.repo}) is not available offline; on a "
+                f"machine with network run `hf download {source.repo}` and copy the HF cache "
+                "(~/.cache/huggingface/hub) here, or pass a local checkpoint directory to --models"
+            )
+        directory = Path(config).parent
+    if not any((directory / name).is_file() for name in _WEIGHT_FILES):
+        raise ModelNotAvailableError(
+            f"model {source.model_id!r}: no weights ({' / '.join(_WEIGHT_FILES)}) in {directory}; "
+            "the checkpoint is incomplete: download it again"
+        )
+    return directory
+
+
+def is_available(model_id: str) -> bool:
+    try:
+        _local_files(resolve(model_id))
+    except ModelNotAvailableError:
+        return False
+    return True
+
+
+def weights_fingerprint(directory: Path) -> str:
+    """sha256 over the checkpoint's weight and config files (content, not paths or mtimes)."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        if path.suffix in {".safetensors", ".bin", ".json"} and path.is_file():
+            digest.update(path.name.encode())
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis: HF model in eval mode, tokenizer, and its site adapter."""
+
+    model_id: str
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: SiteAdapter
+    fingerprint: str
+    source: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise NeuronSpecError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def pick_dtype(dtype: str) -> torch.dtype:
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise NeuronSpecError(
+            f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}"
+        ) from None
+
+
+def load_model(
+    model_id: str, *, device: str = "cpu", dtype: str = "float32", fast_scan: bool = True
+) -> LoadedModel:
+    """Load ``model_id`` offline with ``from_pretrained`` and wrap it with its site adapter.
+
+    ``fast_scan`` switches Mamba models to neuronspec's exact fast selective scan
+    (see :mod:`neuronspec.models.scan`); it changes speed, not results.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    source = resolve(model_id)
+    directory = _local_files(source)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=pick_dtype(dtype), local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    model.to(pick_device(device)).eval()
+    adapter = adapter_for(model)
+    if adapter.family == "mamba" and fast_scan:
+        from neuronspec.models.scan import use_fast_scan
+
+        use_fast_scan(model)
+    return LoadedModel(
+        model_id=model_id,
+        model=model,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        fingerprint=weights_fingerprint(directory),
+        source=source.description,
+    )

@@ -1,0 +1,255 @@
+"""The pytest surface of neuronspec: options, parametrization by model, fixtures, results.
+
+A spec asks for ``model_id`` (and optionally ``layer``) and gets one test per model (and
+layer) of the run; ids carry the model id, so ``pytest specs/ -k tiny-mamba`` selects one
+model. Tests of one model share an xdist group (``--dist loadgroup``), so each worker
+loads only the models it needs. Models that are not available offline skip with the
+reason; other :class:`~neuronspec.errors.NeuronSpecError` failures are reported as their
+one-line message, not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from neuronspec.capture.stats import StatsConfig
+from neuronspec.data.corpus import DEFAULT_CORPUS, DEFAULT_WINDOW, CorpusConfig
+from neuronspec.errors import ModelNotAvailableError, NeuronSpecError
+from neuronspec.models.registry import DEFAULT_MODELS, resolve
+from neuronspec.session import RunConfig, SpecSession, merge_results, write_results
+
+_SESSION_KEY = pytest.StashKey[SpecSession]()
+_WORKER_RESULTS: list[dict] = []
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("neuronspec", "neuron specs")
+    group.addoption(
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help="comma-separated model ids or local checkpoint directories "
+        f"(default: the embedded {', '.join(DEFAULT_MODELS)})",
+    )
+    group.addoption(
+        "--corpus",
+        default=DEFAULT_CORPUS,
+        help="toyworld (default), wikitext2, or a local .txt/.jsonl file",
+    )
+    group.addoption("--text-limit", type=int, default=None, help="use at most N documents")
+    group.addoption("--max-tokens", type=int, default=None, help="use at most N analysis tokens")
+    group.addoption(
+        "--window",
+        type=int,
+        default=DEFAULT_WINDOW,
+        help=f"tokens per analysis window (default {DEFAULT_WINDOW})",
+    )
+    group.addoption(
+        "--neuronspec-cache",
+        default=".neuronspec-cache",
+        help="statistics cache directory, or 'none' to disable",
+    )
+    group.addoption("--plots-dir", default=None, help="write figures to this directory")
+    group.addoption("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
+    group.addoption("--dtype", default="float32", help="float32 (default), float64, bfloat16")
+    group.addoption("--batch-size", type=int, default=16, help="windows per forward pass")
+    group.addoption(
+        "--no-fast-scan",
+        action="store_true",
+        help="use the HF reference Mamba scan instead of neuronspec's fast exact scan",
+    )
+    group.addoption(
+        "--neuronspec-results",
+        default=None,
+        help="write every finding of the run to this JSON file",
+    )
+
+
+def _run_config(config: pytest.Config) -> RunConfig:
+    option = config.option
+    models = tuple(m.strip() for m in option.models.split(",") if m.strip())
+    if not models:
+        raise pytest.UsageError("--models is empty; give at least one model id")
+    for model_id in models:
+        try:
+            resolve(model_id)
+        except NeuronSpecError as error:
+            raise pytest.UsageError(str(error)) from None
+    if option.batch_size < 1:
+        raise pytest.UsageError(f"--batch-size must be at least 1, got {option.batch_size}")
+    try:
+        corpus = CorpusConfig(
+            name=option.corpus,
+            window=option.window,
+            text_limit=option.text_limit,
+            max_tokens=option.max_tokens,
+        )
+    except NeuronSpecError as error:
+        raise pytest.UsageError(str(error)) from None
+    cache = option.neuronspec_cache
+    return RunConfig(
+        models=models,
+        corpus=corpus,
+        stats=StatsConfig(),
+        cache_dir=None if cache.lower() == "none" else Path(cache),
+        plots_dir=Path(option.plots_dir) if option.plots_dir else None,
+        device=option.device,
+        dtype=option.dtype,
+        batch_size=option.batch_size,
+        fast_scan=not option.no_fast_scan,
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_SESSION_KEY] = SpecSession(_run_config(config))
+
+
+def _session(config: pytest.Config) -> SpecSession:
+    return config.stash[_SESSION_KEY]
+
+
+def _n_layers(model_id: str) -> int | None:
+    """Layer count from the checkpoint's config.json, without loading weights; None if absent."""
+    try:
+        source = resolve(model_id)
+        if source.local_dir is not None:
+            path = source.local_dir / "config.json"
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(source.repo, "config.json")
+            if not isinstance(found, str):
+                return None
+            path = Path(found)
+        config = json.loads(path.read_text())
+    except (OSError, NeuronSpecError, json.JSONDecodeError):
+        return None
+    for key in ("n_layer", "num_hidden_layers"):
+        if key in config:
+            return int(config[key])
+    return None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "model_id" not in metafunc.fixturenames:
+        return
+    models = _session(metafunc.config).config.models
+    if "layer" not in metafunc.fixturenames:
+        metafunc.parametrize(
+            "model_id",
+            [pytest.param(m, id=m, marks=pytest.mark.xdist_group(m)) for m in models],
+            scope="session",
+        )
+        return
+    params = []
+    for model_id in models:
+        n_layers = _n_layers(model_id)
+        group = pytest.mark.xdist_group(model_id)
+        if n_layers is None:
+            skip = pytest.mark.skip(reason=f"model {model_id!r} is not available offline")
+            params.append(pytest.param(model_id, -1, id=f"{model_id}-L?", marks=[group, skip]))
+        else:
+            params += [
+                pytest.param(model_id, layer, id=f"{model_id}-L{layer}", marks=group)
+                for layer in range(n_layers)
+            ]
+    metafunc.parametrize(("model_id", "layer"), params, scope="session")
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def neuronspec_session(request: pytest.FixtureRequest) -> SpecSession:
+    return _session(request.config)
+
+
+def _or_skip(function, model_id: str):
+    try:
+        return function(model_id)
+    except ModelNotAvailableError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def loaded_model(neuronspec_session: SpecSession, model_id: str):
+    """The model of this test's parameter, loaded once per worker."""
+    return _or_skip(neuronspec_session.model, model_id)
+
+
+@pytest.fixture(scope="session")
+def corpus(neuronspec_session: SpecSession, model_id: str):
+    """The run's corpus tokenised for this model: analysis and held-out windows."""
+    return _or_skip(neuronspec_session.corpus, model_id)
+
+
+@pytest.fixture(scope="session")
+def neuron_stats(neuronspec_session: SpecSession, model_id: str):
+    """Streamed statistics of this model on the run's corpus (disk-cached)."""
+    return _or_skip(neuronspec_session.stats, model_id)
+
+
+@pytest.fixture
+def record_finding(neuronspec_session: SpecSession, model_id: str):
+    """``record_finding(analysis, finding, layer=None)`` keeps a finding for the results file."""
+
+    def record(analysis: str, finding, *, layer: int | None = None) -> None:
+        neuronspec_session.record(model_id, analysis, finding, layer=layer)
+
+    return record
+
+
+@pytest.fixture
+def plots_dir(neuronspec_session: SpecSession) -> Path | None:
+    """Directory for figures (``--plots-dir``), created on use; None when not asked for."""
+    directory = neuronspec_session.config.plots_dir
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+@pytest.fixture
+def findings_snapshot(snapshot):
+    """A syrupy snapshot that compares findings with numeric tolerance."""
+    from neuronspec.snapshot import FindingsSnapshotExtension
+
+    return snapshot.use_extension(FindingsSnapshotExtension)
+
+
+# -- reporting ----------------------------------------------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if call.excinfo is not None and isinstance(call.excinfo.value, NeuronSpecError):
+        error = call.excinfo.value
+        report.longrepr = f"{item.nodeid}: {type(error).__name__}: {error}"
+    return report
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """xdist controller: collect the findings a worker recorded."""
+    payload = getattr(node, "workeroutput", {}).get("neuronspec_results")
+    if payload:
+        _WORKER_RESULTS.append(json.loads(payload))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
+    config = session.config
+    spec_session = _session(config)
+    results = spec_session.results()
+    if hasattr(config, "workeroutput"):  # xdist worker: hand results to the controller
+        config.workeroutput["neuronspec_results"] = json.dumps(results)
+        return
+    results = merge_results([results, *_WORKER_RESULTS])
+    path = config.option.neuronspec_results
+    if path:
+        write_results(results, Path(path))
+    if spec_session.config.plots_dir is not None and results["models"]:
+        from neuronspec.plots.overlays import write_overlays
+
+        write_overlays(results, spec_session.config.plots_dir)

@@ -1,0 +1,133 @@
+"""A run's models, corpora, statistics and findings, loaded or computed once per process.
+
+The pytest plugin holds one :class:`SpecSession`; it is plain Python so notebooks and
+scripts can use the same caching::
+
+    session = SpecSession(RunConfig(models=("tiny-mamba",)))
+    stats = session.stats("tiny-mamba")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neuronspec.capture.runner import cached_stats
+from neuronspec.capture.stats import NeuronStats, StatsConfig
+from neuronspec.data.corpus import CorpusConfig, TokenWindows, build_windows
+from neuronspec.findings import to_plain
+from neuronspec.models.registry import DEFAULT_MODELS, LoadedModel, load_model
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run's numbers depend on, as given on the command line."""
+
+    models: tuple[str, ...] = DEFAULT_MODELS
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    cache_dir: Path | None = Path(".neuronspec-cache")
+    plots_dir: Path | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 16
+    fast_scan: bool = True
+
+
+class SpecSession:
+    """Per-process store of loaded models, token windows, statistics and recorded findings."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self._models: dict[str, LoadedModel] = {}
+        self._corpora: dict[str, TokenWindows] = {}
+        self._stats: dict[str, NeuronStats] = {}
+        self.findings: dict[str, dict[str, dict[str, Any]]] = {}
+        self.model_info: dict[str, dict[str, Any]] = {}
+
+    def model(self, model_id: str) -> LoadedModel:
+        if model_id not in self._models:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            self._models[model_id] = load_model(
+                model_id,
+                device=self.config.device,
+                dtype=self.config.dtype,
+                fast_scan=self.config.fast_scan,
+            )
+        return self._models[model_id]
+
+    def corpus(self, model_id: str) -> TokenWindows:
+        if model_id not in self._corpora:
+            self._corpora[model_id] = build_windows(
+                self.model(model_id).tokenizer, self.config.corpus
+            )
+        return self._corpora[model_id]
+
+    def stats(self, model_id: str) -> NeuronStats:
+        if model_id not in self._stats:
+            loaded, corpus = self.model(model_id), self.corpus(model_id)
+            stats = cached_stats(
+                loaded,
+                corpus,
+                config=self.config.stats,
+                cache_dir=self.config.cache_dir,
+                batch_size=self.config.batch_size,
+            )
+            self._stats[model_id] = stats
+            self.model_info[model_id] = {
+                "source": loaded.source,
+                "family": loaded.family,
+                "n_layers": loaded.n_layers,
+                "corpus": corpus.corpus,
+                "corpus_fingerprint": corpus.fingerprint,
+                "n_tokens": stats.n_tokens,
+                "window": corpus.window,
+                "stats_config": self.config.stats.to_json(),
+                "dtype": self.config.dtype,
+            }
+        return self._stats[model_id]
+
+    def record(
+        self, model_id: str, analysis: str, finding: Any, *, layer: int | None = None
+    ) -> None:
+        """Keep a finding for the run's results file: model → analysis → layer → values."""
+        per_analysis = self.findings.setdefault(model_id, {}).setdefault(analysis, {})
+        per_analysis["all" if layer is None else str(layer)] = to_plain(
+            finding.to_json() if hasattr(finding, "to_json") else finding
+        )
+
+    def results(self) -> dict[str, Any]:
+        return {
+            "config": {
+                "corpus": asdict(self.config.corpus),
+                "stats": self.config.stats.to_json(),
+                "dtype": self.config.dtype,
+            },
+            "models": {
+                model_id: {"info": self.model_info.get(model_id, {}), "analyses": analyses}
+                for model_id, analyses in sorted(self.findings.items())
+            },
+        }
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge results of several processes (xdist workers): union of models and analyses."""
+    merged: dict[str, Any] = {"config": {}, "models": {}}
+    for part in parts:
+        merged["config"] = part.get("config") or merged["config"]
+        for model_id, entry in part.get("models", {}).items():
+            target = merged["models"].setdefault(model_id, {"info": {}, "analyses": {}})
+            target["info"].update(entry.get("info", {}))
+            for analysis, layers in entry.get("analyses", {}).items():
+                target["analyses"].setdefault(analysis, {}).update(layers)
+    return merged
+
+
+def write_results(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(results, indent=1, sort_keys=True))
+    os.replace(temporary, path)

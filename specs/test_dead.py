@@ -1,0 +1,33 @@
+"""Dead neurons (Voita et al. 2023, §3; METHODS.md §2) on every model of the run."""
+
+from __future__ import annotations
+
+import pytest
+
+from neuronspec.analyses.dead import dead_neurons, dead_neurons_all_layers
+from neuronspec.plots.dead import plot_dead_neurons
+
+pytestmark = pytest.mark.dead
+
+
+def test_dead_neurons_per_layer_snapshot(
+    model_id, neuron_stats, record_finding, findings_snapshot, plots_dir
+):
+    """The per-layer dead / rarely-firing fractions are a finding that must not drift."""
+    findings = dead_neurons_all_layers(neuron_stats)
+    for finding in findings:
+        record_finding("dead", finding, layer=finding.layer)
+    if plots_dir is not None:
+        plot_dead_neurons({model_id: findings}, plots_dir / f"fig1_dead_neurons_{model_id}.png")
+    summary = [
+        {k: v for k, v in f.to_json().items() if k != "dead_neurons"} | {"n_dead": f.n_dead}
+        for f in findings
+    ]
+    assert summary == findings_snapshot
+
+
+def test_most_neurons_fire(model_id, layer, neuron_stats):
+    """Hypothesis: with SiLU/GELU gates (firing = gate pre-activation > 0), fewer than half of
+    a layer's neurons are dead, unlike the ReLU OPT models of Voita et al."""
+    finding = dead_neurons(neuron_stats, layer)
+    assert finding.dead_fraction < 0.5, finding

@@ -1,0 +1,155 @@
+"""Streaming statistics: exact against a dense recomputation, mergeable, planted dead neurons."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import VOCAB, make_gpt2, make_mamba, wrap
+from neuronspec.analyses.dead import dead_neurons
+from neuronspec.capture.runner import collect_stats
+from neuronspec.capture.stats import NeuronStats, StatsConfig
+from neuronspec.errors import TooFewTokensError
+
+BOS = 0
+CONFIG = StatsConfig(trigrams=True)
+
+
+def _windows(n=12, length=16, seed=3):
+    ids = torch.randint(1, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+    ids[::3, 5] = BOS  # some document starts inside windows
+    return ids
+
+
+def _stats(loaded, windows, batch_size=4, config=CONFIG):
+    return collect_stats(loaded, windows, bos_id=BOS, config=config, batch_size=batch_size)
+
+
+def _dense(loaded, windows, layer):
+    sites = loaded.adapter.capture(windows, [("mlp_pre", layer), ("mlp", layer)])
+    return sites[("mlp_pre", layer)], sites[("mlp", layer)]
+
+
+def test_stats_equal_dense_recomputation(random_model):
+    windows = _windows()
+    stats = _stats(random_model, windows)
+    counted = torch.ones_like(windows, dtype=torch.bool)
+    counted[:, 0] = False
+    counted &= windows != BOS
+    assert stats.n_tokens == windows.numel()
+    np.testing.assert_array_equal(
+        stats.token_count.numpy(), np.bincount(windows[counted].numpy(), minlength=VOCAB)
+    )
+    for layer in range(random_model.n_layers):
+        pre, act = _dense(random_model, windows, layer)
+        fires = pre > 0  # (n, T, W)
+        layer_stats = stats.layers[layer]
+        assert torch.equal(layer_stats.fire_by_pos, fires.sum(0))
+        torch.testing.assert_close(layer_stats.act_sum, act.double().sum((0, 1)))
+        torch.testing.assert_close(layer_stats.act_sumsq, act.double().square().sum((0, 1)))
+        assert int(layer_stats.abs_hist.sum()) == act.numel()
+        # sparse unigram table equals a dense (neuron, token) count on counted positions
+        neuron, token, count = stats.unigram_table(layer)
+        dense = np.zeros((act.shape[-1], VOCAB), dtype=np.int64)
+        b, t, n = torch.nonzero(fires & counted[:, :, None], as_tuple=True)
+        np.add.at(dense, (n.numpy(), windows[b, t].numpy()), 1)
+        rebuilt = np.zeros_like(dense)
+        rebuilt[neuron, token] = count
+        np.testing.assert_array_equal(rebuilt, dense)
+        # Pearson column: per-window |r| against numpy's corrcoef
+        a = act.double().numpy()
+        expected = np.zeros(act.shape[-1])
+        for w in range(a.shape[0]):
+            for j in range(a.shape[2]):
+                if a[w, :, j].std() > 1e-9 * np.abs(a[w, :, j]).max():
+                    expected[j] += abs(np.corrcoef(a[w, :, j], np.arange(a.shape[1]))[0, 1])
+        np.testing.assert_allclose(layer_stats.pearson_abs_sum.numpy(), expected, rtol=1e-8)
+
+
+def test_trigram_counts_exclude_window_start_and_bos(random_model):
+    windows = _windows(n=4)
+    stats = _stats(random_model, windows)
+    occurrences = dict(zip(*(a.tolist() for a in stats.trigram_occurrences()), strict=True))
+    expected: dict[int, int] = {}
+    for row in windows.tolist():
+        for k in range(3, len(row)):  # the window start (position 0) is never counted
+            if BOS not in row[k - 2 : k + 1]:
+                key = (row[k - 2] * VOCAB + row[k - 1]) * VOCAB + row[k]
+                expected[key] = expected.get(key, 0) + 1
+    assert occurrences == expected
+    neuron, key, count = stats.trigram_table(0)
+    assert set(key.tolist()) <= set(expected)
+
+
+def test_merge_of_halves_equals_whole(random_model):
+    windows = _windows()
+    whole = _stats(random_model, windows)
+    # split on a batch boundary: the same forward passes, so the merge must be exact
+    merged = _stats(random_model, windows[:4]).merge(_stats(random_model, windows[4:]))
+    a, b = whole.to_tensors(), merged.to_tensors()
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name, rtol=1e-12, atol=1e-12)
+    assert merged.n_windows == whole.n_windows
+
+
+def test_batch_size_does_not_change_results(random_model):
+    windows = _windows()
+    a = _stats(random_model, windows, batch_size=1).to_tensors()
+    b = _stats(random_model, windows, batch_size=12).to_tensors()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name, rtol=1e-6, atol=1e-9)
+
+
+def test_serialisation_round_trip(random_model):
+    stats = _stats(random_model, _windows())
+    again = NeuronStats.from_tensors(stats.to_tensors(), stats.meta())
+    for name, tensor in stats.to_tensors().items():
+        assert torch.equal(tensor, again.to_tensors()[name]), name
+
+
+def _kill_gpt2_neurons(model, layer, neurons):
+    with torch.no_grad():
+        fc = model.transformer.h[layer].mlp.c_fc  # Conv1D: weight (d, 4d)
+        fc.weight[:, neurons] = 0.0
+        fc.bias[neurons] = -1.0
+
+
+def _kill_mamba_neurons(model, layer, neurons):
+    with torch.no_grad():
+        in_proj = model.backbone.layers[layer].mixer.in_proj  # weight (2·d_inner, d)
+        d_inner = in_proj.weight.shape[0] // 2
+        in_proj.weight[[d_inner + n for n in neurons]] = 0.0  # gate z ≡ 0: SiLU(z) = 0
+
+
+@pytest.mark.parametrize("family_name", ["gpt2", "mamba"])
+def test_planted_dead_neurons_are_exactly_found(family_name):
+    planted = {0: [1, 7, 30], 1: [2]}
+    if family_name == "gpt2":
+        model = make_gpt2(seed=5)
+        kill = _kill_gpt2_neurons
+    else:
+        model = make_mamba(seed=5)
+        kill = _kill_mamba_neurons
+    for layer, neurons in planted.items():
+        kill(model, layer, neurons)
+    loaded = wrap(model, f"planted-{family_name}")
+    stats = _stats(loaded, _windows(n=64, length=32), batch_size=16, config=StatsConfig())
+    for layer in range(loaded.n_layers):
+        finding = dead_neurons(stats, layer)
+        assert finding.dead_neurons == tuple(planted.get(layer, [])), layer
+        assert finding.n_dead == len(planted.get(layer, []))
+        assert finding.dead_fraction == pytest.approx(finding.n_dead / finding.n_neurons)
+        assert finding.n_tokens == 64 * 32
+        assert 0 < finding.mean_alive_frequency < 1
+    with pytest.raises(TooFewTokensError, match="2048 tokens but 10000 were required"):
+        dead_neurons(stats, 0, min_tokens=10_000)
+
+
+def test_memory_is_independent_of_corpus_length():
+    """The accumulators have the same dense size after 8 or 64 windows (sparse tables aside)."""
+    loaded = wrap(make_mamba(), "random-mamba")
+    small = _stats(loaded, _windows(n=8), config=StatsConfig(unigrams=False)).to_tensors()
+    large = _stats(loaded, _windows(n=64), config=StatsConfig(unigrams=False)).to_tensors()
+    assert {k: v.shape for k, v in small.items()} == {k: v.shape for k, v in large.items()}
