@@ -44,6 +44,7 @@ from itertools import pairwise
 
 import numpy as np
 
+from neuronspec.capture.stats import NeuronStats
 from neuronspec.errors import NeuronSpecError
 from neuronspec.findings import Finding
 
@@ -554,4 +555,39 @@ def summarise_token_detectors(findings: Sequence[NgramLayerFinding]) -> TokenDet
         n_tokens_cumulative=cumulative,
         n_new_overall=new_overall,
         n_new_vs_previous=new_vs_previous,
+    )
+
+
+def ngram_layer_from_stats(
+    stats: NeuronStats, layer: int, *, model: str, trigrams: bool | None = None, **options
+) -> NgramLayerFinding:
+    """:func:`analyse_ngram_layer` on the streamed statistics of one layer.
+
+    Trigram detectors are included when the statistics hold trigram counts (or when
+    ``trigrams=True``, which then requires them)."""
+    neuron, token, count = stats.unigram_table(layer)
+    use_trigrams = stats.config.trigrams if trigrams is None else trigrams
+    trigram_tables = {}
+    if use_trigrams:
+        tri_neuron, tri_key, tri_count = stats.trigram_table(layer)
+        tri_occ_key, tri_occ_count = stats.trigram_occurrences()
+        trigram_tables = dict(
+            tri_neuron=tri_neuron,
+            tri_key=tri_key,
+            tri_count=tri_count,
+            tri_occ_key=tri_occ_key,
+            tri_occ_count=tri_occ_count,
+        )
+    return analyse_ngram_layer(
+        model=model,
+        layer=layer,
+        n_layers=stats.n_layers,
+        n_neurons=stats.layers[layer].width,
+        vocab_size=stats.vocab_size,
+        pair_neuron=neuron,
+        pair_token=token,
+        pair_count=count,
+        token_count=stats.token_count.numpy(),
+        **trigram_tables,
+        **options,
     )

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from neuronspec.analyses.ngram import CountTableError, relative_depth
+from neuronspec.capture.stats import NeuronStats
 from neuronspec.findings import Finding
 
 DEFAULT_MI_THRESHOLD = 0.05  # Voita et al.: positional if I(act; pos) > 0.05 nats
@@ -206,4 +207,21 @@ def analyse_positional_layer(
         top_mutual_information=mi[top].tolist(),
         top_overall_rate=rate[top].tolist(),
         top_firing_by_position={int(n): rate_by_pos[:, n].tolist() for n in top},
+    )
+
+
+def positional_layer_from_stats(
+    stats: NeuronStats, layer: int, *, model: str, **options
+) -> PositionalLayerFinding:
+    """:func:`analyse_positional_layer` on the streamed statistics of one layer."""
+    layer_stats = stats.layers[layer]
+    return analyse_positional_layer(
+        model=model,
+        layer=layer,
+        n_layers=stats.n_layers,
+        fire_by_pos=layer_stats.fire_by_pos.numpy(),
+        tokens_by_pos=stats.tokens_by_pos.numpy(),
+        pearson_sum=layer_stats.pearson_abs_sum.numpy(),
+        n_windows=stats.n_windows,
+        **options,
     )
