@@ -1,0 +1,125 @@
+"""The pytest plugin end to end, driven with ``pytester``: options, skips, errors, results, xdist."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import make_gpt2
+
+pytest_plugins = ["pytester"]
+
+SPEC = """
+import pytest
+from neuronspec.analyses.dead import dead_neurons
+
+@pytest.mark.dead
+def test_dead(model_id, layer, neuron_stats, record_finding):
+    finding = dead_neurons(neuron_stats, layer)
+    record_finding("dead", finding, layer=layer)
+    assert finding.dead_fraction < 0.5
+
+def test_tokens(model_id, neuron_stats, record_finding):
+    record_finding("tokens", {"n_tokens": neuron_stats.n_tokens})
+    assert neuron_stats.n_tokens > 0
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A local HF checkpoint: a random 2-layer GPT-2 and a small BPE tokenizer of the toy world."""
+    from neuronspec.data.toyworld import toyworld_documents
+    from neuronspec.zoo.tokenizer import train_tokenizer
+
+    directory = tmp_path_factory.mktemp("ckpt")
+    tokenizer = train_tokenizer(toyworld_documents("train", n_docs=200), vocab_size=300)
+    model = make_gpt2(seed=7)
+    model.resize_token_embeddings(len(tokenizer))
+    torch.manual_seed(7)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def run(pytester, checkpoint, tmp_path):
+    pytester.makepyfile(test_spec=SPEC)
+    env_path = os.pathsep.join(filter(None, [str(pytester.path), os.environ.get("PYTHONPATH")]))
+    pytester._monkeypatch.setenv("PYTHONPATH", env_path)
+    pytester._monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "cache"
+
+    def run_pytest(*args, models=str(checkpoint)):
+        return pytester.runpytest_subprocess(
+            "-p",
+            "no:cacheprovider",
+            f"--models={models}",
+            "--text-limit=60",
+            f"--neuronspec-cache={cache}",
+            *args,
+        )
+
+    run_pytest.cache = cache
+    return run_pytest
+
+
+def test_results_file_and_model_ids_in_test_ids(run, checkpoint, pytester):
+    result = run("-v", "--neuronspec-results=results.json")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines([f"*test_dead?{checkpoint}-L0?*PASSED*"])
+    results = json.loads((pytester.path / "results.json").read_text())
+    entry = results["models"][str(checkpoint)]
+    assert sorted(entry["analyses"]["dead"]) == ["0", "1"]
+    assert entry["info"]["n_tokens"] == entry["analyses"]["tokens"]["all"]["n_tokens"]
+    assert entry["analyses"]["dead"]["0"]["n_tokens"] == entry["info"]["n_tokens"]
+
+
+def test_unavailable_real_model_skips_with_reason(run):
+    result = run("-rs", models="mamba130m")
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines(["*not available offline*"])
+
+
+def test_unknown_model_is_a_usage_error(run):
+    result = run(models="mamba13m")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*unknown model 'mamba13m'; known: tiny-gpt2, tiny-mamba*"])
+
+
+def test_text_limit_zero_is_a_usage_error(run):
+    result = run("--text-limit=0")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*text limit must be at least 1 document, got 0*"])
+
+
+def test_too_short_corpus_is_a_one_line_error(run, pytester):
+    (pytester.path / "short.txt").write_text("A tiny corpus.\n")
+    result = run("--corpus=short.txt")
+    result.assert_outcomes(errors=3)
+    result.stdout.fnmatch_lines(["*CorpusError: corpus 'short.txt' is too short*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_corrupt_cache_is_recomputed_with_warning(run, pytester):
+    first = run("--neuronspec-results=first.json")
+    first.assert_outcomes(passed=3)
+    (entry,) = run.cache.glob("*.safetensors")
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # a torn write
+    second = run("--neuronspec-results=second.json", "-W", "always")
+    second.assert_outcomes(passed=3)
+    second.stdout.fnmatch_lines(["*recomputing*"])
+    assert (
+        json.loads((pytester.path / "first.json").read_text())["models"]
+        == json.loads((pytester.path / "second.json").read_text())["models"]
+    )
+
+
+def test_xdist_gives_the_same_findings(run, pytester):
+    run("--neuronspec-results=serial.json").assert_outcomes(passed=3)
+    parallel = run("-n", "2", "--neuronspec-results=parallel.json")
+    parallel.assert_outcomes(passed=3)
+    serial = json.loads((pytester.path / "serial.json").read_text())
+    assert serial == json.loads((pytester.path / "parallel.json").read_text())
