@@ -1,0 +1,27 @@
+"""Run the benchmark sections: ``python -m neuronspec.bench [--quick] [--only NAME]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+
+from neuronspec.bench import print_table
+
+SECTIONS = ["scan"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m neuronspec.bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats")
+    parser.add_argument("--only", choices=SECTIONS, help="run only this section")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name in [args.only] if args.only else SECTIONS:
+        section = importlib.import_module(f"neuronspec.bench.{name}")
+        print(f"== {name}{' (quick)' if args.quick else ''}")
+        print_table(section.run(quick=args.quick))
+
+
+if __name__ == "__main__":
+    main()
