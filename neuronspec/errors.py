@@ -39,3 +39,7 @@ class TooFewTokensError(NeuronSpecError, ValueError):
 
 class CacheCorruptError(NeuronSpecError):
     """A cache entry failed validation; callers recompute it."""
+
+
+class CountTableError(NeuronSpecError, ValueError):
+    """Inconsistent count tables given to an analysis (mismatched lengths, ids out of range)."""

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from neuronspec.analyses.ngram import CountTableError
 from neuronspec.analyses.positional import (
     above_rate_ranges,
     analyse_positional_layer,
@@ -16,6 +15,7 @@ from neuronspec.analyses.positional import (
     overall_firing_rate,
     positional_mutual_information,
 )
+from neuronspec.errors import CountTableError
 
 
 def test_mutual_information_by_hand() -> None:

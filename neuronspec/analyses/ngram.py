@@ -45,7 +45,7 @@ from itertools import pairwise
 import numpy as np
 
 from neuronspec.capture.stats import NeuronStats
-from neuronspec.errors import NeuronSpecError
+from neuronspec.errors import CountTableError
 from neuronspec.findings import Finding
 
 NEVER_FIRES = 0
@@ -57,10 +57,6 @@ DEFAULT_COVERING_BIN_EDGES: tuple[int, ...] = (1, 2, 6, 11, 21, 51, 101, 501)
 MAX_DETECTOR_UNIGRAMS = 5  # Voita et al.: "triggered by at most 5 unigrams"
 MAX_DETECTOR_TRIGRAMS = 50  # Voita et al., trigram variant
 _MAX_DENOMINATOR = 10_000  # coverage → exact fraction; keeps count·den far below 2**63
-
-
-class CountTableError(NeuronSpecError, ValueError):
-    """Count tables that do not fit together: lengths, dtypes, ranges, order, duplicates."""
 
 
 # --------------------------------------------------------------------------- validation

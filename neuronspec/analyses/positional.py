@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from neuronspec.analyses.ngram import CountTableError, relative_depth
+from neuronspec.analyses.ngram import relative_depth
 from neuronspec.capture.stats import NeuronStats
+from neuronspec.errors import CountTableError
 from neuronspec.findings import Finding
 
 DEFAULT_MI_THRESHOLD = 0.05  # Voita et al.: positional if I(act; pos) > 0.05 nats

@@ -19,27 +19,16 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from neuronspec.analyses.ngram import NgramLayerFinding, TokenDetectorSummary
 from neuronspec.analyses.positional import PositionalLayerFinding
 from neuronspec.errors import NeuronSpecError
-
-_DPI = 120
+from neuronspec.plots.figure import new_figure, save_figure
 
 
 class PlotInputError(NeuronSpecError, ValueError):
     """Findings that cannot be drawn together (none given, mixed models in one series, …)."""
-
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=_DPI)
-    return path
 
 
 def _as_list(items, kind: str) -> list:
@@ -81,7 +70,7 @@ def plot_covering_bins(
     for finding in _as_list(findings, "n-gram findings"):
         by_model.setdefault(finding.model, []).append(finding)
     overlay = len(by_model) > 1
-    fig = Figure(figsize=(5.0 * len(by_model) + 1.5, 4.2), layout="constrained")
+    fig = new_figure(5.0 * len(by_model) + 1.5, 4.2)
     axes = fig.subplots(1, len(by_model), squeeze=False, sharey=True)[0]
     labels = sorted(
         {label for fs in by_model.values() for f in fs for label in f.covering_histogram},
@@ -118,7 +107,7 @@ def plot_covering_bins(
     )
     depth = "all layers" if depth_fraction == 1 else f"layers in the first {depth_fraction:.0%}"
     fig.suptitle(f"Alive neurons by number of unigrams covering their firings ({depth})")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _bin_colors(n: int) -> list:
@@ -142,7 +131,7 @@ def _line_figure(
     """Lines of the named summary fields; ``series`` = (field, legend suffix, line style)."""
     listed: list[TokenDetectorSummary] = _as_list(summaries, "token-detector summaries")
     overlay = len(listed) > 1
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    fig = new_figure(6.4, 4.4)
     ax: Axes = fig.subplots()
     for index, summary in enumerate(listed):
         color = f"C{index % 10}"
@@ -158,7 +147,7 @@ def _line_figure(
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_token_detectors(
@@ -216,7 +205,7 @@ def plot_positional(
             f"{finding.model} layer {finding.layer}: the finding keeps no top neurons "
             "(analyse with top_k > 0)"
         )
-    fig = Figure(figsize=(9.0, 4.4), layout="constrained")
+    fig = new_figure(9.0, 4.4)
     ax: Axes = fig.subplots()
     positions = np.arange(finding.window_length)
     for index, (neuron, mi) in enumerate(
@@ -241,4 +230,4 @@ def plot_positional(
         f"{finding.model} layer {finding.layer}: {finding.n_positional} positional neurons "
         f"(I > {finding.threshold:g})"
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
