@@ -6,6 +6,7 @@ import pytest
 
 from neuronspec.analyses.dead import dead_neurons, dead_neurons_all_layers
 from neuronspec.plots.dead import plot_dead_neurons
+from neuronspec.plots.figure import plot_path
 
 pytestmark = pytest.mark.dead
 
@@ -18,7 +19,7 @@ def test_dead_neurons_per_layer_snapshot(
     for finding in findings:
         record_finding("dead", finding, layer=finding.layer)
     if plots_dir is not None:
-        plot_dead_neurons({model_id: findings}, plots_dir / f"fig1_dead_neurons_{model_id}.png")
+        plot_dead_neurons({model_id: findings}, plot_path(plots_dir, "fig1_dead_neurons", model_id))
     summary = [
         {k: v for k, v in f.to_json().items() if k != "dead_neurons"} | {"n_dead": f.n_dead}
         for f in findings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -21,3 +22,11 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=DPI)
     return path
+
+
+def plot_path(plots_dir: Path, figure_name: str, model_id: str) -> Path:
+    """``plots_dir/<figure_name>_<model>.png`` with the model id made safe for a file name
+    (a checkpoint path becomes its last component)."""
+    name = Path(model_id).name if ("/" in model_id or "\\" in model_id) else model_id
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+    return Path(plots_dir) / f"{figure_name}_{safe}.png"
