@@ -14,10 +14,12 @@ import hashlib
 import json
 import random
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from neuronspec.errors import CorpusError
+
+if TYPE_CHECKING:
+    import datasets
 
 WORLD_SEED = 0  # the one world the shipped models were trained on
 FACTS_JSON = Path(__file__).parent / "assets" / "toyworld_facts.json"
@@ -295,6 +297,8 @@ def toyworld_dataset(
     split: str = "train", seed: int = 0, n_docs: int | None = None
 ) -> datasets.Dataset:
     """A ``datasets.Dataset`` with one column "text" (``n_docs`` rows, default 24000/1000)."""
+    import datasets  # heavy; the training recipe needs only toyworld_documents
+
     return datasets.Dataset.from_dict({"text": toyworld_documents(split, seed, n_docs)})
 
 
