@@ -248,3 +248,16 @@ def test_rejects_unsupported_inputs():
     with pytest.raises(NeuronSpecError, match="no transformers MambaMixer"):
         use_fast_scan(torch.nn.Linear(2, 2))
     assert not is_fast_scan_enabled(torch.nn.Linear(2, 2))
+
+
+def test_padding_mask_matches_reference():
+    model = _model(torch.float32)
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0  # left padding on one row
+    logits = {}
+    for fast in (False, True):
+        use_fast_scan(model, fast)
+        with torch.no_grad():
+            logits[fast] = model(ids, attention_mask=mask).logits
+    _close(logits[True], logits[False], TOL[torch.float32], "masked logits")
