@@ -39,3 +39,18 @@ def test_token_detectors_snapshot(
         for f in ngram_findings
     ]
     assert {"summary": summary.to_json(), "layers": layers} == findings_snapshot
+
+
+def test_model_has_token_detecting_neurons(model_id, ngram_findings, request):
+    """Voita et al. §4: a trained LM has token-detecting neurons (1–5 tokens covering ≥95% of
+    a neuron's firings, each token ≥95% covered)."""
+    if model_id == "tiny-mamba":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="observed: tiny-mamba has no token-detecting neuron on the toy world; "
+                "its gate neurons fire broadly (every alive neuron needs >20 unigrams to "
+                "cover 95% of its firings)",
+            )
+        )
+    assert sum(f.n_token_detectors for f in ngram_findings) > 0

@@ -9,7 +9,7 @@ import torch
 from conftest import VOCAB, make_gpt2, make_mamba, wrap
 from neuronspec.analyses.dead import dead_neurons
 from neuronspec.capture.runner import collect_stats
-from neuronspec.capture.stats import NeuronStats, StatsConfig
+from neuronspec.capture.stats import PEARSON_CONSTANT_VARIANCE, NeuronStats, StatsConfig
 from neuronspec.errors import TooFewTokensError
 
 BOS = 0
@@ -46,8 +46,13 @@ def test_stats_equal_dense_recomputation(random_model):
         fires = pre > 0  # (n, T, W)
         layer_stats = stats.layers[layer]
         assert torch.equal(layer_stats.fire_by_pos, fires.sum(0))
-        torch.testing.assert_close(layer_stats.act_sum, act.double().sum((0, 1)))
-        torch.testing.assert_close(layer_stats.act_sumsq, act.double().square().sum((0, 1)))
+        # per-window sums are float32 (the activations' own precision), totals float64
+        dense_sum, dense_sumsq = act.double().sum((0, 1)), act.double().square().sum((0, 1))
+        torch.testing.assert_close(layer_stats.act_sum, dense_sum, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer_stats.act_sumsq, dense_sumsq, rtol=1e-5, atol=1e-6)
+        edges = np.concatenate([[0], stats.config.hist_edges(), [np.inf]])
+        expected_hist = np.histogram(act.abs().numpy(), edges)[0]
+        assert np.abs(layer_stats.abs_hist.numpy() - expected_hist).sum() <= 2  # edge rounding
         assert int(layer_stats.abs_hist.sum()) == act.numel()
         # sparse unigram table equals a dense (neuron, token) count on counted positions
         neuron, token, count = stats.unigram_table(layer)
@@ -62,9 +67,9 @@ def test_stats_equal_dense_recomputation(random_model):
         expected = np.zeros(act.shape[-1])
         for w in range(a.shape[0]):
             for j in range(a.shape[2]):
-                if a[w, :, j].std() > 1e-9 * np.abs(a[w, :, j]).max():
+                if a[w, :, j].var() > PEARSON_CONSTANT_VARIANCE * np.mean(a[w, :, j] ** 2):
                     expected[j] += abs(np.corrcoef(a[w, :, j], np.arange(a.shape[1]))[0, 1])
-        np.testing.assert_allclose(layer_stats.pearson_abs_sum.numpy(), expected, rtol=1e-8)
+        np.testing.assert_allclose(layer_stats.pearson_abs_sum.numpy(), expected, rtol=1e-4)
 
 
 def test_trigram_counts_exclude_window_start_and_bos(random_model):

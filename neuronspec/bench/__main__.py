@@ -8,7 +8,7 @@ import os
 
 from neuronspec.bench import print_table
 
-SECTIONS = ["scan"]
+SECTIONS = ["scan", "capture", "suite"]
 
 
 def main(argv: list[str] | None = None) -> None:

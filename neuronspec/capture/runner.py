@@ -34,7 +34,9 @@ def collect_stats(
     """Stream ``windows`` ``(n, T)`` through the model once and return the statistics."""
     adapter = loaded.adapter
     widths = [adapter.width("mlp")] * adapter.n_layers
-    stats = NeuronStats.empty(widths, windows.shape[1], model_vocab_size(loaded), config)
+    vocab_size = model_vocab_size(loaded)
+    token_frequency = torch.bincount(windows.flatten(), minlength=vocab_size)  # (V,)
+    stats = NeuronStats.empty(widths, windows.shape[1], vocab_size, config, token_frequency)
     targets = [(site, layer) for layer in range(adapter.n_layers) for site in ("mlp_pre", "mlp")]
     pending: dict[int, torch.Tensor] = {}
     batch_state: dict[str, torch.Tensor] = {}
@@ -52,7 +54,8 @@ def collect_stats(
             ids = windows[start : start + batch_size]
             batch_state["counted"] = stats.add_tokens(ids, bos_id)
             batch_state["ids"] = ids
-            loaded.model(input_ids=ids.to(device), use_cache=False)
+            ids = ids.to(device)
+            loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
             if pending:
                 raise RuntimeError(f"site mlp of layers {sorted(pending)} never fired")
     return stats

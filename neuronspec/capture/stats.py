@@ -94,6 +94,48 @@ class _SparseCounter:
             self._pending, self._pending_size = [], 0
 
 
+class _UnigramCounter:
+    """(neuron, token) firing counts: dense int32 rows for the corpus's most frequent tokens
+    (bounded by ``DENSE_UNIGRAM_BYTES`` per layer), a sparse table for the rest.
+
+    Counting frequent tokens densely replaces a sort per firing by an ``index_add_``; the
+    result is exact either way, and :meth:`table` returns the one sparse form.
+    """
+
+    def __init__(self, width: int, vocab_size: int, dense_tokens: torch.Tensor | None = None):
+        self.width, self.vocab_size = width, vocab_size
+        dense_tokens = (
+            dense_tokens if dense_tokens is not None else torch.zeros(0, dtype=torch.long)
+        )
+        self.dense_tokens = dense_tokens.long()  # (D,)
+        self.remap = torch.full((vocab_size,), -1, dtype=torch.long)  # (V,) token -> row or -1
+        self.remap[self.dense_tokens] = torch.arange(len(self.dense_tokens))
+        self.dense = torch.zeros(len(self.dense_tokens), width, dtype=torch.int32)  # (D, W)
+        self.tail = _SparseCounter()
+
+    def add(self, tokens: torch.Tensor, fires: torch.Tensor) -> None:
+        """``tokens (M,)`` at counted positions and their firing pattern ``fires (M, W)``."""
+        rows = self.remap[tokens.cpu()]  # (M,)
+        dense = rows >= 0
+        fires = fires.cpu()
+        if bool(dense.any()):
+            self.dense.index_add_(0, rows[dense], fires[dense].to(torch.int32))
+        if not bool(dense.all()):
+            tail_tokens = tokens.cpu()[~dense]
+            position, neuron = torch.nonzero(fires[~dense], as_tuple=True)
+            self.tail.add(neuron * self.vocab_size + tail_tokens[position])
+
+    def table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All counts as sorted unique ``(key = neuron·V + token, count)``."""
+        row, neuron = torch.nonzero(self.dense, as_tuple=True)
+        dense_keys = neuron * self.vocab_size + self.dense_tokens[row]
+        self.tail.consolidate()
+        return _merge_sparse(
+            torch.cat([self.tail.keys, dense_keys]),
+            torch.cat([self.tail.counts, self.dense[row, neuron].long()]),
+        )
+
+
 @dataclass
 class LayerStats:
     """Accumulators of one layer (see the module docstring for the fields)."""
@@ -104,11 +146,13 @@ class LayerStats:
     act_absmax: torch.Tensor
     abs_hist: torch.Tensor
     pearson_abs_sum: torch.Tensor
-    pairs: _SparseCounter
+    pairs: _UnigramCounter | _SparseCounter
     trigrams: _SparseCounter
 
     @classmethod
-    def empty(cls, window: int, width: int, config: StatsConfig) -> LayerStats:
+    def empty(
+        cls, window: int, width: int, vocab_size: int, config: StatsConfig, dense_tokens=None
+    ) -> LayerStats:
         return cls(
             fire_by_pos=torch.zeros(window, width, dtype=torch.long),
             act_sum=torch.zeros(width, dtype=torch.float64),
@@ -116,7 +160,7 @@ class LayerStats:
             act_absmax=torch.zeros(width, dtype=torch.float64),
             abs_hist=torch.zeros(config.hist_bins + 2, dtype=torch.long),
             pearson_abs_sum=torch.zeros(width, dtype=torch.float64),
-            pairs=_SparseCounter(),
+            pairs=_UnigramCounter(width, vocab_size, dense_tokens),
             trigrams=_SparseCounter(),
         )
 
@@ -143,7 +187,16 @@ class NeuronStats:
     tri_occurrences: _SparseCounter
 
     @classmethod
-    def empty(cls, widths: list[int], window: int, vocab_size: int, config: StatsConfig):
+    def empty(
+        cls,
+        widths: list[int],
+        window: int,
+        vocab_size: int,
+        config: StatsConfig,
+        token_frequency: torch.Tensor | None = None,
+    ):
+        """Empty accumulators. ``token_frequency (V,)`` (optional) picks the tokens whose
+        unigram counts are kept densely; it changes speed and memory, never the counts."""
         if config.trigrams and max(widths) * vocab_size**3 >= 2**63:
             raise NeuronSpecError(
                 f"trigram keys overflow int64 for width {max(widths)} and vocab {vocab_size}"
@@ -152,7 +205,12 @@ class NeuronStats:
             config=config,
             vocab_size=vocab_size,
             window=window,
-            layers=[LayerStats.empty(window, width, config) for width in widths],
+            layers=[
+                LayerStats.empty(
+                    window, width, vocab_size, config, _dense_tokens(token_frequency, width)
+                )
+                for width in widths
+            ],
             tokens_by_pos=torch.zeros(window, dtype=torch.long),
             token_count=torch.zeros(vocab_size, dtype=torch.long),
             tri_occurrences=_SparseCounter(),
@@ -185,6 +243,11 @@ class NeuronStats:
         batch, window = input_ids.shape
         if window != self.window:
             raise NeuronSpecError(f"batch window {window} != statistics window {self.window}")
+        if self.n_tokens + input_ids.numel() >= 2**31:
+            raise NeuronSpecError(
+                "one statistics shard holds at most 2^31 tokens (int32 counts); "
+                "collect shards of the corpus separately and merge them"
+            )
         self.tokens_by_pos += batch
         counted = _counted_positions(input_ids, bos_id)  # (B, T)
         self.token_count += torch.bincount(input_ids[counted].cpu(), minlength=self.vocab_size)
@@ -206,16 +269,17 @@ class NeuronStats:
         input_ids, counted = input_ids.to(pre.device), counted.to(pre.device)
         fires = pre > self.config.fire_threshold  # (B, T, W) bool
         stats.fire_by_pos += fires.sum(0).cpu()
-        act64 = act.double()  # (B, T, W)
-        stats.act_sum += act64.sum((0, 1)).cpu()
-        stats.act_sumsq += act64.square().sum((0, 1)).cpu()
-        absact = act64.abs()
-        torch.maximum(stats.act_absmax, absact.amax((0, 1)).cpu(), out=stats.act_absmax)
+        act32 = act.float()  # (B, T, W); per-window sums in float32, totals in float64
+        window_sum = act32.sum(1).double()  # (B, W)
+        window_sumsq = act32.square().sum(1).double()  # (B, W)
+        stats.act_sum += window_sum.sum(0).cpu()
+        stats.act_sumsq += window_sumsq.sum(0).cpu()
+        absact = act32.abs()  # (B, T, W)
+        torch.maximum(stats.act_absmax, absact.amax((0, 1)).double().cpu(), out=stats.act_absmax)
         stats.abs_hist += _log_histogram(absact, self.config)
-        stats.pearson_abs_sum += _abs_pearson_with_position(act64).sum(0).cpu()
+        stats.pearson_abs_sum += _abs_pearson_with_position(act32, window_sum, window_sumsq).cpu()
         if self.config.unigrams:
-            b, t, n = torch.nonzero(fires & counted[:, :, None], as_tuple=True)
-            stats.pairs.add(n * self.vocab_size + input_ids[b, t])
+            stats.pairs.add(input_ids[counted], fires[counted])  # (M,), (M, W)
         if self.config.trigrams:
             keys, valid = _trigram_keys(input_ids, counted, self.vocab_size)
             b, t, n = torch.nonzero(fires & valid[:, :, None], as_tuple=True)
@@ -252,12 +316,12 @@ class NeuronStats:
             "tri_occ_count": self.tri_occurrences.counts,
         }
         for index, stats in enumerate(self.layers):
-            stats.pairs.consolidate()
+            pair_keys, pair_counts = _pair_table(stats.pairs)
             stats.trigrams.consolidate()
             for name in _DENSE_FIELDS:
                 tensors[f"layer{index}.{name}"] = getattr(stats, name)
-            tensors[f"layer{index}.pair_key"] = stats.pairs.keys
-            tensors[f"layer{index}.pair_count"] = stats.pairs.counts
+            tensors[f"layer{index}.pair_key"] = pair_keys
+            tensors[f"layer{index}.pair_count"] = pair_counts
             tensors[f"layer{index}.tri_key"] = stats.trigrams.keys
             tensors[f"layer{index}.tri_count"] = stats.trigrams.counts
         return {name: tensor.contiguous() for name, tensor in tensors.items()}
@@ -291,10 +355,9 @@ class NeuronStats:
         """Sparse unigram firings of ``layer``: ``(neuron, token, count)`` sorted by (neuron, token)."""
         if not self.config.unigrams:
             raise NeuronSpecError("these statistics were collected without unigram counts")
-        pairs = self.layers[layer].pairs
-        pairs.consolidate()
-        keys = pairs.keys.numpy()
-        return keys // self.vocab_size, keys % self.vocab_size, pairs.counts.numpy()
+        keys, counts = _pair_table(self.layers[layer].pairs)
+        keys = keys.numpy()
+        return keys // self.vocab_size, keys % self.vocab_size, counts.numpy()
 
     def trigram_occurrences(self) -> tuple[np.ndarray, np.ndarray]:
         """Occurrences of each trigram at counted positions: ``(key, count)`` sorted by key."""
@@ -326,6 +389,25 @@ _DENSE_FIELDS = (
     "abs_hist",
     "pearson_abs_sum",
 )
+
+
+DENSE_UNIGRAM_BYTES = 32 * 2**20  # per layer: int32 rows for the most frequent tokens
+
+
+def _dense_tokens(token_frequency: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """The most frequent tokens (that occur at all) whose dense rows fit the budget."""
+    if token_frequency is None:
+        return None
+    budget = DENSE_UNIGRAM_BYTES // (4 * width)
+    order = torch.argsort(token_frequency, descending=True, stable=True)
+    return order[: min(budget, int((token_frequency > 0).sum()))]
+
+
+def _pair_table(pairs: _UnigramCounter | _SparseCounter) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(pairs, _UnigramCounter):
+        return pairs.table()
+    pairs.consolidate()
+    return pairs.keys, pairs.counts
 
 
 def _merge_tensor_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
@@ -367,21 +449,33 @@ def _trigram_keys(
 
 
 def _log_histogram(absact: torch.Tensor, config: StatsConfig) -> torch.Tensor:
-    """Counts of |a| in fixed log-spaced bins; index 0 = below hist_min, last = above hist_max."""
-    lo, hi = math.log10(config.hist_min), math.log10(config.hist_max)
-    scaled = (torch.log10(absact.clamp_min(1e-300)) - lo) / (hi - lo) * config.hist_bins
-    index = torch.floor(scaled).clamp(-1, config.hist_bins).long() + 1  # (..,) in 0..bins+1
-    return torch.bincount(index.flatten().cpu(), minlength=config.hist_bins + 2)
+    """Counts of |a| in fixed log-spaced bins; index 0 = below hist_min, last = at or above
+    hist_max. Computed in float32: a value within rounding of a bin edge may land in either
+    neighbouring bin."""
+    lo, hi = math.log2(config.hist_min), math.log2(config.hist_max)
+    scaled = torch.log2(absact.float().flatten())  # (n,); log2(0) = -inf
+    scaled.sub_(lo).mul_(config.hist_bins / (hi - lo)).clamp_(-1, config.hist_bins).floor_()
+    index = scaled.to(torch.int32).add_(1)  # (n,) in 0 .. bins + 1
+    return torch.bincount(index, minlength=config.hist_bins + 2).cpu()
 
 
-def _abs_pearson_with_position(act: torch.Tensor) -> torch.Tensor:
-    """|Pearson r(a, position)| per window and neuron, ``(B, W)``; 0 where a is constant."""
+PEARSON_CONSTANT_VARIANCE = 1e-6  # relative to the mean square: float32 noise level
+
+
+def _abs_pearson_with_position(
+    act: torch.Tensor, window_sum: torch.Tensor, window_sumsq: torch.Tensor
+) -> torch.Tensor:
+    """Σ over windows of |Pearson r(a, position)| per neuron, ``(W,)`` float64.
+
+    ``act`` is ``(B, T, W)``; ``window_sum``/``window_sumsq`` are its sums over positions
+    ``(B, W)``. r is taken as 0 where the activation is constant within the window (variance
+    ≤ ``PEARSON_CONSTANT_VARIANCE`` × mean square), where it is undefined."""
     window = act.shape[1]
     pos = torch.arange(window, dtype=act.dtype, device=act.device)
-    pos = (pos - pos.mean()) / pos.std(unbiased=False)  # (T,)
-    centred = act - act.mean(1, keepdim=True)  # (B, T, W)
-    std = centred.square().mean(1).sqrt()  # (B, W)
-    cov = torch.einsum("btw,t->bw", centred, pos) / window  # (B, W)
-    constant = std <= 1e-9 * act.abs().amax(1).clamp_min(1e-30)  # (B, W): r undefined
-    r = torch.where(constant, torch.zeros_like(cov), cov / std.clamp_min(1e-300))
-    return r.abs()
+    pos = (pos - pos.mean()) / pos.std(unbiased=False)  # (T,) standardised
+    cov = torch.matmul(pos, act).double() / window  # (B, W): Σ_t pos_t·a_t / T
+    mean_square = window_sumsq / window  # (B, W)
+    variance = (mean_square - (window_sum / window).square()).clamp_min(0)  # (B, W)
+    constant = variance <= PEARSON_CONSTANT_VARIANCE * mean_square
+    r = torch.where(constant, torch.zeros_like(cov), cov / variance.sqrt().clamp_min(1e-300))
+    return r.abs().sum(0)
