@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from neuronspec.analyses.dead import dead_neurons, dead_neurons_all_layers
-from neuronspec.plots.dead import plot_dead_neurons
-from neuronspec.plots.figure import plot_path
+from neuronspec.analyses.dead import dead_neurons
 
 pytestmark = pytest.mark.dead
 
 
-def test_dead_neurons_per_layer_snapshot(
-    model_id, neuron_stats, record_finding, findings_snapshot, plots_dir
-):
+def test_dead_neurons_per_layer_snapshot(model_id, dead_findings, findings_snapshot):
     """The per-layer dead / rarely-firing fractions are a finding that must not drift."""
-    findings = dead_neurons_all_layers(neuron_stats)
-    for finding in findings:
-        record_finding("dead", finding, layer=finding.layer)
-    if plots_dir is not None:
-        plot_dead_neurons({model_id: findings}, plot_path(plots_dir, "fig1_dead_neurons", model_id))
+    findings = dead_findings
     summary = [
         {k: v for k, v in f.to_json().items() if k != "dead_neurons"} | {"n_dead": f.n_dead}
         for f in findings

@@ -5,30 +5,13 @@ from __future__ import annotations
 import pytest
 
 from neuronspec.analyses.ngram import summarise_token_detectors
-from neuronspec.plots.figure import plot_path
-from neuronspec.plots.voita import (
-    plot_covering_bins,
-    plot_detected_tokens,
-    plot_new_tokens,
-    plot_token_detectors,
-)
 
 pytestmark = pytest.mark.ngram
 
 
-def test_token_detectors_snapshot(
-    model_id, ngram_findings, record_finding, findings_snapshot, plots_dir
-):
+def test_token_detectors_snapshot(model_id, ngram_findings, findings_snapshot):
     """Fig. 2–4 numbers per layer: covering-unigram bins, detectors, tokens covered."""
     summary = summarise_token_detectors(ngram_findings)
-    for finding in ngram_findings:
-        record_finding("ngram", finding, layer=finding.layer)
-    record_finding("token_detector_summary", summary)
-    if plots_dir is not None:
-        plot_covering_bins(ngram_findings, plot_path(plots_dir, "fig2_covering_unigrams", model_id))
-        plot_token_detectors(summary, plot_path(plots_dir, "fig3a_token_detectors", model_id))
-        plot_detected_tokens(summary, plot_path(plots_dir, "fig3b_detected_tokens", model_id))
-        plot_new_tokens(summary, plot_path(plots_dir, "fig4_new_tokens", model_id))
     layers = [
         {
             "layer": f.layer,

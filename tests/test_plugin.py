@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,37 @@ def test_xdist_gives_the_same_findings(run, pytester):
     parallel.assert_outcomes(passed=3)
     serial = json.loads((pytester.path / "serial.json").read_text())
     assert serial == json.loads((pytester.path / "parallel.json").read_text())
+
+
+SPECS_DIR = Path(__file__).resolve().parents[1] / "specs"
+EXPECTED_FIGURES = [
+    "fig1_dead_neurons",
+    "fig2_covering_unigrams",
+    "fig3a_token_detectors",
+    "fig3b_detected_tokens",
+    "fig4_new_tokens",
+]
+
+
+def test_spec_suite_writes_every_figure_for_both_embedded_models(pytester, tmp_path):
+    """``pytest specs/ --plots-dir D`` writes Fig. 1-4 and the positional plot per model, and
+    the overlays across models (on a small corpus: figures, not findings, are tested here)."""
+    plots = tmp_path / "plots"
+    pytester._monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = pytester.runpytest_subprocess(
+        str(SPECS_DIR / "test_figures.py"),
+        "-p",
+        "no:cacheprovider",
+        "--max-tokens=4096",
+        f"--plots-dir={plots}",
+        f"--neuronspec-cache={tmp_path / 'cache'}",
+        f"--rootdir={SPECS_DIR.parent}",
+    )
+    result.assert_outcomes(passed=2)
+    written = {path.name: path.stat().st_size for path in plots.glob("*.png")}
+    for model_id in ("tiny-gpt2", "tiny-mamba"):
+        for figure in EXPECTED_FIGURES:
+            assert written[f"{figure}_{model_id}.png"] > 0
+        assert any(name.startswith("positional_layer") and model_id in name for name in written)
+    for figure in EXPECTED_FIGURES:
+        assert written[f"{figure}_all_models.png"] > 0

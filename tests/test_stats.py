@@ -10,7 +10,7 @@ from conftest import VOCAB, make_gpt2, make_mamba, wrap
 from neuronspec.analyses.dead import dead_neurons
 from neuronspec.capture.runner import collect_stats
 from neuronspec.capture.stats import PEARSON_CONSTANT_VARIANCE, NeuronStats, StatsConfig
-from neuronspec.errors import TooFewTokensError
+from neuronspec.errors import LayerOutOfRangeError, TooFewTokensError
 
 BOS = 0
 CONFIG = StatsConfig(trigrams=True)
@@ -158,3 +158,11 @@ def test_memory_is_independent_of_corpus_length():
     small = _stats(loaded, _windows(n=8), config=StatsConfig(unigrams=False)).to_tensors()
     large = _stats(loaded, _windows(n=64), config=StatsConfig(unigrams=False)).to_tensors()
     assert {k: v.shape for k, v in small.items()} == {k: v.shape for k, v in large.items()}
+
+
+def test_layer_out_of_range_is_a_clear_error(random_model):
+    stats = _stats(random_model, _windows(n=4))
+    with pytest.raises(LayerOutOfRangeError, match=r"statistics have 2 layers \(0\.\.1\)"):
+        dead_neurons(stats, 2)
+    with pytest.raises(LayerOutOfRangeError):
+        stats.unigram_table(-1)

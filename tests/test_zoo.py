@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from neuronspec.data.toyworld import load_facts
 from neuronspec.errors import UnknownModelError
+from neuronspec.models.registry import load_model
 from neuronspec.zoo import EMBEDDED_MODELS, weights_dir
-from neuronspec.zoo.evaluate import fact_recall, load
+from neuronspec.zoo.evaluate import fact_recall
 from neuronspec.zoo.train import TrainConfig, train
 
 TINY_ARCH = {
@@ -28,10 +29,12 @@ TINY_ARCH = {
 
 @pytest.mark.parametrize("name", EMBEDDED_MODELS)
 def test_shipped_model_recalls_what_eval_json_says(name):
+    """Loaded offline through the registry (Mamba with the fast scan), as specs load it."""
     directory = weights_dir(name)
     shipped = json.loads((directory / "eval.json").read_text())["recall_train_templates"]
-    model, tokenizer = load(directory)
-    measured = fact_recall(model, tokenizer, load_facts(), heldout=False)
+    loaded = load_model(name)
+    assert loaded.source == str(directory)
+    measured = fact_recall(loaded.model, loaded.tokenizer, load_facts(), heldout=False)
     # every fact, every training template: deterministic, so the very same numbers
     assert measured["n_prompts"] == shipped["n_prompts"] == 546
     assert measured["recall"] == shipped["recall"]

@@ -41,7 +41,7 @@ def dead_neurons(
     """Dead and rarely firing neurons of ``layer`` from the streamed firing counts."""
     stats.require_tokens(min_tokens)
     n_tokens = stats.n_tokens
-    frequency = stats.layers[layer].fire_count.double() / n_tokens  # (W,)
+    frequency = stats.layer(layer).fire_count.double() / n_tokens  # (W,)
     dead = frequency <= freq_cutoff
     rare = (frequency > 0) & (frequency < rare_cutoff)
     alive = ~dead

@@ -578,7 +578,7 @@ def ngram_layer_from_stats(
         model=model,
         layer=layer,
         n_layers=stats.n_layers,
-        n_neurons=stats.layers[layer].width,
+        n_neurons=stats.layer(layer).width,
         vocab_size=stats.vocab_size,
         pair_neuron=neuron,
         pair_token=token,

@@ -215,7 +215,7 @@ def positional_layer_from_stats(
     stats: NeuronStats, layer: int, *, model: str, **options
 ) -> PositionalLayerFinding:
     """:func:`analyse_positional_layer` on the streamed statistics of one layer."""
-    layer_stats = stats.layers[layer]
+    layer_stats = stats.layer(layer)
     return analyse_positional_layer(
         model=model,
         layer=layer,

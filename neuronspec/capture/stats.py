@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from neuronspec.errors import NeuronSpecError, TooFewTokensError
+from neuronspec.errors import LayerOutOfRangeError, NeuronSpecError, TooFewTokensError
 
-STATS_FORMAT = "neuronspec-stats-v1"
+STATS_FORMAT = "neuronspec-stats-v1"  # part of the cache key: bump when an accumulator changes
 
 
 @dataclass(frozen=True)
@@ -229,6 +229,15 @@ class NeuronStats:
     def n_layers(self) -> int:
         return len(self.layers)
 
+    def layer(self, layer: int) -> LayerStats:
+        """The accumulators of ``layer``; a clear error when it is out of range."""
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise LayerOutOfRangeError(
+                f"layer {layer!r} is out of range: these statistics have {self.n_layers} "
+                f"layers (0..{self.n_layers - 1})"
+            )
+        return self.layers[layer]
+
     def require_tokens(self, min_tokens: int | None) -> None:
         """Raise if the statistics cover fewer tokens than a spec asks for (METHODS §2)."""
         if min_tokens is not None and self.n_tokens < min_tokens:
@@ -355,7 +364,7 @@ class NeuronStats:
         """Sparse unigram firings of ``layer``: ``(neuron, token, count)`` sorted by (neuron, token)."""
         if not self.config.unigrams:
             raise NeuronSpecError("these statistics were collected without unigram counts")
-        keys, counts = _pair_table(self.layers[layer].pairs)
+        keys, counts = _pair_table(self.layer(layer).pairs)
         keys = keys.numpy()
         return keys // self.vocab_size, keys % self.vocab_size, counts.numpy()
 
@@ -374,7 +383,7 @@ class NeuronStats:
             raise NeuronSpecError(
                 "these statistics were collected without trigram counts (StatsConfig.trigrams)"
             )
-        table = self.layers[layer].trigrams
+        table = self.layer(layer).trigrams
         table.consolidate()
         keys = table.keys.numpy()
         cube = self.vocab_size**3
