@@ -11,6 +11,7 @@ one-line message, not a traceback.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,24 @@ def _run_config(config: pytest.Config) -> RunConfig:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _share_cores_among_workers()
     config.stash[_SESSION_KEY] = SpecSession(_run_config(config))
+
+
+def _share_cores_among_workers() -> None:
+    """In an xdist worker, give torch its share of the cores (cores // workers, at least 1).
+
+    Each torch process otherwise starts one intra-op thread per core, so ``-n 2`` on two
+    cores runs four busy threads and is slower than ``-n 0``. An explicit
+    ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` is left alone.
+    """
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is None or "OMP_NUM_THREADS" in os.environ or "MKL_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // int(workers)))
 
 
 def _session(config: pytest.Config) -> SpecSession:

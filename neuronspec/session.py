@@ -17,7 +17,13 @@ from typing import Any
 
 from neuronspec.capture.runner import cached_stats
 from neuronspec.capture.stats import NeuronStats, StatsConfig
-from neuronspec.data.corpus import CorpusConfig, TokenWindows, build_windows
+from neuronspec.data.corpus import (
+    CorpusConfig,
+    CorpusTexts,
+    TokenWindows,
+    build_windows,
+    load_corpus_texts,
+)
 from neuronspec.findings import to_plain
 from neuronspec.models.registry import DEFAULT_MODELS, LoadedModel, load_model
 
@@ -43,6 +49,7 @@ class SpecSession:
     def __init__(self, config: RunConfig):
         self.config = config
         self._models: dict[str, LoadedModel] = {}
+        self._texts: CorpusTexts | None = None
         self._corpora: dict[str, TokenWindows] = {}
         self._stats: dict[str, NeuronStats] = {}
         self.findings: dict[str, dict[str, dict[str, Any]]] = {}
@@ -61,8 +68,13 @@ class SpecSession:
 
     def corpus(self, model_id: str) -> TokenWindows:
         if model_id not in self._corpora:
+            if self._texts is None:
+                self._texts = load_corpus_texts(self.config.corpus)
             self._corpora[model_id] = build_windows(
-                self.model(model_id).tokenizer, self.config.corpus
+                self.model(model_id).tokenizer,
+                self.config.corpus,
+                texts=self._texts,
+                cache_dir=self.config.cache_dir,
             )
         return self._corpora[model_id]
 

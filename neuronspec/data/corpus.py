@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from neuronspec.errors import CorpusError
 
 DEFAULT_CORPUS = "toyworld"
 DEFAULT_WINDOW = 64
+WINDOWS_FORMAT = 1  # bump when tokenisation into windows changes
 
 
 @dataclass(frozen=True)
@@ -127,34 +128,85 @@ def _to_windows(stream: list[int], window: int) -> torch.Tensor:
     return torch.tensor(stream[: n * window], dtype=torch.long).view(n, window)
 
 
-def build_windows(tokenizer, config: CorpusConfig) -> TokenWindows:
-    """Tokenise corpus ``config.name`` into analysis and held-out windows."""
-    bos_id = (
-        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    )
+@dataclass(frozen=True)
+class CorpusTexts:
+    """The documents of a corpus config (``text_limit`` applied) and their sha256."""
+
+    analysis: tuple[str, ...]
+    heldout: tuple[str, ...]
+    digest: str
+
+
+def load_corpus_texts(config: CorpusConfig) -> CorpusTexts:
+    """Analysis and held-out documents of ``config.name``, limited by ``config.text_limit``."""
     texts = load_texts(config.name, "analysis")
     heldout_texts = load_texts(config.name, "heldout")
     if config.text_limit is not None:
         texts = texts[: config.text_limit]
+        heldout_texts = heldout_texts[: max(1, config.text_limit // 10)]
     if not texts:
         raise CorpusError(f"corpus {config.name!r} has no non-empty texts")
-    analysis = _to_windows(_tokenize_stream(texts, tokenizer, bos_id), config.window)
-    if heldout_texts:
-        limit = None if config.text_limit is None else max(1, config.text_limit // 10)
-        heldout = _to_windows(
-            _tokenize_stream(heldout_texts[:limit], tokenizer, bos_id), config.window
-        )
+    digest = hashlib.sha256()
+    for part in (texts, heldout_texts):
+        digest.update(f"|{len(part)}|".encode())
+        for text in part:
+            encoded = text.encode("utf-8", "surrogatepass")
+            digest.update(f"{len(encoded)}:".encode())
+            digest.update(encoded)
+    return CorpusTexts(tuple(texts), tuple(heldout_texts), digest.hexdigest())
+
+
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """sha256 of a fast tokenizer's full definition (vocab, merges, normaliser, special
+    tokens); None for tokenizers without a serialisable backend (their windows are not
+    cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    digest = hashlib.sha256(backend.to_str().encode())
+    digest.update(f"|{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|{len(tokenizer)}".encode())
+    return digest.hexdigest()
+
+
+def build_windows(
+    tokenizer,
+    config: CorpusConfig,
+    *,
+    texts: CorpusTexts | None = None,
+    cache_dir: Path | None = None,
+) -> TokenWindows:
+    """Tokenise corpus ``config.name`` into analysis and held-out windows.
+
+    ``texts`` saves reloading documents shared by several models. With ``cache_dir`` the
+    windows are kept in the disk cache, keyed by the texts' and the tokenizer's sha256, so
+    a rerun does not tokenise again.
+    """
+    texts = load_corpus_texts(config) if texts is None else texts
+    bos_id = (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    )
+    tokenizer_id = tokenizer_fingerprint(tokenizer)
+    if cache_dir is None or tokenizer_id is None:
+        analysis, heldout = _split_windows(texts, tokenizer, bos_id, config)
     else:
-        n_heldout = int(len(analysis) * config.heldout_fraction)
-        heldout = analysis[len(analysis) - n_heldout :]
-        analysis = analysis[: len(analysis) - n_heldout]
-    if config.max_tokens is not None:
-        analysis = analysis[: config.max_tokens // config.window]
-    if len(analysis) == 0:
-        raise CorpusError(
-            f"corpus {config.name!r} is too short: fewer than one analysis window of "
-            f"{config.window} tokens after tokenisation; give more or longer texts"
+        from neuronspec.capture.cache import TensorCache, cache_key
+
+        key = cache_key(
+            {
+                "kind": "token-windows",
+                "format": WINDOWS_FORMAT,
+                "corpus": asdict(config),
+                "texts": texts.digest,
+                "tokenizer": tokenizer_id,
+            }
         )
+
+        def compute():
+            analysis, heldout = _split_windows(texts, tokenizer, bos_id, config)
+            return {"analysis": analysis, "heldout": heldout}, {"corpus": config.name}
+
+        tensors, _ = TensorCache(Path(cache_dir)).get_or_compute(key, compute)
+        analysis, heldout = tensors["analysis"], tensors["heldout"]
     digest = hashlib.sha256()
     digest.update(f"{config.name}|{config.window}|{bos_id}|{len(tokenizer)}".encode())
     digest.update(analysis.numpy().tobytes())
@@ -168,3 +220,26 @@ def build_windows(tokenizer, config: CorpusConfig) -> TokenWindows:
         vocab_size=len(tokenizer),
         fingerprint=digest.hexdigest(),
     )
+
+
+def _split_windows(
+    texts: CorpusTexts, tokenizer, bos_id: int | None, config: CorpusConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(analysis, heldout) windows, ``(n, window)`` int64, from the texts."""
+    analysis = _to_windows(_tokenize_stream(list(texts.analysis), tokenizer, bos_id), config.window)
+    if texts.heldout:
+        heldout = _to_windows(
+            _tokenize_stream(list(texts.heldout), tokenizer, bos_id), config.window
+        )
+    else:
+        n_heldout = int(len(analysis) * config.heldout_fraction)
+        heldout = analysis[len(analysis) - n_heldout :]
+        analysis = analysis[: len(analysis) - n_heldout]
+    if config.max_tokens is not None:
+        analysis = analysis[: config.max_tokens // config.window]
+    if len(analysis) == 0:
+        raise CorpusError(
+            f"corpus {config.name!r} is too short: fewer than one analysis window of "
+            f"{config.window} tokens after tokenisation; give more or longer texts"
+        )
+    return analysis.contiguous(), heldout.contiguous()
