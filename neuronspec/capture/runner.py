@@ -2,7 +2,9 @@
 
 The pass reads the ``mlp_pre`` and ``mlp`` sites of every layer through the site adapter,
 folds each layer into the accumulators as soon as both of its sites have arrived, and
-drops the activations: peak memory is one batch of one layer's sites.
+drops the activations: peak memory is one batch of one layer's sites. It runs the model's
+layers without the LM head (``model.base_model``): no logits are computed, since none are
+used (for a 50k vocabulary the head is about 40% of a GPT-2-small forward).
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ def collect_stats(
             batch_state["counted"] = stats.add_tokens(ids, bos_id)
             batch_state["ids"] = ids
             ids = ids.to(device)
-            loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            # the layers only: the sites are inside them, the LM head's logits are not needed
+            loaded.model.base_model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False
+            )
             if pending:
                 raise RuntimeError(f"site mlp of layers {sorted(pending)} never fired")
     return stats

@@ -52,6 +52,14 @@ class StatsConfig:
     unigrams: bool = True  # sparse (neuron, token) firing counts for METHODS §3
     trigrams: bool = False  # sparse (neuron, trigram) counts: large, opt-in
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.hist_bins <= 254:  # bin indices (with under/overflow) fit in uint8
+            raise NeuronSpecError(f"hist_bins must be in 1..254, got {self.hist_bins}")
+        if not 0 < self.hist_min < self.hist_max:
+            raise NeuronSpecError(
+                f"need 0 < hist_min < hist_max, got {self.hist_min} and {self.hist_max}"
+            )
+
     def hist_edges(self) -> np.ndarray:
         """The ``hist_bins + 1`` bin edges of ``abs_hist`` (bin 0 is < hist_min)."""
         return np.logspace(math.log10(self.hist_min), math.log10(self.hist_max), self.hist_bins + 1)
@@ -60,38 +68,59 @@ class StatsConfig:
         return dataclasses.asdict(self)
 
 
+_INT32_KEYS = 2**31 - 1  # key spaces up to this size are sorted as int32 (about twice as fast)
+
+
 def _merge_sparse(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum ``counts`` of equal ``keys``; returns sorted unique keys and their totals."""
+    """Sum ``counts`` of equal ``keys``; returns sorted unique int64 keys and their totals."""
     if keys.numel() == 0:
         return keys.to(torch.long), counts.to(torch.long)
+    if int(keys.max()) <= _INT32_KEYS and int(keys.min()) >= 0:
+        keys = keys.to(torch.int32)
     unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-    totals = torch.zeros(unique.numel(), dtype=torch.long).index_add_(0, inverse, counts)
-    return unique, totals
+    totals = torch.zeros(unique.numel(), dtype=torch.long).index_add_(0, inverse, counts.long())
+    return unique.long(), totals
 
 
 class _SparseCounter:
-    """A growing sparse count table; pending batches are consolidated when they get large."""
+    """A growing sparse count table ``(keys, counts)``, sorted by key after :meth:`consolidate`.
 
-    def __init__(self, keys: torch.Tensor | None = None, counts: torch.Tensor | None = None):
+    Added keys wait, uncounted, in a pending list (int32 when ``key_space`` fits) and are
+    sorted and merged in when they outnumber the table (amortised: each key is sorted a
+    constant number of times), so per batch there is no sort at all.
+    """
+
+    def __init__(
+        self,
+        keys: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+        key_space: int | None = None,
+    ):
         self.keys = keys if keys is not None else torch.zeros(0, dtype=torch.long)
         self.counts = counts if counts is not None else torch.zeros(0, dtype=torch.long)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        compact = key_space is not None and key_space <= _INT32_KEYS
+        self._pending_dtype = torch.int32 if compact else torch.long
+        self._pending: list[torch.Tensor] = []  # raw keys, one count each
         self._pending_size = 0
 
-    def add(self, keys: torch.Tensor, counts: torch.Tensor | None = None) -> None:
-        if counts is None:
-            keys, counts = torch.unique(keys, return_counts=True)
-        self._pending.append((keys.cpu(), counts.cpu()))
+    def add(self, keys: torch.Tensor) -> None:
+        """Count each of ``keys (n,)`` once."""
+        self._pending.append(keys.to(device="cpu", dtype=self._pending_dtype))
         self._pending_size += keys.numel()
         if self._pending_size > max(4_000_000, self.keys.numel()):
             self.consolidate()
 
     def consolidate(self) -> None:
-        if self._pending:
-            keys = torch.cat([self.keys, *(k for k, _ in self._pending)])
-            counts = torch.cat([self.counts, *(c for _, c in self._pending)])
-            self.keys, self.counts = _merge_sparse(keys, counts)
-            self._pending, self._pending_size = [], 0
+        if not self._pending:
+            return
+        fresh, fresh_counts = torch.unique(torch.cat(self._pending), return_counts=True)
+        self._pending, self._pending_size = [], 0
+        if self.keys.numel() == 0:
+            self.keys, self.counts = fresh.long(), fresh_counts.long()
+        else:
+            self.keys, self.counts = _merge_sparse(
+                torch.cat([self.keys, fresh.long()]), torch.cat([self.counts, fresh_counts])
+            )
 
 
 class _UnigramCounter:
@@ -111,29 +140,36 @@ class _UnigramCounter:
         self.remap = torch.full((vocab_size,), -1, dtype=torch.long)  # (V,) token -> row or -1
         self.remap[self.dense_tokens] = torch.arange(len(self.dense_tokens))
         self.dense = torch.zeros(len(self.dense_tokens), width, dtype=torch.int32)  # (D, W)
-        self.tail = _SparseCounter()
+        self.tail = _SparseCounter(key_space=width * vocab_size)
 
-    def add(self, tokens: torch.Tensor, fires: torch.Tensor) -> None:
-        """``tokens (M,)`` at counted positions and their firing pattern ``fires (M, W)``."""
-        rows = self.remap[tokens.cpu()]  # (M,)
-        dense = rows >= 0
-        fires = fires.cpu()
+    def add(self, tokens: torch.Tensor, fires: torch.Tensor, counted: torch.Tensor) -> None:
+        """``tokens (M,)``, their firing pattern ``fires (M, W)``, and which positions
+        count ``counted (M,)`` (not a window start, not BOS)."""
+        tokens, fires, counted = tokens.cpu(), fires.cpu(), counted.cpu()
+        rows = self.remap[tokens]  # (M,)
+        dense = counted & (rows >= 0)
+        tail = counted & (rows < 0)
         if bool(dense.any()):
             self.dense.index_add_(0, rows[dense], fires[dense].to(torch.int32))
-        if not bool(dense.all()):
-            tail_tokens = tokens.cpu()[~dense]
-            position, neuron = torch.nonzero(fires[~dense], as_tuple=True)
-            self.tail.add(neuron * self.vocab_size + tail_tokens[position])
+        if bool(tail.any()):
+            position, neuron = torch.nonzero(fires[tail], as_tuple=True)
+            self.tail.add(neuron * self.vocab_size + tokens[tail][position])
 
     def table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All counts as sorted unique ``(key = neuron·V + token, count)``."""
-        row, neuron = torch.nonzero(self.dense, as_tuple=True)
-        dense_keys = neuron * self.vocab_size + self.dense_tokens[row]
+        """All counts as sorted unique ``(key = neuron·V + token, count)``.
+
+        Dense and tail tokens are disjoint, so the two parts only need one sort together.
+        """
+        by_neuron = self.dense.t().flatten()  # (W·D,) neuron-major copy
+        (flat,) = torch.nonzero(by_neuron, as_tuple=True)  # increasing
+        n_dense = len(self.dense_tokens)
+        dense_keys = (flat // n_dense) * self.vocab_size + self.dense_tokens[flat % n_dense]
         self.tail.consolidate()
-        return _merge_sparse(
-            torch.cat([self.tail.keys, dense_keys]),
-            torch.cat([self.tail.counts, self.dense[row, neuron].long()]),
-        )
+        keys = torch.cat([self.tail.keys, dense_keys])
+        counts = torch.cat([self.tail.counts, by_neuron[flat].long()])
+        sortable = keys.to(torch.int32) if self.width * self.vocab_size <= _INT32_KEYS else keys
+        order = torch.argsort(sortable)
+        return keys[order], counts[order]
 
 
 @dataclass
@@ -185,6 +221,9 @@ class NeuronStats:
     tokens_by_pos: torch.Tensor  # (T,) int64
     token_count: torch.Tensor  # (V,) int64, counted positions only
     tri_occurrences: _SparseCounter
+    # per-batch work buffers, reused across layers and batches (fresh 10 MB tensors per op
+    # cost more in allocation and cache misses than the arithmetic); not statistics
+    _buffers: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def empty(
@@ -276,23 +315,41 @@ class NeuronStats:
         """Accumulate one layer for one batch. ``pre`` and ``act`` are ``(B, T, W)``."""
         stats = self.layers[layer]
         input_ids, counted = input_ids.to(pre.device), counted.to(pre.device)
-        fires = pre > self.config.fire_threshold  # (B, T, W) bool
-        stats.fire_by_pos += fires.sum(0).cpu()
+        fires = torch.gt(
+            pre, self.config.fire_threshold, out=self._buffer("fires", pre, torch.bool)
+        )
+        # summing bytes in uint8 (exact while B < 256) avoids an int64 copy of the batch
+        count_dtype = torch.uint8 if fires.shape[0] < 256 else torch.int32
+        stats.fire_by_pos += fires.view(torch.uint8).sum(0, dtype=count_dtype).cpu()
         act32 = act.float()  # (B, T, W); per-window sums in float32, totals in float64
-        window_sum = act32.sum(1).double()  # (B, W)
-        window_sumsq = act32.square().sum(1).double()  # (B, W)
+        basis = _position_basis(act32.shape[1], act32.device)  # (2, T)
+        moments = torch.matmul(basis, act32).double()  # (B, 2, W): Σ_t a, Σ_t pos_t·a
+        window_sum, position_moment = moments[:, 0], moments[:, 1]  # (B, W) each
+        work = self._buffer("work", act32, torch.float32)  # (B, T, W)
+        window_sumsq = torch.mul(act32, act32, out=work).sum(1).double()  # (B, W)
         stats.act_sum += window_sum.sum(0).cpu()
         stats.act_sumsq += window_sumsq.sum(0).cpu()
-        absact = act32.abs()  # (B, T, W)
+        absact = torch.abs(act32, out=work)  # (B, T, W)
         torch.maximum(stats.act_absmax, absact.amax((0, 1)).double().cpu(), out=stats.act_absmax)
-        stats.abs_hist += _log_histogram(absact, self.config)
-        stats.pearson_abs_sum += _abs_pearson_with_position(act32, window_sum, window_sumsq).cpu()
+        bins = self._buffer("bins", act32, torch.uint8)
+        stats.abs_hist += _log_histogram_(absact, self.config, bins)
+        stats.pearson_abs_sum += _abs_pearson_with_position(
+            position_moment, window_sum, window_sumsq, act32.shape[1]
+        ).cpu()
         if self.config.unigrams:
-            stats.pairs.add(input_ids[counted], fires[counted])  # (M,), (M, W)
+            width = fires.shape[-1]
+            stats.pairs.add(input_ids.flatten(), fires.reshape(-1, width), counted.flatten())
         if self.config.trigrams:
             keys, valid = _trigram_keys(input_ids, counted, self.vocab_size)
             b, t, n = torch.nonzero(fires & valid[:, :, None], as_tuple=True)
             stats.trigrams.add(n * self.vocab_size**3 + keys[b, t])
+
+    def _buffer(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable work tensor of ``like``'s shape and device."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != like.shape or buffer.device != like.device:
+            buffer = self._buffers[name] = torch.empty(like.shape, dtype=dtype, device=like.device)
+        return buffer
 
     # -- merging and serialisation ------------------------------------------------------------
     def merge(self, other: NeuronStats) -> NeuronStats:
@@ -409,7 +466,8 @@ def _dense_tokens(token_frequency: torch.Tensor | None, width: int) -> torch.Ten
         return None
     budget = DENSE_UNIGRAM_BYTES // (4 * width)
     order = torch.argsort(token_frequency, descending=True, stable=True)
-    return order[: min(budget, int((token_frequency > 0).sum()))]
+    chosen = order[: min(budget, int((token_frequency > 0).sum()))]
+    return torch.sort(chosen).values  # ascending ids: the dense table's keys come out sorted
 
 
 def _pair_table(pairs: _UnigramCounter | _SparseCounter) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,32 +515,43 @@ def _trigram_keys(
     return keys, valid
 
 
-def _log_histogram(absact: torch.Tensor, config: StatsConfig) -> torch.Tensor:
+def _log_histogram_(absact: torch.Tensor, config: StatsConfig, bins: torch.Tensor) -> torch.Tensor:
     """Counts of |a| in fixed log-spaced bins; index 0 = below hist_min, last = at or above
-    hist_max. Computed in float32: a value within rounding of a bin edge may land in either
+    hist_max. Overwrites ``absact`` (float32) and ``bins`` (uint8, same shape) as work space.
+    Computed in float32: a value within rounding of a bin edge may land in either
     neighbouring bin."""
     lo, hi = math.log2(config.hist_min), math.log2(config.hist_max)
-    scaled = torch.log2(absact.float().flatten())  # (n,); log2(0) = -inf
-    scaled.sub_(lo).mul_(config.hist_bins / (hi - lo)).clamp_(-1, config.hist_bins).floor_()
-    index = scaled.to(torch.int32).add_(1)  # (n,) in 0 .. bins + 1
-    return torch.bincount(index, minlength=config.hist_bins + 2).cpu()
+    per_log2 = config.hist_bins / (hi - lo)
+    # index = floor((log2|a| - lo) · per_log2) + 1, clamped to 0 .. bins + 1; log2(0) = -inf
+    index = torch.log2(absact, out=absact).mul_(per_log2).add_(1 - lo * per_log2)
+    index.clamp_(0, config.hist_bins + 1)  # non-negative, so the cast below floors
+    bins.copy_(index)
+    return torch.bincount(bins.flatten(), minlength=config.hist_bins + 2).cpu()
 
 
 PEARSON_CONSTANT_VARIANCE = 1e-6  # relative to the mean square: float32 noise level
 
 
+def _position_basis(window: int, device: torch.device) -> torch.Tensor:
+    """``(2, T)`` float32: a row of ones and the standardised positions (mean 0, std 1)."""
+    pos = torch.arange(window, dtype=torch.float64)
+    pos = (pos - pos.mean()) / pos.std(unbiased=False)
+    return torch.stack([torch.ones_like(pos), pos]).to(device=device, dtype=torch.float32)
+
+
 def _abs_pearson_with_position(
-    act: torch.Tensor, window_sum: torch.Tensor, window_sumsq: torch.Tensor
+    position_moment: torch.Tensor,
+    window_sum: torch.Tensor,
+    window_sumsq: torch.Tensor,
+    window: int,
 ) -> torch.Tensor:
     """Σ over windows of |Pearson r(a, position)| per neuron, ``(W,)`` float64.
 
-    ``act`` is ``(B, T, W)``; ``window_sum``/``window_sumsq`` are its sums over positions
-    ``(B, W)``. r is taken as 0 where the activation is constant within the window (variance
-    ≤ ``PEARSON_CONSTANT_VARIANCE`` × mean square), where it is undefined."""
-    window = act.shape[1]
-    pos = torch.arange(window, dtype=act.dtype, device=act.device)
-    pos = (pos - pos.mean()) / pos.std(unbiased=False)  # (T,) standardised
-    cov = torch.matmul(pos, act).double() / window  # (B, W): Σ_t pos_t·a_t / T
+    Inputs are ``(B, W)`` per-window sums over positions t: ``Σ_t z_t·a_t`` with z the
+    standardised position, ``Σ_t a_t`` and ``Σ_t a_t²``. r is taken as 0 where the activation
+    is constant within the window (variance ≤ ``PEARSON_CONSTANT_VARIANCE`` × mean square),
+    where it is undefined."""
+    cov = position_moment / window  # (B, W); z has mean 0, so this is the covariance
     mean_square = window_sumsq / window  # (B, W)
     variance = (mean_square - (window_sum / window).square()).clamp_min(0)  # (B, W)
     constant = variance <= PEARSON_CONSTANT_VARIANCE * mean_square
