@@ -71,11 +71,10 @@ def run(quick: bool = False) -> list[dict]:
                     model.base_model(input_ids=chunk, use_cache=False)
 
         def stats_pass(loaded=loaded, ids=ids):
-            collect_stats(loaded, ids, bos_id=None, config=StatsConfig(), batch_size=batch)
+            return collect_stats(loaded, ids, bos_id=None, config=StatsConfig(), batch_size=batch)
 
-        def stats_pass_and_tables(loaded=loaded, ids=ids):
-            stats = collect_stats(loaded, ids, bos_id=None, config=StatsConfig(), batch_size=batch)
-            stats.to_tensors()  # the final sorted tables, as saved to the cache (once per pass)
+        def stats_pass_and_tables(stats_pass=stats_pass):
+            stats_pass().to_tensors()  # the final sorted tables, as saved to the cache (once)
 
         times = time_side_by_side(
             {

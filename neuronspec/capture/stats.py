@@ -71,13 +71,18 @@ class StatsConfig:
 _INT32_KEYS = 2**31 - 1  # key spaces up to this size are sorted as int32 (about twice as fast)
 
 
+def _sortable(keys: torch.Tensor) -> torch.Tensor:
+    """``keys`` as int32 when every key fits (same order, sorts about twice as fast)."""
+    if keys.numel() and int(keys.min()) >= 0 and int(keys.max()) <= _INT32_KEYS:
+        return keys.to(torch.int32)
+    return keys
+
+
 def _merge_sparse(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum ``counts`` of equal ``keys``; returns sorted unique int64 keys and their totals."""
     if keys.numel() == 0:
         return keys.to(torch.long), counts.to(torch.long)
-    if int(keys.max()) <= _INT32_KEYS and int(keys.min()) >= 0:
-        keys = keys.to(torch.int32)
-    unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    unique, inverse = torch.unique(_sortable(keys), sorted=True, return_inverse=True)
     totals = torch.zeros(unique.numel(), dtype=torch.long).index_add_(0, inverse, counts.long())
     return unique.long(), totals
 
@@ -167,8 +172,7 @@ class _UnigramCounter:
         self.tail.consolidate()
         keys = torch.cat([self.tail.keys, dense_keys])
         counts = torch.cat([self.tail.counts, by_neuron[flat].long()])
-        sortable = keys.to(torch.int32) if self.width * self.vocab_size <= _INT32_KEYS else keys
-        order = torch.argsort(sortable)
+        order = torch.argsort(_sortable(keys))
         return keys[order], counts[order]
 
 
