@@ -75,8 +75,10 @@ path does not look for them.
 
 from __future__ import annotations
 
+import functools
 import math
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -86,8 +88,10 @@ from transformers.models.mamba import modeling_mamba
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from neuronspec.errors import NeuronSpecError
+from neuronspec.models.kernel import KernelUnavailableError, kernel_scan, load_kernel
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_CHUNK",
     "UnsupportedScanInputError",
     "is_fast_scan_enabled",
@@ -99,6 +103,11 @@ DEFAULT_CHUNK = 16
 """Positions per chunk. Measured on 2 CPU cores, mamba-130m shape, 4×256 tokens, whole
 forward: T=4 2.26 s, 8 2.16 s, 16 2.14 s, 32 2.16 s, 64 2.42 s; larger chunks fall out of
 cache, smaller ones pay more per-op overhead."""
+
+BACKENDS = ("auto", "kernel", "chunked")
+"""``kernel``: the C kernel (:mod:`neuronspec.models.kernel`), forward only, CPU;
+``chunked``: the differentiable chunked torch scan below; ``auto``: the kernel when no
+gradient is needed on the CPU and it builds, else chunked."""
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _LOG2_E = 1.0 / math.log(2.0)
@@ -169,6 +178,7 @@ def selective_scan(
     return_last_state: bool = False,
     *,
     chunk_size: int = DEFAULT_CHUNK,
+    backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Selective scan with the semantics of transformers' ``mamba_selective_scan``.
 
@@ -177,7 +187,8 @@ def selective_scan(
     i.e. ``(y + D·x) · SiLU(z)`` with ``y`` from eq. 2a/2b (module docstring), the skip
     and the gate only when D and z are given. With ``return_last_state`` also returns
     ``h_L``, ``(B, d, N)``, as the reference does. Differentiable w.r.t. every tensor
-    input, through both outputs (first order only).
+    input, through both outputs (first order only). ``backend`` is one of
+    :data:`BACKENDS`; ``chunk_size`` applies to the chunked scan.
     """
     dtype = _check_inputs(x, dt, A, B, C, D, z, delta_bias)
     y, h_last = _scan_bl(
@@ -192,12 +203,13 @@ def selective_scan(
         delta_softplus,
         chunk_size,
         dtype,
+        backend,
     )  # (B, L, d), (B, d, N)
     y = y.transpose(1, 2).contiguous()  # (B, d, L)
     return (y, h_last) if return_last_state else y
 
 
-def _scan_bl(x, dt, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, dtype):
+def _scan_bl(x, dt, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, dtype, backend):
     """:func:`selective_scan` on batch-major ``(B, L, ·)`` inputs (already checked).
 
     Returns ``y`` ``(B, L, d)`` (skip and gate applied) and ``h_L`` ``(B, d, N)``.
@@ -218,13 +230,58 @@ def _scan_bl(x, dt, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, dtype
         B.to(dtype).contiguous(),  # (B, L, N)
         C.to(dtype).contiguous(),  # (B, L, N)
     )
-    for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    y, h_last = _ChunkedScan.apply(*inputs, chunk_size, for_backward)  # (B, L, d), (B, N, d)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (*inputs, D, z)
+    )
+    if _use_kernel(backend, needs_grad, x.device):
+        return kernel_scan(
+            *inputs,
+            None if D is None else D.to(dtype),
+            None if z is None else z.to(dtype),
+        )  # (B, L, d), (B, d, N)
+    y, h_last = _ChunkedScan.apply(*inputs, chunk_size, needs_grad)  # (B, L, d), (B, N, d)
     if D is not None:
         y = torch.addcmul(y, x, D)  # (B, L, d)
     if z is not None:
         y = y * F.silu(z)  # (B, L, d)
     return y, h_last.transpose(1, 2)  # (B, L, d), (B, d, N)
+
+
+def _use_kernel(backend: str, needs_grad: bool, device: torch.device) -> bool:
+    """Whether the C kernel runs: ``auto`` picks it when no gradient is needed, on CPU."""
+    if backend not in BACKENDS:
+        raise UnsupportedScanInputError(
+            f"selective_scan: backend must be one of {BACKENDS}, got {backend!r}"
+        )
+    if backend == "chunked":
+        return False
+    if backend == "kernel":
+        if needs_grad:
+            raise UnsupportedScanInputError(
+                "selective_scan: the C kernel has no backward; use backend='chunked' or 'auto'"
+            )
+        if device.type != "cpu":
+            raise UnsupportedScanInputError("selective_scan: the C kernel runs on the CPU only")
+        load_kernel()  # raises KernelUnavailableError with the compiler's message
+        return True
+    if needs_grad or device.type != "cpu":
+        return False
+    try:
+        load_kernel()
+    except KernelUnavailableError as error:
+        _warn_no_kernel(str(error))
+        return False
+    return True
+
+
+@functools.cache
+def _warn_no_kernel(reason: str) -> None:
+    warnings.warn(
+        f"neuronspec: the C scan kernel is unavailable ({reason}); Mamba forwards use the "
+        "chunked torch scan (same results, slower)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 class _Buffers:
@@ -411,7 +468,7 @@ def _fast_full_sequence(self: MambaMixer, hidden_states, cache_params, attention
         D, gate, time_proj_bias,
     )  # fmt: skip
     scan_output, final_state = _scan_bl(
-        x, time_step, A, B, C, D, z, time_proj_bias, True, DEFAULT_CHUNK, dtype_scan
+        x, time_step, A, B, C, D, z, time_proj_bias, True, DEFAULT_CHUNK, dtype_scan, "auto"
     )  # (B, L, d), (B, d, N)
     if cache_params is not None:
         cache_params.update_recurrent_state(final_state.contiguous(), self.layer_idx)
