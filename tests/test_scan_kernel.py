@@ -1,0 +1,154 @@
+"""The C scan kernel equals an exact sequential scan; building and choosing it is explicit.
+
+Reference: :func:`tests.test_scan._exact_reference_scan`, transformers' loop in the
+inputs' own dtype. Shapes straddle the kernel's channel blocks (16 float32 / 8 float64
+lanes) and its N = 16 specialisation.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from neuronspec.models import kernel
+from neuronspec.models.kernel import KernelUnavailableError, kernel_scan, load_kernel
+from neuronspec.models.scan import UnsupportedScanInputError, selective_scan
+from tests.test_scan import _close, _exact_reference_scan
+
+TOL = {torch.float32: 1e-6, torch.float64: 1e-13}
+
+
+def _inputs(b, d, L, N, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    A = -torch.exp(r(d, N) + 0.5)  # (d, N)
+    return r(b, d, L), r(b, d, L), A, r(b, N, L), r(b, N, L), r(d), r(b, d, L), r(d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 37, 23, 16), (3, 17, 9, 5), (2, 40, 64, 16)])
+def test_kernel_matches_exact_scan(dtype, shape):
+    b, d, L, N = shape
+    x, dt, A, B, C, D, z, bias = _inputs(b, d, L, N, dtype)
+    for skip, gate in ((D, z), (None, None)):
+        out, last = selective_scan(
+            x, dt, A, B, C, skip, gate, bias, return_last_state=True, backend="kernel"
+        )
+        ref, ref_last = _exact_reference_scan(
+            x, dt, A, B, C, skip, gate, bias, delta_softplus=True, return_last_state=True
+        )
+        _close(out, ref, TOL[dtype], f"out {shape} D/z {skip is not None}")
+        _close(last, ref_last, TOL[dtype], f"last state {shape}")
+
+
+def test_kernel_equals_chunked_scan_and_splits_over_threads():
+    x, dt, A, B, C, D, z, bias = _inputs(2, 100, 30, 16, torch.float64, seed=1)
+    chunked = selective_scan(x, dt, A, B, C, D, z, bias, backend="chunked")
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = selective_scan(x, dt, A, B, C, D, z, bias, backend="kernel")
+            _close(out, chunked, 1e-13, f"{threads} threads")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_kernel_handles_extreme_step_sizes_and_gates():
+    """exp clamps: Δ·A far below -87 decays to exactly 0, huge |z| gives a finite gate."""
+    x, dt, A, B, C, D, z, _ = _inputs(1, 16, 12, 16, torch.float32, seed=2)
+    dt = dt * 200  # softplus(Δ) up to ~500: decays exp(ΔA) underflow
+    z = z * 200
+    out = selective_scan(x, dt, A, B, C, D, z, backend="kernel")
+    ref = _exact_reference_scan(x, dt, A, B, C, D, z, delta_softplus=True)
+    assert torch.isfinite(out).all()
+    _close(out, ref, 1e-5, "extreme inputs")
+
+
+def test_auto_uses_kernel_without_grad_and_chunked_with_grad(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        "neuronspec.models.scan.kernel_scan", lambda *a: calls.append(1) or kernel_scan(*a)
+    )
+    x, dt, A, B, C, D, z, bias = _inputs(1, 8, 5, 3, torch.float64)
+    selective_scan(x, dt, A, B, C, D, z, bias)
+    assert calls == [1]
+    selective_scan(x.requires_grad_(), dt, A, B, C, D, z, bias).sum().backward()
+    assert calls == [1] and x.grad is not None
+
+
+def test_kernel_backend_refuses_grad_and_unknown_backend():
+    x, dt, A, B, C, D, z, bias = _inputs(1, 8, 5, 3, torch.float64)
+    with pytest.raises(UnsupportedScanInputError, match="no backward"):
+        selective_scan(x.requires_grad_(), dt, A, B, C, backend="kernel")
+    with pytest.raises(UnsupportedScanInputError, match="backend must be one of"):
+        selective_scan(x.detach(), dt, A, B, C, backend="cuda")
+
+
+@pytest.fixture
+def fresh_kernel(tmp_path, monkeypatch):
+    """An empty kernel directory and no loaded library (restored afterwards)."""
+    monkeypatch.setenv("NEURONSPEC_KERNEL_DIR", str(tmp_path))
+    load_kernel.cache_clear()
+    yield tmp_path
+    load_kernel.cache_clear()
+
+
+def test_missing_compiler_is_a_clear_error_and_auto_falls_back(fresh_kernel, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(KernelUnavailableError, match="no C compiler found"):
+        load_kernel()
+    x, dt, A, B, C, D, z, bias = _inputs(1, 8, 5, 3, torch.float64)
+    with pytest.raises(KernelUnavailableError, match="no C compiler"):
+        selective_scan(x, dt, A, B, C, backend="kernel")
+    reasons: list[str] = []
+    monkeypatch.setattr("neuronspec.models.scan._warn_no_kernel", reasons.append)
+    out = selective_scan(x, dt, A, B, C, D, z, bias)
+    assert torch.equal(out, selective_scan(x, dt, A, B, C, D, z, bias, backend="chunked"))
+    assert reasons and "no C compiler" in reasons[0]
+
+
+def test_failed_build_reports_the_compiler_output(fresh_kernel, monkeypatch):
+    monkeypatch.setattr(kernel, "FLAGS", (*kernel.FLAGS, "--no-such-option-neuronspec"))
+    with pytest.raises(KernelUnavailableError, match="failed"):
+        load_kernel()
+    assert not list(fresh_kernel.glob("*.so")), "a failed build left a library behind"
+
+
+REBUILD_CHECK = """
+import torch
+from neuronspec.models.scan import selective_scan
+g = torch.Generator().manual_seed(0)
+x, dt, z = (torch.randn(1, 9, 5, generator=g, dtype=torch.float64) for _ in range(3))
+A = -torch.rand(9, 4, generator=g, dtype=torch.float64)
+B, C = (torch.randn(1, 4, 5, generator=g, dtype=torch.float64) for _ in range(2))
+kernel = selective_scan(x, dt, A, B, C, None, z, backend="kernel")
+chunked = selective_scan(x, dt, A, B, C, None, z, backend="chunked")
+assert (kernel - chunked).abs().max() < 1e-13
+"""
+
+
+def test_build_is_cached_and_a_damaged_library_is_rebuilt(fresh_kernel):
+    load_kernel()
+    (library,) = fresh_kernel.glob("scan-*.so")
+    built = library.stat().st_mtime_ns
+    load_kernel.cache_clear()
+    load_kernel()
+    assert library.stat().st_mtime_ns == built  # reused, not rebuilt
+    # A damaged file under the final name, as a new file: writing into the loaded one in
+    # place would corrupt this process's mapping, and dlopen in this process would return
+    # the mapping it already has, so the damaged file is loaded by a fresh interpreter.
+    damaged = fresh_kernel / "damaged"
+    damaged.write_bytes(b"truncated")
+    damaged.replace(library)
+    env = {**os.environ, "NEURONSPEC_KERNEL_DIR": str(fresh_kernel)}
+    result = subprocess.run(
+        [sys.executable, "-c", REBUILD_CHECK], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "rebuilding it" in result.stderr
+    assert library.stat().st_size > 1000
