@@ -14,9 +14,10 @@ import sys
 import pytest
 import torch
 
-from neuronspec.models import kernel
-from neuronspec.models.kernel import KernelUnavailableError, kernel_scan, load_kernel
+from neuronspec import native
+from neuronspec.models.kernel import kernel_scan
 from neuronspec.models.scan import UnsupportedScanInputError, selective_scan
+from neuronspec.native import KernelUnavailableError, load_library
 from tests.test_scan import _close, _exact_reference_scan
 
 TOL = {torch.float32: 1e-6, torch.float64: 1e-13}
@@ -93,15 +94,15 @@ def test_kernel_backend_refuses_grad_and_unknown_backend():
 def fresh_kernel(tmp_path, monkeypatch):
     """An empty kernel directory and no loaded library (restored afterwards)."""
     monkeypatch.setenv("NEURONSPEC_KERNEL_DIR", str(tmp_path))
-    load_kernel.cache_clear()
+    load_library.cache_clear()
     yield tmp_path
-    load_kernel.cache_clear()
+    load_library.cache_clear()
 
 
 def test_missing_compiler_is_a_clear_error_and_auto_falls_back(fresh_kernel, monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with pytest.raises(KernelUnavailableError, match="no C compiler found"):
-        load_kernel()
+        load_library()
     x, dt, A, B, C, D, z, bias = _inputs(1, 8, 5, 3, torch.float64)
     with pytest.raises(KernelUnavailableError, match="no C compiler"):
         selective_scan(x, dt, A, B, C, backend="kernel")
@@ -113,9 +114,9 @@ def test_missing_compiler_is_a_clear_error_and_auto_falls_back(fresh_kernel, mon
 
 
 def test_failed_build_reports_the_compiler_output(fresh_kernel, monkeypatch):
-    monkeypatch.setattr(kernel, "FLAGS", (*kernel.FLAGS, "--no-such-option-neuronspec"))
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "--no-such-option-neuronspec"))
     with pytest.raises(KernelUnavailableError, match="failed"):
-        load_kernel()
+        load_library()
     assert not list(fresh_kernel.glob("*.so")), "a failed build left a library behind"
 
 
@@ -133,11 +134,11 @@ assert (kernel - chunked).abs().max() < 1e-13
 
 
 def test_build_is_cached_and_a_damaged_library_is_rebuilt(fresh_kernel):
-    load_kernel()
-    (library,) = fresh_kernel.glob("scan-*.so")
+    load_library()
+    (library,) = fresh_kernel.glob("neuronspec-*.so")
     built = library.stat().st_mtime_ns
-    load_kernel.cache_clear()
-    load_kernel()
+    load_library.cache_clear()
+    load_library()
     assert library.stat().st_mtime_ns == built  # reused, not rebuilt
     # A damaged file under the final name, as a new file: writing into the loaded one in
     # place would corrupt this process's mapping, and dlopen in this process would return

@@ -22,8 +22,10 @@ def _windows(n=12, length=16, seed=3):
     return ids
 
 
-def _stats(loaded, windows, batch_size=4, config=CONFIG):
-    return collect_stats(loaded, windows, bos_id=BOS, config=config, batch_size=batch_size)
+def _stats(loaded, windows, batch_size=4, config=CONFIG, backend="auto"):
+    return collect_stats(
+        loaded, windows, bos_id=BOS, config=config, batch_size=batch_size, backend=backend
+    )
 
 
 def _dense(loaded, windows, layer):
@@ -31,9 +33,10 @@ def _dense(loaded, windows, layer):
     return sites[("mlp_pre", layer)], sites[("mlp", layer)]
 
 
-def test_stats_equal_dense_recomputation(random_model):
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_stats_equal_dense_recomputation(random_model, backend):
     windows = _windows()
-    stats = _stats(random_model, windows)
+    stats = _stats(random_model, windows, backend=backend)
     counted = torch.ones_like(windows, dtype=torch.bool)
     counted[:, 0] = False
     counted &= windows != BOS

@@ -32,13 +32,19 @@ def collect_stats(
     bos_id: int | None,
     config: StatsConfig = StatsConfig(),
     batch_size: int = 16,
+    backend: str = "auto",
 ) -> NeuronStats:
-    """Stream ``windows`` ``(n, T)`` through the model once and return the statistics."""
+    """Stream ``windows`` ``(n, T)`` through the model once and return the statistics.
+
+    ``backend``: how each layer is accumulated (:data:`~neuronspec.capture.stats.STATS_BACKENDS`).
+    """
     adapter = loaded.adapter
     widths = [adapter.width("mlp")] * adapter.n_layers
     vocab_size = model_vocab_size(loaded)
     token_frequency = torch.bincount(windows.flatten(), minlength=vocab_size)  # (V,)
-    stats = NeuronStats.empty(widths, windows.shape[1], vocab_size, config, token_frequency)
+    stats = NeuronStats.empty(
+        widths, windows.shape[1], vocab_size, config, token_frequency, backend=backend
+    )
     targets = [(site, layer) for layer in range(adapter.n_layers) for site in ("mlp_pre", "mlp")]
     pending: dict[int, torch.Tensor] = {}
     batch_state: dict[str, torch.Tensor] = {}

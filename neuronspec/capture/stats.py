@@ -30,14 +30,23 @@ corpus length: nothing ``(tokens, neurons)``-shaped is kept beyond the current b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from neuronspec.errors import LayerOutOfRangeError, NeuronSpecError, TooFewTokensError
+from neuronspec.native import KernelUnavailableError, load_library, run_in_slices
 
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+STATS_BACKENDS = ("auto", "native", "torch")
+"""``native``: ``neuronspec/native/stats.c`` (float32 CPU activations); ``torch``: torch
+ops; ``auto``: native where it applies and builds, else torch. Not part of the cache key:
+both compute the same definitions."""
 STATS_FORMAT = "neuronspec-stats-v1"  # part of the cache key: bump when an accumulator changes
 
 
@@ -55,9 +64,10 @@ class StatsConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.hist_bins <= 254:  # bin indices (with under/overflow) fit in uint8
             raise NeuronSpecError(f"hist_bins must be in 1..254, got {self.hist_bins}")
-        if not 0 < self.hist_min < self.hist_max:
+        if not FLOAT32_TINY <= self.hist_min < self.hist_max <= FLOAT32_MAX:
             raise NeuronSpecError(
-                f"need 0 < hist_min < hist_max, got {self.hist_min} and {self.hist_max}"
+                f"need {FLOAT32_TINY:.4g} <= hist_min < hist_max <= {FLOAT32_MAX:.4g} (normal "
+                f"float32 numbers), got {self.hist_min} and {self.hist_max}"
             )
 
     def hist_edges(self) -> np.ndarray:
@@ -228,6 +238,8 @@ class NeuronStats:
     # per-batch work buffers, reused across layers and batches (fresh 10 MB tensors per op
     # cost more in allocation and cache misses than the arithmetic); not statistics
     _buffers: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    # "auto" (native kernel for float32 CPU batches when it builds), "native" or "torch"
+    backend: str = dataclasses.field(default="auto", repr=False, compare=False)
 
     @classmethod
     def empty(
@@ -237,9 +249,14 @@ class NeuronStats:
         vocab_size: int,
         config: StatsConfig,
         token_frequency: torch.Tensor | None = None,
+        *,
+        backend: str = "auto",
     ):
         """Empty accumulators. ``token_frequency (V,)`` (optional) picks the tokens whose
-        unigram counts are kept densely; it changes speed and memory, never the counts."""
+        unigram counts are kept densely; it changes speed and memory, never the counts.
+        ``backend`` (:data:`STATS_BACKENDS`) chooses how :meth:`add_layer` computes."""
+        if backend not in STATS_BACKENDS:
+            raise NeuronSpecError(f"stats backend must be one of {STATS_BACKENDS}, got {backend!r}")
         if config.trigrams and max(widths) * vocab_size**3 >= 2**63:
             raise NeuronSpecError(
                 f"trigram keys overflow int64 for width {max(widths)} and vocab {vocab_size}"
@@ -257,6 +274,7 @@ class NeuronStats:
             tokens_by_pos=torch.zeros(window, dtype=torch.long),
             token_count=torch.zeros(vocab_size, dtype=torch.long),
             tri_occurrences=_SparseCounter(),
+            backend=backend,
         )
 
     # -- derived counts --------------------------------------------------------------------
@@ -316,9 +334,25 @@ class NeuronStats:
         input_ids: torch.Tensor,
         counted: torch.Tensor,
     ) -> None:
-        """Accumulate one layer for one batch. ``pre`` and ``act`` are ``(B, T, W)``."""
+        """Accumulate one layer for one batch. ``pre`` and ``act`` are ``(B, T, W)``.
+
+        Runs the native kernel (``neuronspec/native/stats.c``, one pass over memory) for
+        float32 CPU inputs when it is available, else the torch form; both compute the
+        same definitions (float sums may differ by rounding, bin edges by one bin).
+        """
         stats = self.layers[layer]
         input_ids, counted = input_ids.to(pre.device), counted.to(pre.device)
+        if _use_native_stats(self.backend, pre, act):
+            fires = self._add_layer_native(stats, pre, act, input_ids, counted)
+        else:
+            fires = self._add_layer_torch(stats, pre, act, input_ids, counted)
+        if self.config.trigrams:
+            keys, valid = _trigram_keys(input_ids, counted, self.vocab_size)
+            b, t, n = torch.nonzero(fires & valid[:, :, None], as_tuple=True)
+            stats.trigrams.add(n * self.vocab_size**3 + keys[b, t])
+
+    def _add_layer_torch(self, stats, pre, act, input_ids, counted) -> torch.Tensor:
+        """Torch form of :meth:`add_layer`; returns the firing pattern ``(B, T, W)`` bool."""
         fires = torch.gt(
             pre, self.config.fire_threshold, out=self._buffer("fires", pre, torch.bool)
         )
@@ -331,6 +365,8 @@ class NeuronStats:
         window_sum, position_moment = moments[:, 0], moments[:, 1]  # (B, W) each
         work = self._buffer("work", act32, torch.float32)  # (B, T, W)
         window_sumsq = torch.mul(act32, act32, out=work).sum(1).double()  # (B, W)
+        finite = torch.isfinite(window_sumsq) & torch.isfinite(moments).all(1)  # (B, W)
+        _refuse_non_finite(int((~finite).sum()))
         stats.act_sum += window_sum.sum(0).cpu()
         stats.act_sumsq += window_sumsq.sum(0).cpu()
         absact = torch.abs(act32, out=work)  # (B, T, W)
@@ -343,10 +379,57 @@ class NeuronStats:
         if self.config.unigrams:
             width = fires.shape[-1]
             stats.pairs.add(input_ids.flatten(), fires.reshape(-1, width), counted.flatten())
-        if self.config.trigrams:
-            keys, valid = _trigram_keys(input_ids, counted, self.vocab_size)
-            b, t, n = torch.nonzero(fires & valid[:, :, None], as_tuple=True)
-            stats.trigrams.add(n * self.vocab_size**3 + keys[b, t])
+        return fires
+
+    def _add_layer_native(self, stats, pre, act, input_ids, counted) -> torch.Tensor:
+        """:meth:`add_layer` through ``stats.c``: every dense accumulator in one pass;
+        only the sparse (neuron, token) tail is left to torch. Returns ``fires``."""
+        batch, window, width = pre.shape
+        pre, act = _unit_channel_stride(pre), _unit_channel_stride(act)
+        fires = self._buffer("fires", pre, torch.bool)  # (B, T, W)
+        pairs = stats.pairs if self.config.unigrams else None
+        if pairs is not None:
+            rows = pairs.remap[input_ids.flatten()]  # (B·T,) dense row or -1
+            rows = torch.where(counted.flatten(), rows, -1)
+            dense = pairs.dense
+        else:
+            rows = torch.full((batch * window,), -1, dtype=torch.long)
+            dense = torch.zeros(0, width, dtype=torch.int32)
+        config = self.config
+        lo, hi = math.log2(config.hist_min), math.log2(config.hist_max)
+        per_log2 = config.hist_bins / (hi - lo)
+        zpos = _position_basis(window, pre.device)[1].contiguous()  # (T,)
+        fn = load_library().neuronspec_layer_stats_f32
+        lanes = 16  # thread slices of whole cache lines of float32 columns
+        hists = torch.zeros(torch.get_num_threads(), config.hist_bins + 2, dtype=torch.long)
+        nonfinite = []
+
+        def run(lo_col: int, hi_col: int) -> None:
+            hist = hists[lo_col * len(hists) // max(width, 1)]  # one row per slice
+            found = fn(
+                lo_col, hi_col, batch, window, width,
+                pre.data_ptr(), pre.stride(0), pre.stride(1),
+                act.data_ptr(), act.stride(0), act.stride(1),
+                config.fire_threshold, zpos.data_ptr(), rows.data_ptr(),
+                dense.data_ptr(), fires.data_ptr(), stats.fire_by_pos.data_ptr(),
+                stats.act_sum.data_ptr(), stats.act_sumsq.data_ptr(),
+                stats.act_absmax.data_ptr(), stats.pearson_abs_sum.data_ptr(),
+                hist.data_ptr(), config.hist_bins, config.hist_min, config.hist_max,
+                per_log2, 1 - lo * per_log2, PEARSON_CONSTANT_VARIANCE,
+            )  # fmt: skip
+            if found < 0:
+                raise MemoryError("stats kernel: cannot allocate its scratch memory")
+            nonfinite.append(found)
+
+        run_in_slices(width, lanes, run)
+        _refuse_non_finite(sum(nonfinite))
+        stats.abs_hist += hists.sum(0)
+        if pairs is not None:
+            tail = counted & (pairs.remap[input_ids] < 0)  # (B, T)
+            if bool(tail.any()):
+                position, neuron = torch.nonzero(fires[tail], as_tuple=True)
+                pairs.tail.add(neuron * pairs.vocab_size + input_ids[tail][position])
+        return fires
 
     def _buffer(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A reusable work tensor of ``like``'s shape and device."""
@@ -504,6 +587,47 @@ def _counted_positions(input_ids: torch.Tensor, bos_id: int | None) -> torch.Ten
     if bos_id is not None:
         counted &= input_ids != bos_id
     return counted
+
+
+def _use_native_stats(backend: str, pre: torch.Tensor, act: torch.Tensor) -> bool:
+    if backend == "torch":
+        return False
+    fits = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (pre, act))
+    if backend == "native":
+        if not fits:
+            raise NeuronSpecError("the native stats kernel takes float32 CPU activations only")
+        load_library()  # raises KernelUnavailableError with the compiler's message
+        return True
+    if not fits:
+        return False
+    try:
+        load_library()
+    except KernelUnavailableError as error:
+        _warn_no_native(str(error))
+        return False
+    return True
+
+
+@functools.cache
+def _warn_no_native(reason: str) -> None:
+    warnings.warn(
+        f"neuronspec: the native kernels are unavailable ({reason}); statistics use the "
+        "torch form (same definitions, slower)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _refuse_non_finite(pairs: int) -> None:
+    if pairs:
+        raise NeuronSpecError(
+            f"non-finite activations (NaN or inf) in {pairs} (window, neuron) pairs of one "
+            "batch; check the model's weights and dtype"
+        )
+
+
+def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _trigram_keys(

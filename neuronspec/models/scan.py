@@ -88,7 +88,8 @@ from transformers.models.mamba import modeling_mamba
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from neuronspec.errors import NeuronSpecError
-from neuronspec.models.kernel import KernelUnavailableError, kernel_scan, load_kernel
+from neuronspec.models.kernel import kernel_scan
+from neuronspec.native import KernelUnavailableError, load_library
 
 __all__ = [
     "BACKENDS",
@@ -262,12 +263,12 @@ def _use_kernel(backend: str, needs_grad: bool, device: torch.device) -> bool:
             )
         if device.type != "cpu":
             raise UnsupportedScanInputError("selective_scan: the C kernel runs on the CPU only")
-        load_kernel()  # raises KernelUnavailableError with the compiler's message
+        load_library()  # raises KernelUnavailableError with the compiler's message
         return True
     if needs_grad or device.type != "cpu":
         return False
     try:
-        load_kernel()
+        load_library()
     except KernelUnavailableError as error:
         _warn_no_kernel(str(error))
         return False

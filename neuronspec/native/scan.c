@@ -1,6 +1,7 @@
 /* Selective scan forward (Gu & Dao 2023, Mamba, eq. 2a/2b) for CPU, no autograd.
  *
- * Built and loaded by neuronspec/models/kernel.py (ctypes, no torch headers); used by
+ * Built and loaded by neuronspec/native (ctypes, no torch headers), called through
+ * neuronspec/models/kernel.py; used by
  * neuronspec/models/scan.py when no gradient is needed. Per batch row b, channel c and
  * state n, with h_0 = 0 and Δ already softplus'ed:
  *
@@ -147,5 +148,5 @@ static inline double exp_f64(double x) {
 DEFINE_SCAN(neuronspec_scan_f32, scan_block_f32, float, 16)
 DEFINE_SCAN(neuronspec_scan_f64, scan_block_f64, double, 8)
 
-/* Version of the calling convention above; kernel.py refuses a library with another. */
+/* Version of the calling convention above; the loader refuses a library with another. */
 int neuronspec_scan_abi(void) { return 1; }

@@ -1,0 +1,181 @@
+"""Native C kernels: built once per machine with the system C compiler, called via ctypes.
+
+Sources: ``scan.c`` (the Mamba selective scan, no autograd; wrapped by
+:mod:`neuronspec.models.kernel`) and ``stats.c`` (one layer of the streamed statistics
+pass; used by :mod:`neuronspec.capture.stats`). Both are compiled into one shared library
+without torch headers: the compiler is ``$CC``, else Python's, else ``cc``; the library is
+cached per (sources, flags, compiler, CPU) in ``$NEURONSPEC_KERNEL_DIR`` (default
+``~/.cache/neuronspec/kernels``). It is written under a temporary name and renamed into
+place, so a crash mid-build never leaves a file that loads; concurrent builders (xdist
+workers) race harmlessly; a library that does not load is rebuilt once.
+
+ctypes releases the GIL during a call, so :func:`run_in_slices` splits a kernel's column
+range across ``torch.get_num_threads()`` Python threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from neuronspec.errors import NeuronSpecError
+
+__all__ = ["KernelUnavailableError", "load_library", "run_in_slices"]
+
+SOURCES = (Path(__file__).with_name("scan.c"), Path(__file__).with_name("stats.c"))
+FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared")
+ABI_VERSIONS = {"neuronspec_scan_abi": 1, "neuronspec_stats_abi": 1}
+
+_i64, _ptr, _f32, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
+_SCAN_ARGS = (
+    [_i64] * 6  # c0, c1, B, L, d, N
+    + [_ptr, _i64, _i64] * 2  # delta, x (+ batch and time strides)
+    + [_ptr]  # At
+    + [_ptr, _i64, _i64] * 2  # B, C (+ strides)
+    + [_ptr]  # D
+    + [_ptr, _i64, _i64] * 2  # z, out (+ strides)
+    + [_ptr]  # h_last
+)
+_STATS_ARGS = (
+    [_i64] * 5  # w0, w1, B, T, W
+    + [_ptr, _i64, _i64] * 2  # pre, act (+ batch and time strides)
+    + [_f32, _ptr, _ptr]  # threshold, zpos, rows
+    + [_ptr] * 3  # dense, fires, fire_by_pos
+    + [_ptr] * 4  # act_sum, act_sumsq, act_absmax, pearson_abs_sum
+    + [_ptr, _i64, _f32, _f32, _f32, _f32, _f64]  # hist, n_bins, min, max, per_log2, offset, cv
+)
+ENTRY_POINTS = {
+    "neuronspec_scan_f32": (_SCAN_ARGS, ctypes.c_int),
+    "neuronspec_scan_f64": (_SCAN_ARGS, ctypes.c_int),
+    "neuronspec_layer_stats_f32": (_STATS_ARGS, _i64),
+}
+
+
+class KernelUnavailableError(NeuronSpecError, RuntimeError):
+    """The native kernels could not be built or loaded on this machine."""
+
+
+def _compiler() -> list[str]:
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    argv = shlex.split(cc)
+    if not argv or shutil.which(argv[0]) is None:
+        raise KernelUnavailableError(
+            f"no C compiler found (tried {cc!r}); install gcc or clang, or set CC"
+        )
+    return argv
+
+
+def _cpu_fingerprint() -> str:
+    """-march=native code is only valid on CPUs with the same instruction set extensions."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _kernel_dir() -> Path:
+    configured = os.environ.get("NEURONSPEC_KERNEL_DIR")
+    if configured:
+        return Path(configured)
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "neuronspec" / "kernels"
+
+
+def _build(cc: list[str], key: str) -> Path:
+    directory = _kernel_dir()
+    target = directory / f"neuronspec-{key}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".neuronspec-{key}-", suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [*cc, *FLAGS, "-o", temporary, *map(str, SOURCES), "-lm"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise KernelUnavailableError(
+                f"compiling the native kernels with {shlex.join(cc)} failed "
+                f"(exit {result.returncode}):\n{result.stderr.strip()}"
+            )
+        os.replace(temporary, target)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return target
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL(str(path))
+        abis = {name: getattr(lib, name)() for name in ABI_VERSIONS}
+    except (OSError, AttributeError) as error:
+        raise KernelUnavailableError(f"cannot load the native kernels {path}: {error}") from error
+    if abis != ABI_VERSIONS:
+        raise KernelUnavailableError(
+            f"the native kernels {path} have calling conventions {abis}, expected {ABI_VERSIONS}"
+        )
+    return lib
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL:
+    """The native library with typed entry points; built on first use.
+
+    Raises :class:`KernelUnavailableError` when no compiler is found, the build fails,
+    or the library does not speak this module's calling conventions.
+    """
+    cc = _compiler()
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=False)
+    ident = "\n".join(
+        [*(s.read_text() for s in SOURCES), " ".join(FLAGS), version.stdout, _cpu_fingerprint()]
+    ).encode()
+    key = hashlib.sha256(ident).hexdigest()[:16]
+    path = _build(cc, key)
+    try:
+        lib = _open(path)
+    except KernelUnavailableError as error:  # damaged by hand or by a disk error: rebuild once
+        warnings.warn(f"neuronspec: {error}; rebuilding it", RuntimeWarning, stacklevel=2)
+        path.unlink(missing_ok=True)
+        lib = _open(_build(cc, key))
+    for name, (argtypes, restype) in ENTRY_POINTS.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    return lib
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:  # only called with workers >= 1
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neuronspec-scan")
+
+
+def run_in_slices(total: int, lanes: int, run: Callable[[int, int], None]) -> None:
+    """``run(lo, hi)`` over ``[0, total)`` cut into one slice per torch thread, each a
+    multiple of ``lanes`` long (but the last); the calling thread runs the last slice."""
+    blocks = -(-total // lanes)
+    workers = max(1, min(torch.get_num_threads(), blocks))
+    bounds = [min(total, lanes * (blocks * i // workers)) for i in range(workers + 1)]
+    slices = list(zip(bounds[:-1], bounds[1:], strict=True))
+    futures = [_pool(workers - 1).submit(run, lo, hi) for lo, hi in slices[:-1]]
+    run(*slices[-1])
+    for future in futures:
+        future.result()

@@ -1,0 +1,143 @@
+/* One layer of one batch into the streamed neuron statistics, in one pass over memory.
+ *
+ * The native form of neuronspec.capture.stats.NeuronStats._add_layer_torch (same
+ * accumulators, same definitions; see that module's docstring): reads pre-activations
+ * and activations (B, T, W) once and updates, for the columns [w0, w1) of this call,
+ *
+ *   fire_by_pos (T, W) int64   += [pre > threshold]
+ *   dense       (D, W) int32   += [pre > threshold] at positions whose dense row >= 0
+ *   fires       (B·T, W) uint8  = [pre > threshold]          (when not NULL)
+ *   act_sum, act_sumsq (W,) f64 += per-window float32 sums of a, a², widened per window
+ *   act_absmax  (W,) f64        = max(., max |a|)
+ *   pearson_abs_sum (W,) f64   += |Pearson r(a, position)| per window
+ *   hist        (bins + 2,) i64 += log-spaced |a| histogram (this call's own buffer)
+ *
+ * Callers split [0, W) across threads; every column belongs to one call, so only the
+ * histogram needs a buffer per call. Returns the number of (window, neuron) pairs with
+ * a non-finite activation (the caller refuses them), or -1 when scratch memory cannot
+ * be allocated.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int64_t i64;
+
+/* log2(x) for normal x > 0 (callers bin x < hist_min >= FLT_MIN apart), about 1e-7
+ * absolute error: x = 2^e · m with m in [√½, √2), log m = 2 atanh(s),
+ * s = (m - 1) / (m + 1), |s| <= 0.172. */
+static inline float log2_pos(float x) {
+    int32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    const int32_t big = (bits & 0x007fffff) > 0x003504f3; /* mantissa above √2 */
+    const int32_t mbits = (bits & 0x007fffff) | (big ? 0x3f000000 : 0x3f800000);
+    float m;
+    memcpy(&m, &mbits, sizeof m);
+    const float e = (float)(((bits >> 23) & 0xff) - 127 + big);
+    const float s = (m - 1.0f) / (m + 1.0f);
+    const float s2 = s * s;
+    float p = 1.0f / 9.0f;
+    p = p * s2 + 1.0f / 7.0f;
+    p = p * s2 + 1.0f / 5.0f;
+    p = p * s2 + 1.0f / 3.0f;
+    p = p * s2 + 1.0f;
+    return e + 2.0f * s * p * 1.44269504088896341f;
+}
+
+i64 neuronspec_layer_stats_f32(
+    i64 w0, i64 w1, i64 B, i64 T, i64 W,
+    const float *pre, i64 pre_sb, i64 pre_st,
+    const float *act, i64 act_sb, i64 act_st,
+    float threshold, const float *zpos, const i64 *rows,
+    int32_t *dense, uint8_t *fires, i64 *fire_by_pos,
+    double *act_sum, double *act_sumsq, double *act_absmax, double *pearson_abs_sum,
+    i64 *hist, i64 n_bins, float hist_min, float hist_max, float per_log2, float offset,
+    double constant_variance) {
+    const i64 n = w1 - w0;
+    if (n <= 0) return 0;
+    /* per-window float32 sums for every batch row: (3, B, n); positions are the outer
+     * loop so that fire_by_pos row t is read and written once per batch, not B times */
+    float *scratch = malloc((size_t)(3 * B + 1) * n * sizeof(float));
+    uint8_t *bytes = malloc((size_t)n * 2);
+    if (!scratch || !bytes) {
+        free(scratch);
+        free(bytes);
+        return -1;
+    }
+    float *sums = scratch, *sumsqs = scratch + B * n, *moments = scratch + 2 * B * n;
+    float *amax = scratch + 3 * B * n;
+    uint8_t *bins = bytes, *fire_row = bytes + n;
+    const float top = (float)n_bins;
+    const int32_t overflow = (int32_t)n_bins + 1;
+    i64 nonfinite = 0;
+    for (i64 w = 0; w < (3 * B + 1) * n; w++) scratch[w] = 0.0f;
+    for (i64 t = 0; t < T; t++) {
+        const float z = zpos[t];
+        i64 *fp = fire_by_pos + t * W + w0;
+        for (i64 b = 0; b < B; b++) {
+            const float *p = pre + b * pre_sb + t * pre_st + w0;
+            const float *a = act + b * act_sb + t * act_st + w0;
+            const i64 row = rows[b * T + t];
+            uint8_t *f = fires ? fires + (b * T + t) * W + w0 : fire_row;
+            float *s = sums + b * n, *ss = sumsqs + b * n, *pm = moments + b * n;
+            /* separate simple loops: each one vectorises */
+            for (i64 w = 0; w < n; w++) {
+                const float v = a[w];
+                const float m = fabsf(v);
+                s[w] += v;
+                ss[w] += v * v;
+                pm[w] += z * v;
+                amax[w] = m > amax[w] ? m : amax[w];
+            }
+            for (i64 w = 0; w < n; w++) {
+                const float m = fabsf(a[w]);
+                float index = log2_pos(m) * per_log2 + offset;
+                index = index >= 1.0f ? index : 1.0f; /* NaN -> 1 */
+                index = index <= top ? index : top;
+                int32_t k = (int32_t)index; /* index >= 1: truncation is floor */
+                k = m < hist_min ? 0 : k;
+                k = m >= hist_max ? overflow : k;
+                bins[w] = (uint8_t)k;
+            }
+            for (i64 w = 0; w < n; w++) f[w] = p[w] > threshold;
+            for (i64 w = 0; w < n; w++) fp[w] += f[w];
+            if (row >= 0) {
+                int32_t *d = dense + row * W + w0;
+                for (i64 w = 0; w < n; w++) d[w] += f[w];
+            }
+            for (i64 w = 0; w < n; w++) hist[bins[w]]++;
+        }
+    }
+    for (i64 b = 0; b < B; b++) {
+        for (i64 w = 0; w < n; w++) {
+            /* as _abs_pearson_with_position: float32 window sums, widened, then float64 */
+            const double sum = sums[b * n + w], sumsq = sumsqs[b * n + w];
+            const double moment = moments[b * n + w];
+            nonfinite += !isfinite(sumsq) || !isfinite(sum) || !isfinite(moment);
+            act_sum[w0 + w] += sum;
+            act_sumsq[w0 + w] += sumsq;
+            const double cov = moment / (double)T;
+            const double mean_square = sumsq / (double)T;
+            const double mean = sum / (double)T;
+            double variance = mean_square - mean * mean;
+            variance = variance > 0.0 ? variance : 0.0;
+            double r = 0.0;
+            if (!(variance <= constant_variance * mean_square)) {
+                double sd = sqrt(variance);
+                r = cov / (sd > 1e-300 ? sd : 1e-300);
+            }
+            pearson_abs_sum[w0 + w] += fabs(r);
+        }
+    }
+    for (i64 w = 0; w < n; w++) {
+        const double m = amax[w];
+        act_absmax[w0 + w] = m > act_absmax[w0 + w] ? m : act_absmax[w0 + w];
+    }
+    free(scratch);
+    free(bytes);
+    return nonfinite;
+}
+
+/* Version of the calling convention above; the loader refuses a library with another. */
+int neuronspec_stats_abi(void) { return 1; }

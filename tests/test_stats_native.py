@@ -1,0 +1,113 @@
+"""The native statistics kernel (``neuronspec/native/stats.c``) equals the torch form.
+
+Both backends fill the same accumulators from the same batches; counts must agree
+exactly, float sums to float32 rounding, the histogram up to values within rounding of a
+bin edge. ``tests/test_stats.py`` checks both against a dense recomputation on models.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuronspec.capture.stats import NeuronStats, StatsConfig
+from neuronspec.errors import NeuronSpecError
+
+VOCAB, WINDOW, WIDTH = 300, 37, 53  # width not a multiple of the kernel's 16 lanes
+CONFIG = StatsConfig(trigrams=True)
+
+
+def _batch(seed: int, batch: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, WINDOW), generator=g)
+    ids[:, 3] = 7  # a frequent token (dense row)
+    ids[1, 10] = 0  # BOS inside a window
+    pre = torch.randn(batch, WINDOW, WIDTH, generator=g)
+    act = pre * torch.rand(batch, WINDOW, WIDTH, generator=g).exp()
+    act[:, :, 0] = 0.0  # a dead column: |a| = 0 falls in the underflow bin
+    act[0, :, 1] = 2.5  # a constant window: Pearson r is taken as 0
+    act[:, 4, 2] = 1e-12  # below hist_min
+    act[:, 5, 3] = 3e6  # above hist_max
+    pre[:, :, 4] = 0.0  # exactly at the firing threshold: never fires
+    return ids, pre, act
+
+
+def _collect(backend: str, batches) -> NeuronStats:
+    frequency = torch.bincount(torch.cat([ids.flatten() for ids, _, _ in batches]), minlength=VOCAB)
+    frequency[frequency < 3] = 0  # rare tokens go to the sparse tail
+    stats = NeuronStats.empty([WIDTH] * 2, WINDOW, VOCAB, CONFIG, frequency, backend=backend)
+    for ids, pre, act in batches:
+        counted = stats.add_tokens(ids, bos_id=0)
+        for layer in range(2):
+            stats.add_layer(layer, pre + layer, act, ids, counted)
+    return stats
+
+
+def _assert_same(native: NeuronStats, torch_stats: NeuronStats) -> None:
+    for layer in range(2):
+        a, b = native.layers[layer], torch_stats.layers[layer]
+        assert torch.equal(a.fire_by_pos, b.fire_by_pos)
+        for name in ("act_sum", "act_sumsq", "act_absmax", "pearson_abs_sum"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=2e-6, atol=1e-9)
+        assert int(a.abs_hist.sum()) == int(b.abs_hist.sum())
+        assert int((a.abs_hist - b.abs_hist).abs().sum()) <= 4  # values on a bin edge
+        for table in (native.unigram_table(layer), native.trigram_table(layer)):
+            assert table[0].size > 0
+        for x, y in zip(native.unigram_table(layer), torch_stats.unigram_table(layer), strict=True):
+            assert (x == y).all()
+        for x, y in zip(native.trigram_table(layer), torch_stats.trigram_table(layer), strict=True):
+            assert (x == y).all()
+
+
+def test_native_equals_torch_backend():
+    batches = [_batch(seed) for seed in range(3)]
+    native, reference = _collect("native", batches), _collect("torch", batches)
+    assert native.layers[0].pairs.dense.sum() > 0 and native.layers[0].pairs.tail._pending
+    _assert_same(native, reference)
+    assert native.layers[0].abs_hist[0] >= 3 * 5 * WINDOW  # column 0 and the 1e-12 entries
+    assert native.layers[0].abs_hist[-1] == 3 * 5  # the 3e6 entries
+
+
+def test_native_result_does_not_depend_on_thread_count():
+    batches = [_batch(seed) for seed in range(2)]
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(_collect("native", batches))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for layer in range(2):
+            a, b = results[0].layers[layer], other.layers[layer]
+            assert torch.equal(a.fire_by_pos, b.fire_by_pos)
+            assert torch.equal(a.abs_hist, b.abs_hist)
+            assert torch.equal(a.act_sum, b.act_sum)  # column sums do not depend on the split
+            assert torch.equal(a.pearson_abs_sum, b.pearson_abs_sum)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_activations_are_refused(bad, backend):
+    ids, pre, act = _batch(0)
+    act[2, 7, 9] = bad
+    stats = NeuronStats.empty([WIDTH], WINDOW, VOCAB, CONFIG, backend=backend)
+    counted = stats.add_tokens(ids, bos_id=0)
+    with pytest.raises(NeuronSpecError, match="non-finite activations"):
+        stats.add_layer(0, pre, act, ids, counted)
+
+
+def test_backend_errors_are_clear():
+    with pytest.raises(NeuronSpecError, match="backend must be one of"):
+        NeuronStats.empty([WIDTH], WINDOW, VOCAB, CONFIG, backend="gpu")
+    ids, pre, act = _batch(0)
+    stats = NeuronStats.empty([WIDTH], WINDOW, VOCAB, CONFIG, backend="native")
+    counted = stats.add_tokens(ids, bos_id=0)
+    with pytest.raises(NeuronSpecError, match="float32 CPU"):
+        stats.add_layer(0, pre.double(), act.double(), ids, counted)
+
+
+def test_histogram_range_must_be_normal_float32():
+    with pytest.raises(NeuronSpecError, match="normal float32"):
+        StatsConfig(hist_min=1e-40)
