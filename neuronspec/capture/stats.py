@@ -404,8 +404,8 @@ class NeuronStats:
         hists = torch.zeros(torch.get_num_threads(), config.hist_bins + 2, dtype=torch.long)
         nonfinite = []
 
-        def run(lo_col: int, hi_col: int) -> None:
-            hist = hists[lo_col * len(hists) // max(width, 1)]  # one row per slice
+        def run(slot: int, lo_col: int, hi_col: int) -> None:
+            hist = hists[slot]  # one histogram per slice: slices run concurrently
             found = fn(
                 lo_col, hi_col, batch, window, width,
                 pre.data_ptr(), pre.stride(0), pre.stride(1),

@@ -52,7 +52,7 @@ def kernel_scan(
     h_last = x.new_empty(b, d, N)
     no_gate = [None, 0, 0]
 
-    def run(c0: int, c1: int) -> None:
+    def run(_slot: int, c0: int, c1: int) -> None:
         status = fn(
             c0, c1, b, L, d, N,
             *_strided(delta), *_strided(x), At.data_ptr(), *_strided(B), *_strided(C),

@@ -168,14 +168,17 @@ def _pool(workers: int) -> ThreadPoolExecutor:  # only called with workers >= 1
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neuronspec-scan")
 
 
-def run_in_slices(total: int, lanes: int, run: Callable[[int, int], None]) -> None:
-    """``run(lo, hi)`` over ``[0, total)`` cut into one slice per torch thread, each a
-    multiple of ``lanes`` long (but the last); the calling thread runs the last slice."""
+def run_in_slices(total: int, lanes: int, run: Callable[[int, int, int], None]) -> None:
+    """``run(slot, lo, hi)`` over ``[0, total)`` cut into at most one slice per torch
+    thread (``slot`` = 0, 1, ... < ``torch.get_num_threads()``), each a multiple of
+    ``lanes`` long but the last; the calling thread runs the last slice."""
     blocks = -(-total // lanes)
     workers = max(1, min(torch.get_num_threads(), blocks))
     bounds = [min(total, lanes * (blocks * i // workers)) for i in range(workers + 1)]
     slices = list(zip(bounds[:-1], bounds[1:], strict=True))
-    futures = [_pool(workers - 1).submit(run, lo, hi) for lo, hi in slices[:-1]]
-    run(*slices[-1])
+    futures = [
+        _pool(workers - 1).submit(run, slot, lo, hi) for slot, (lo, hi) in enumerate(slices[:-1])
+    ]
+    run(len(slices) - 1, *slices[-1])
     for future in futures:
         future.result()
