@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,16 @@ def test_kernel_handles_extreme_step_sizes_and_gates():
     ref = _exact_reference_scan(x, dt, A, B, C, D, z, delta_softplus=True)
     assert torch.isfinite(out).all()
     _close(out, ref, 1e-5, "extreme inputs")
+
+
+def test_kernels_share_torchs_openmp_runtime():
+    """One libgomp in the process: the kernels run on torch's thread pool (Linux)."""
+    load_library()
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("no /proc/self/maps on this platform")
+    libgomp = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+    assert len(libgomp) <= 1, libgomp
 
 
 def test_auto_uses_kernel_without_grad_and_chunked_with_grad(monkeypatch):

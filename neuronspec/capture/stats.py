@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from neuronspec.errors import LayerOutOfRangeError, NeuronSpecError, TooFewTokensError
-from neuronspec.native import KernelUnavailableError, load_library, run_in_slices
+from neuronspec.native import KernelUnavailableError, load_library
 
 FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -399,30 +399,22 @@ class NeuronStats:
         lo, hi = math.log2(config.hist_min), math.log2(config.hist_max)
         per_log2 = config.hist_bins / (hi - lo)
         zpos = _position_basis(window, pre.device)[1].contiguous()  # (T,)
-        fn = load_library().neuronspec_layer_stats_f32
-        lanes = 16  # thread slices of whole cache lines of float32 columns
-        hists = torch.zeros(torch.get_num_threads(), config.hist_bins + 2, dtype=torch.long)
-        nonfinite = []
-
-        def run(slot: int, lo_col: int, hi_col: int) -> None:
-            hist = hists[slot]  # one histogram per slice: slices run concurrently
-            found = fn(
-                lo_col, hi_col, batch, window, width,
-                pre.data_ptr(), pre.stride(0), pre.stride(1),
-                act.data_ptr(), act.stride(0), act.stride(1),
-                config.fire_threshold, zpos.data_ptr(), rows.data_ptr(),
-                dense.data_ptr(), fires.data_ptr(), stats.fire_by_pos.data_ptr(),
-                stats.act_sum.data_ptr(), stats.act_sumsq.data_ptr(),
-                stats.act_absmax.data_ptr(), stats.pearson_abs_sum.data_ptr(),
-                hist.data_ptr(), config.hist_bins, config.hist_min, config.hist_max,
-                per_log2, 1 - lo * per_log2, PEARSON_CONSTANT_VARIANCE,
-            )  # fmt: skip
-            if found < 0:
-                raise MemoryError("stats kernel: cannot allocate its scratch memory")
-            nonfinite.append(found)
-
-        run_in_slices(width, lanes, run)
-        _refuse_non_finite(sum(nonfinite))
+        threads = torch.get_num_threads()
+        hists = torch.zeros(threads, config.hist_bins + 2, dtype=torch.long)  # one per thread
+        found = load_library().neuronspec_layer_stats_f32(
+            threads, batch, window, width,
+            pre.data_ptr(), pre.stride(0), pre.stride(1),
+            act.data_ptr(), act.stride(0), act.stride(1),
+            config.fire_threshold, zpos.data_ptr(), rows.data_ptr(),
+            dense.data_ptr(), fires.data_ptr(), stats.fire_by_pos.data_ptr(),
+            stats.act_sum.data_ptr(), stats.act_sumsq.data_ptr(),
+            stats.act_absmax.data_ptr(), stats.pearson_abs_sum.data_ptr(),
+            hists.data_ptr(), config.hist_bins, config.hist_min, config.hist_max,
+            per_log2, 1 - lo * per_log2, PEARSON_CONSTANT_VARIANCE,
+        )  # fmt: skip
+        if found < 0:
+            raise MemoryError("stats kernel: cannot allocate its scratch memory")
+        _refuse_non_finite(found)
         stats.abs_hist += hists.sum(0)
         if pairs is not None:
             tail = counted & (pairs.remap[input_ids] < 0)  # (B, T)

@@ -2,19 +2,17 @@
 
 One pass over the positions per block of 16 (float32) or 8 (float64) channels, the state
 kept in registers, ``exp`` inline, the skip ``D·x`` and the gate ``SiLU(z)`` fused; the
-channels are split across torch's thread count. Built by :mod:`neuronspec.native`.
+channel blocks are shared among torch's OpenMP threads. Built by :mod:`neuronspec.native`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from neuronspec.native import KernelUnavailableError, load_library, run_in_slices
+from neuronspec.native import KernelUnavailableError, load_library
 
-__all__ = ["LANES", "kernel_scan"]
+__all__ = ["kernel_scan"]
 
-LANES = {torch.float32: 16, torch.float64: 8}
-"""Channels per vector block in the kernel (``CB``); thread slices are multiples of it."""
 ENTRY = {torch.float32: "neuronspec_scan_f32", torch.float64: "neuronspec_scan_f64"}
 
 
@@ -52,15 +50,12 @@ def kernel_scan(
     h_last = x.new_empty(b, d, N)
     no_gate = [None, 0, 0]
 
-    def run(_slot: int, c0: int, c1: int) -> None:
-        status = fn(
-            c0, c1, b, L, d, N,
-            *_strided(delta), *_strided(x), At.data_ptr(), *_strided(B), *_strided(C),
-            None if D is None else D.data_ptr(),
-            *(no_gate if z is None else _strided(z)), *_strided(y), h_last.data_ptr(),
-        )  # fmt: skip
-        if status != 0:
-            raise KernelUnavailableError(f"scan kernel rejected its arguments (status {status})")
-
-    run_in_slices(d, LANES[x.dtype], run)
+    status = fn(
+        torch.get_num_threads(), b, L, d, N,
+        *_strided(delta), *_strided(x), At.data_ptr(), *_strided(B), *_strided(C),
+        None if D is None else D.data_ptr(),
+        *(no_gate if z is None else _strided(z)), *_strided(y), h_last.data_ptr(),
+    )  # fmt: skip
+    if status != 0:
+        raise KernelUnavailableError(f"scan kernel rejected its arguments (status {status})")
     return y, h_last

@@ -9,8 +9,11 @@ cached per (sources, flags, compiler, CPU) in ``$NEURONSPEC_KERNEL_DIR`` (defaul
 place, so a crash mid-build never leaves a file that loads; concurrent builders (xdist
 workers) race harmlessly; a library that does not load is rebuilt once.
 
-ctypes releases the GIL during a call, so :func:`run_in_slices` splits a kernel's column
-range across ``torch.get_num_threads()`` Python threads.
+The kernels parallelise with OpenMP (``-fopenmp``). The library needs libgomp by soname,
+and the dynamic linker resolves that to the libgomp torch has already loaded, so the
+kernels run on torch's own OpenMP thread pool, which is awake after torch's matmuls; a
+separate pool (Python threads, a second OpenMP runtime) would compete with torch's
+spinning workers for the cores. Callers pass ``torch.get_num_threads()``.
 """
 
 from __future__ import annotations
@@ -26,23 +29,21 @@ import subprocess
 import sysconfig
 import tempfile
 import warnings
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
+import torch  # noqa: F401  (loads torch, and its libgomp, before the kernels need libgomp)
 
 from neuronspec.errors import NeuronSpecError
 
-__all__ = ["KernelUnavailableError", "load_library", "run_in_slices"]
+__all__ = ["KernelUnavailableError", "load_library"]
 
 SOURCES = (Path(__file__).with_name("scan.c"), Path(__file__).with_name("stats.c"))
-FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared")
-ABI_VERSIONS = {"neuronspec_scan_abi": 1, "neuronspec_stats_abi": 1}
+FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fopenmp")
+ABI_VERSIONS = {"neuronspec_scan_abi": 2, "neuronspec_stats_abi": 2}
 
 _i64, _ptr, _f32, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
 _SCAN_ARGS = (
-    [_i64] * 6  # c0, c1, B, L, d, N
+    [_i64] * 5  # threads, B, L, d, N
     + [_ptr, _i64, _i64] * 2  # delta, x (+ batch and time strides)
     + [_ptr]  # At
     + [_ptr, _i64, _i64] * 2  # B, C (+ strides)
@@ -51,7 +52,7 @@ _SCAN_ARGS = (
     + [_ptr]  # h_last
 )
 _STATS_ARGS = (
-    [_i64] * 5  # w0, w1, B, T, W
+    [_i64] * 4  # threads, B, T, W
     + [_ptr, _i64, _i64] * 2  # pre, act (+ batch and time strides)
     + [_f32, _ptr, _ptr]  # threshold, zpos, rows
     + [_ptr] * 3  # dense, fires, fire_by_pos
@@ -161,24 +162,3 @@ def load_library() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
     return lib
-
-
-@functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:  # only called with workers >= 1
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neuronspec-scan")
-
-
-def run_in_slices(total: int, lanes: int, run: Callable[[int, int, int], None]) -> None:
-    """``run(slot, lo, hi)`` over ``[0, total)`` cut into at most one slice per torch
-    thread (``slot`` = 0, 1, ... < ``torch.get_num_threads()``), each a multiple of
-    ``lanes`` long but the last; the calling thread runs the last slice."""
-    blocks = -(-total // lanes)
-    workers = max(1, min(torch.get_num_threads(), blocks))
-    bounds = [min(total, lanes * (blocks * i // workers)) for i in range(workers + 1)]
-    slices = list(zip(bounds[:-1], bounds[1:], strict=True))
-    futures = [
-        _pool(workers - 1).submit(run, slot, lo, hi) for slot, (lo, hi) in enumerate(slices[:-1])
-    ]
-    run(len(slices) - 1, *slices[-1])
-    for future in futures:
-        future.result()

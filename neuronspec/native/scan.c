@@ -13,9 +13,11 @@
  * strides; Bm, Cm are (B, L, N) with state stride 1; At is Aᵀ, (N, d) contiguous;
  * h_last is (B, d, N) contiguous. D, z may be NULL (no skip / no gate).
  *
- * Work is split by the caller into channel ranges [c0, c1); each call runs all batch
- * rows of its range. Channels are processed in blocks of CB lanes so that the inner
- * loops over lanes vectorise; the state h of a block, (N, CB), stays in registers or L1.
+ * Channels are processed in blocks of CB lanes so that the inner loops over lanes
+ * vectorise; the state h of a block, (N, CB), stays in registers or L1. Blocks are shared
+ * among `threads` OpenMP threads; the library links libgomp by soname, so inside torch
+ * it uses torch's own OpenMP runtime and thread pool (no second pool competing for the
+ * cores). Built without OpenMP, the pragma is ignored and one thread runs.
  * exp is evaluated inline (Cody-Waite reduction + polynomial, ≤ 2 ulp) so the lane
  * loops vectorise with any C compiler, without libmvec.
  */
@@ -122,15 +124,18 @@ static inline double exp_f64(double x) {
 
 #define DEFINE_SCAN(NAME, BLOCK, REAL, CB)                                                  \
     DEFINE_BLOCK(BLOCK, REAL, CB, EXP_##REAL)                                               \
-    int NAME(i64 c0, i64 c1, i64 B, i64 L, i64 d, i64 N,                                    \
+    int NAME(i64 threads, i64 B, i64 L, i64 d, i64 N,                                       \
              const REAL *delta, i64 dl_sb, i64 dl_sl, const REAL *x, i64 x_sb, i64 x_sl,    \
              const REAL *At, const REAL *Bm, i64 B_sb, i64 B_sl,                            \
              const REAL *Cm, i64 C_sb, i64 C_sl, const REAL *D,                             \
              const REAL *z, i64 z_sb, i64 z_sl, REAL *out, i64 o_sb, i64 o_sl,              \
              REAL *h_last) {                                                                \
-        if (N < 1 || N > 256 || c0 < 0 || c1 > d || c0 > c1) return 1;                     \
-        for (i64 c = c0; c < c1; c += CB) {                                                 \
-            int cb = (int)(c1 - c < CB ? c1 - c : CB);                                      \
+        if (N < 1 || N > 256 || threads < 1) return 1;                                      \
+        const i64 blocks = (d + CB - 1) / CB;                                               \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                   \
+        for (i64 k = 0; k < blocks; k++) {                                                  \
+            const i64 c = k * CB;                                                           \
+            int cb = (int)(d - c < CB ? d - c : CB);                                        \
             if (N == 16)                                                                    \
                 BLOCK(c, cb, 16, B, L, d, delta, dl_sb, dl_sl, x, x_sb, x_sl, At, Bm, B_sb, \
                       B_sl, Cm, C_sb, C_sl, D, z, z_sb, z_sl, out, o_sb, o_sl, h_last);     \
@@ -149,4 +154,4 @@ DEFINE_SCAN(neuronspec_scan_f32, scan_block_f32, float, 16)
 DEFINE_SCAN(neuronspec_scan_f64, scan_block_f64, double, 8)
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int neuronspec_scan_abi(void) { return 1; }
+int neuronspec_scan_abi(void) { return 2; }

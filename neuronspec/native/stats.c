@@ -12,13 +12,17 @@
  *   pearson_abs_sum (W,) f64   += |Pearson r(a, position)| per window
  *   hist        (bins + 2,) i64 += log-spaced |a| histogram (this call's own buffer)
  *
- * Callers split [0, W) across threads; every column belongs to one call, so only the
- * histogram needs a buffer per call. Returns the number of (window, neuron) pairs with
+ * The columns are split among `threads` OpenMP threads (torch's own runtime, see
+ * scan.c); every column belongs to one thread, so only the histogram needs a buffer per
+ * thread. Returns the number of (window, neuron) pairs with
  * a non-finite activation (the caller refuses them), or -1 when scratch memory cannot
  * be allocated.
  */
 #include <math.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -45,7 +49,7 @@ static inline float log2_pos(float x) {
     return e + 2.0f * s * p * 1.44269504088896341f;
 }
 
-i64 neuronspec_layer_stats_f32(
+static i64 layer_columns(
     i64 w0, i64 w1, i64 B, i64 T, i64 W,
     const float *pre, i64 pre_sb, i64 pre_st,
     const float *act, i64 act_sb, i64 act_st,
@@ -139,5 +143,39 @@ i64 neuronspec_layer_stats_f32(
     return nonfinite;
 }
 
+i64 neuronspec_layer_stats_f32(
+    i64 threads, i64 B, i64 T, i64 W,
+    const float *pre, i64 pre_sb, i64 pre_st,
+    const float *act, i64 act_sb, i64 act_st,
+    float threshold, const float *zpos, const i64 *rows,
+    int32_t *dense, uint8_t *fires, i64 *fire_by_pos,
+    double *act_sum, double *act_sumsq, double *act_absmax, double *pearson_abs_sum,
+    i64 *hists, i64 n_bins, float hist_min, float hist_max, float per_log2, float offset,
+    double constant_variance) {
+    /* hists: (threads, n_bins + 2), one histogram per thread */
+    if (threads < 1) return -2;
+    const i64 blocks = (W + 15) / 16; /* slices of whole 64-byte lines of float32 columns */
+    i64 nonfinite = 0, failed = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : nonfinite, failed)
+    {
+        i64 tid = 0, nt = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        const i64 lo = 16 * (blocks * tid / nt);
+        const i64 hi_block = 16 * (blocks * (tid + 1) / nt);
+        const i64 hi = hi_block < W ? hi_block : W;
+        const i64 found = layer_columns(
+            lo, hi, B, T, W, pre, pre_sb, pre_st, act, act_sb, act_st, threshold, zpos, rows,
+            dense, fires, fire_by_pos, act_sum, act_sumsq, act_absmax, pearson_abs_sum,
+            hists + tid * (n_bins + 2), n_bins, hist_min, hist_max, per_log2, offset,
+            constant_variance);
+        if (found < 0) failed += 1;
+        else nonfinite += found;
+    }
+    return failed ? -1 : nonfinite;
+}
+
 /* Version of the calling convention above; the loader refuses a library with another. */
-int neuronspec_stats_abi(void) { return 1; }
+int neuronspec_stats_abi(void) { return 2; }
