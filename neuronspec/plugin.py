@@ -192,6 +192,13 @@ def _or_skip(function, model_id: str):
 
 
 @pytest.fixture(scope="session")
+def model_files(neuronspec_session: SpecSession, model_id: str):
+    """The checkpoint of this test's parameter on disk (weights hash, tokenizer,
+    ``model_type``), without instantiating the model: cheap on a warm run."""
+    return _or_skip(neuronspec_session.files, model_id)
+
+
+@pytest.fixture(scope="session")
 def loaded_model(neuronspec_session: SpecSession, model_id: str):
     """The model of this test's parameter, loaded once per worker."""
     return _or_skip(neuronspec_session.model, model_id)

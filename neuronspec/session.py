@@ -25,7 +25,14 @@ from neuronspec.data.corpus import (
     load_corpus_texts,
 )
 from neuronspec.findings import to_plain
-from neuronspec.models.registry import DEFAULT_MODELS, LoadedModel, load_model
+from neuronspec.models.registry import (
+    DEFAULT_MODELS,
+    LoadedModel,
+    ModelFiles,
+    load_model,
+    open_model,
+    pick_dtype,
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class SpecSession:
 
     def __init__(self, config: RunConfig):
         self.config = config
+        self._files: dict[str, ModelFiles] = {}
         self._models: dict[str, LoadedModel] = {}
         self._texts: CorpusTexts | None = None
         self._corpora: dict[str, TokenWindows] = {}
@@ -55,14 +63,20 @@ class SpecSession:
         self.findings: dict[str, dict[str, dict[str, Any]]] = {}
         self.model_info: dict[str, dict[str, Any]] = {}
 
+    def files(self, model_id: str) -> ModelFiles:
+        """The checkpoint on disk: weights hash and tokenizer, no model instantiated."""
+        if model_id not in self._files:
+            self._files[model_id] = open_model(model_id)
+        return self._files[model_id]
+
     def model(self, model_id: str) -> LoadedModel:
         if model_id not in self._models:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             self._models[model_id] = load_model(
                 model_id,
                 device=self.config.device,
                 dtype=self.config.dtype,
                 fast_scan=self.config.fast_scan,
+                files=self.files(model_id),
             )
         return self._models[model_id]
 
@@ -71,7 +85,7 @@ class SpecSession:
             if self._texts is None:
                 self._texts = load_corpus_texts(self.config.corpus)
             self._corpora[model_id] = build_windows(
-                self.model(model_id).tokenizer,
+                self.files(model_id).tokenizer,
                 self.config.corpus,
                 texts=self._texts,
                 cache_dir=self.config.cache_dir,
@@ -80,19 +94,21 @@ class SpecSession:
 
     def stats(self, model_id: str) -> NeuronStats:
         if model_id not in self._stats:
-            loaded, corpus = self.model(model_id), self.corpus(model_id)
+            files, corpus = self.files(model_id), self.corpus(model_id)
             stats = cached_stats(
-                loaded,
+                lambda: self.model(model_id),  # only on a cache miss
                 corpus,
+                fingerprint=files.fingerprint,
+                dtype=pick_dtype(self.config.dtype),
                 config=self.config.stats,
                 cache_dir=self.config.cache_dir,
                 batch_size=self.config.batch_size,
             )
             self._stats[model_id] = stats
             self.model_info[model_id] = {
-                "source": loaded.source,
-                "family": loaded.family,
-                "n_layers": loaded.n_layers,
+                "source": files.source,
+                "model_type": files.model_type,
+                "n_layers": stats.n_layers,
                 "corpus": corpus.corpus,
                 "corpus_fingerprint": corpus.fingerprint,
                 "n_tokens": stats.n_tokens,

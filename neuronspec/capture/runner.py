@@ -9,6 +9,7 @@ used (for a 50k vocabulary the head is about 40% of a GPT-2-small forward).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,12 +73,15 @@ def collect_stats(
     return stats
 
 
-def stats_cache_key(loaded: LoadedModel, corpus: TokenWindows, config: StatsConfig) -> str:
+def stats_cache_key(
+    fingerprint: str, dtype: torch.dtype, corpus: TokenWindows, config: StatsConfig
+) -> str:
+    """Cache key of a model's statistics: weights hash, dtype, corpus, configuration."""
     return cache_key(
         {
             "stats_format": STATS_FORMAT,
-            "model": loaded.fingerprint,
-            "dtype": str(next(loaded.model.parameters()).dtype),
+            "model": fingerprint,
+            "dtype": str(dtype),
             "corpus": corpus.fingerprint,
             "config": config.to_json(),
         }
@@ -85,19 +89,26 @@ def stats_cache_key(loaded: LoadedModel, corpus: TokenWindows, config: StatsConf
 
 
 def cached_stats(
-    loaded: LoadedModel,
+    load: Callable[[], LoadedModel],
     corpus: TokenWindows,
     *,
+    fingerprint: str,
+    dtype: torch.dtype,
     config: StatsConfig = StatsConfig(),
     cache_dir: Path | None,
     batch_size: int = 16,
 ) -> NeuronStats:
-    """Statistics of ``loaded`` on the analysis windows of ``corpus``, from the cache if there.
+    """Statistics of a model on the analysis windows of ``corpus``, from the cache if there.
 
+    The key needs only the weights' ``fingerprint`` and ``dtype``; ``load()`` (the model)
+    is called only when the entry must be computed, so a warm run instantiates no model.
     Workers that ask for the same entry at once compute it once (file lock in the cache).
     """
 
     def compute():
+        loaded = load()
+        if loaded.fingerprint != fingerprint or next(loaded.model.parameters()).dtype != dtype:
+            raise RuntimeError("cached_stats: the loaded model does not match the cache key")
         stats = collect_stats(
             loaded, corpus.analysis, bos_id=corpus.bos_id, config=config, batch_size=batch_size
         )
@@ -106,6 +117,6 @@ def cached_stats(
     if cache_dir is None:
         tensors, meta = compute()
     else:
-        key = stats_cache_key(loaded, corpus, config)
+        key = stats_cache_key(fingerprint, dtype, corpus, config)
         tensors, meta = TensorCache(Path(cache_dir)).get_or_compute(key, compute)
     return NeuronStats.from_tensors(tensors, meta)

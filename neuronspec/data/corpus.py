@@ -12,8 +12,11 @@ measured on held-out text, never on the windows used to select neurons).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -128,17 +131,35 @@ def _to_windows(stream: list[int], window: int) -> torch.Tensor:
     return torch.tensor(stream[: n * window], dtype=torch.long).view(n, window)
 
 
-@dataclass(frozen=True)
 class CorpusTexts:
-    """The documents of a corpus config (``text_limit`` applied) and their sha256."""
+    """The documents of a corpus config (``text_limit`` applied) and a ``digest`` naming them.
 
-    analysis: tuple[str, ...]
-    heldout: tuple[str, ...]
-    digest: str
+    For the toy world the digest is the sha256 of its generator's source (and of this
+    module, which filters the documents), the Python
+    version and the limit (the documents are a pure function of those), so the documents
+    are generated only if someone reads them, i.e. when the windows are not cached. For
+    other corpora the texts are loaded at once and the digest is their content's sha256.
+    """
+
+    def __init__(self, digest: str, load: Callable[[], tuple[list[str], list[str]]]):
+        self.digest = digest
+        self._load = load
+
+    @functools.cached_property
+    def _texts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        analysis, heldout = self._load()
+        return tuple(analysis), tuple(heldout)
+
+    @property
+    def analysis(self) -> tuple[str, ...]:
+        return self._texts[0]
+
+    @property
+    def heldout(self) -> tuple[str, ...]:
+        return self._texts[1]
 
 
-def load_corpus_texts(config: CorpusConfig) -> CorpusTexts:
-    """Analysis and held-out documents of ``config.name``, limited by ``config.text_limit``."""
+def _limited_texts(config: CorpusConfig) -> tuple[list[str], list[str]]:
     texts = load_texts(config.name, "analysis")
     heldout_texts = load_texts(config.name, "heldout")
     if config.text_limit is not None:
@@ -146,6 +167,20 @@ def load_corpus_texts(config: CorpusConfig) -> CorpusTexts:
         heldout_texts = heldout_texts[: max(1, config.text_limit // 10)]
     if not texts:
         raise CorpusError(f"corpus {config.name!r} has no non-empty texts")
+    return texts, heldout_texts
+
+
+def load_corpus_texts(config: CorpusConfig) -> CorpusTexts:
+    """Analysis and held-out documents of ``config.name``, limited by ``config.text_limit``."""
+    if config.name == "toyworld":
+        from neuronspec.data import toyworld
+
+        digest = hashlib.sha256(b"toyworld generator|")
+        for source in (toyworld.__file__, __file__):  # the generator and load_texts
+            digest.update(Path(source).read_bytes())
+        digest.update(f"|python {sys.version_info[:2]}|limit {config.text_limit}".encode())
+        return CorpusTexts(digest.hexdigest(), lambda: _limited_texts(config))
+    texts, heldout_texts = _limited_texts(config)
     digest = hashlib.sha256()
     for part in (texts, heldout_texts):
         digest.update(f"|{len(part)}|".encode())
@@ -153,7 +188,7 @@ def load_corpus_texts(config: CorpusConfig) -> CorpusTexts:
             encoded = text.encode("utf-8", "surrogatepass")
             digest.update(f"{len(encoded)}:".encode())
             digest.update(encoded)
-    return CorpusTexts(tuple(texts), tuple(heldout_texts), digest.hexdigest())
+    return CorpusTexts(digest.hexdigest(), lambda: (texts, heldout_texts))
 
 
 def tokenizer_fingerprint(tokenizer) -> str | None:

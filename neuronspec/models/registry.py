@@ -10,6 +10,7 @@ a skip.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,23 +173,63 @@ def pick_dtype(dtype: str) -> torch.dtype:
         ) from None
 
 
-def load_model(
-    model_id: str, *, device: str = "cpu", dtype: str = "float32", fast_scan: bool = True
-) -> LoadedModel:
-    """Load ``model_id`` offline with ``from_pretrained`` and wrap it with its site adapter.
+@dataclass
+class ModelFiles:
+    """A checkpoint found on disk, not yet instantiated: what cache keys and tokenisation
+    need (the weights' hash, the tokenizer), without ``from_pretrained`` of the model."""
 
-    ``fast_scan`` switches Mamba models to neuronspec's exact fast selective scan
-    (see :mod:`neuronspec.models.scan`); it changes speed, not results.
+    model_id: str
+    directory: Path
+    source: str
+    fingerprint: str
+    tokenizer: object
+
+    @property
+    def model_type(self) -> str:
+        """``model_type`` of the checkpoint's config.json (e.g. "gpt2", "mamba")."""
+        config = json.loads((self.directory / "config.json").read_text())
+        return str(config.get("model_type", "unknown"))
+
+
+def open_model(model_id: str) -> ModelFiles:
+    """Find ``model_id``'s checkpoint offline, hash its weights, load its tokenizer.
+
+    Raises :class:`UnknownModelError` or :class:`ModelNotAvailableError` with what to do.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     source = resolve(model_id)
     directory = _local_files(source)
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=pick_dtype(dtype), local_files_only=True
+    return ModelFiles(
+        model_id=model_id,
+        directory=directory,
+        source=source.description,
+        fingerprint=weights_fingerprint(directory),
+        tokenizer=AutoTokenizer.from_pretrained(directory, local_files_only=True),
     )
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def load_model(
+    model_id: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    fast_scan: bool = True,
+    files: ModelFiles | None = None,
+) -> LoadedModel:
+    """Load ``model_id`` offline with ``from_pretrained`` and wrap it with its site adapter.
+
+    ``fast_scan`` switches Mamba models to neuronspec's exact fast selective scan
+    (see :mod:`neuronspec.models.scan`); it changes speed, not results. ``files``: the
+    checkpoint as already opened by :func:`open_model` (opened here otherwise).
+    """
+    from transformers import AutoModelForCausalLM
+
+    files = files if files is not None else open_model(model_id)
+    model = AutoModelForCausalLM.from_pretrained(
+        files.directory, dtype=pick_dtype(dtype), local_files_only=True
+    )
     model.to(pick_device(device)).eval()
     adapter = adapter_for(model)
     if adapter.family == "mamba" and fast_scan:
@@ -198,8 +239,8 @@ def load_model(
     return LoadedModel(
         model_id=model_id,
         model=model,
-        tokenizer=tokenizer,
+        tokenizer=files.tokenizer,
         adapter=adapter,
-        fingerprint=weights_fingerprint(directory),
-        source=source.description,
+        fingerprint=files.fingerprint,
+        source=files.source,
     )
