@@ -137,19 +137,23 @@ def _compare(model, ids, tol, backward):
         _close(fast[key], ref[key], max(tol, 1e-6) if cast else tol, key)
 
 
+# backward=True runs the chunked torch scan (gradients); backward=False the C kernels
+# (conv + SiLU and scan with softplus fused), as analysis forwards do.
+@pytest.mark.parametrize("backward", [True, False], ids=["chunked+grad", "kernels"])
 @pytest.mark.parametrize("length", LENGTHS)
-def test_float32_matches_hf_reference(length):
+def test_float32_matches_hf_reference(length, backward):
     model = _model(torch.float32)
     ids = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(length))
-    _compare(model, ids, TOL[torch.float32], backward=True)
+    _compare(model, ids, TOL[torch.float32], backward=backward)
 
 
+@pytest.mark.parametrize("backward", [True, False], ids=["chunked+grad", "kernels"])
 @pytest.mark.parametrize("length", [1, 37])
-def test_float64_matches_exact_reference(length, monkeypatch):
+def test_float64_matches_exact_reference(length, backward, monkeypatch):
     monkeypatch.setattr(modeling_mamba, "mamba_selective_scan", _exact_reference_scan)
     model = _model(torch.float64, hidden=48)
     ids = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(length))
-    _compare(model, ids, TOL[torch.float64], backward=True)
+    _compare(model, ids, TOL[torch.float64], backward=backward)
 
 
 def test_float64_matches_unmodified_hf_reference_up_to_its_float32_rounding():

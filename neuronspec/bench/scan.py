@@ -33,7 +33,7 @@ def _forward(model: torch.nn.Module, ids: torch.Tensor, fast: bool | None = None
         if fast is not None:
             use_fast_scan(model, fast)
         with torch.no_grad():
-            return model(ids).logits
+            return model(ids, use_cache=False).logits
 
     return call
 

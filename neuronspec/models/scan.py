@@ -88,7 +88,7 @@ from transformers.models.mamba import modeling_mamba
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from neuronspec.errors import NeuronSpecError
-from neuronspec.models.kernel import kernel_scan
+from neuronspec.models.kernel import kernel_conv_silu, kernel_scan
 from neuronspec.native import KernelUnavailableError, load_library
 
 __all__ = [
@@ -219,6 +219,12 @@ def _scan_bl(x, dt, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, dtype
         raise UnsupportedScanInputError(
             f"selective_scan: chunk_size must be an int >= 1, got {chunk_size!r}"
         )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, delta_bias)
+    )
+    if _use_kernel(backend, needs_grad, x.device):
+        cast = [None if t is None else t.to(dtype) for t in (dt, x, A, B, C, D, z, delta_bias)]
+        return kernel_scan(*cast, delta_softplus)  # (B, L, d), (B, d, N)
     delta = dt.to(dtype)  # (B, L, d)
     if delta_bias is not None:
         delta = delta + delta_bias.to(dtype)  # (B, L, d)
@@ -231,15 +237,6 @@ def _scan_bl(x, dt, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, dtype
         B.to(dtype).contiguous(),  # (B, L, N)
         C.to(dtype).contiguous(),  # (B, L, N)
     )
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (*inputs, D, z)
-    )
-    if _use_kernel(backend, needs_grad, x.device):
-        return kernel_scan(
-            *inputs,
-            None if D is None else D.to(dtype),
-            None if z is None else z.to(dtype),
-        )  # (B, L, d), (B, d, N)
     y, h_last = _ChunkedScan.apply(*inputs, chunk_size, needs_grad)  # (B, L, d), (B, N, d)
     if D is not None:
         y = torch.addcmul(y, x, D)  # (B, L, d)
@@ -441,19 +438,27 @@ def _fast_full_sequence(self: MambaMixer, hidden_states, cache_params, attention
     seq_len = hidden_states.shape[1]
     dtype = hidden_states.dtype
     hidden_states = mm.apply_mask_to_padding_states(hidden_states, attention_mask)  # (B, L, D)
-    projected_states = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2d, L)
+    projected = self.in_proj(hidden_states)  # (B, L, 2d)
+    projected_states = projected.transpose(1, 2)  # (B, 2d, L)
     A = -torch.exp(self.A_log.float())  # (d, N)
     x, gate = projected_states.chunk(2, dim=1)  # (B, d, L) each
-    if cache_params is not None:
-        x = cache_params.update_conv_state(
-            x, self.layer_idx, conv_kernel_size=self.conv_kernel_size
-        )  # (B, d, K-1+L) or (B, d, L)
-    x = mm.causal_conv1d_fn(
-        x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation, **kwargs
-    )
-    if cache_params is not None:
-        x = x[:, :, -seq_len:]  # (B, d, L)
-    x = mm.apply_mask_to_padding_states(x.transpose(1, 2), attention_mask)  # (B, L, d)
+    if _use_conv_kernel(self, cache_params, projected):
+        # conv1d + SiLU in one pass, read straight from the (B, L, 2d) projection
+        x = kernel_conv_silu(
+            projected[..., : self.intermediate_size], self.conv1d.weight, self.conv1d.bias
+        )  # (B, L, d)
+    else:
+        if cache_params is not None:
+            x = cache_params.update_conv_state(
+                x, self.layer_idx, conv_kernel_size=self.conv_kernel_size
+            )  # (B, d, K-1+L) or (B, d, L)
+        x = mm.causal_conv1d_fn(
+            x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation, **kwargs
+        )
+        if cache_params is not None:
+            x = x[:, :, -seq_len:]  # (B, d, L)
+        x = x.transpose(1, 2)  # (B, L, d)
+    x = mm.apply_mask_to_padding_states(x, attention_mask)  # (B, L, d)
     x = x.contiguous()  # (B, L, d); the reference hands x_proj a transposed view, same values
     time_step, B, C = torch.split(
         self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
@@ -474,6 +479,21 @@ def _fast_full_sequence(self: MambaMixer, hidden_states, cache_params, attention
     if cache_params is not None:
         cache_params.update_recurrent_state(final_state.contiguous(), self.layer_idx)
     return self.out_proj(scan_output.to(dtype))  # (B, L, D)
+
+
+def _use_conv_kernel(mixer: MambaMixer, cache_params, projected: torch.Tensor) -> bool:
+    """The C conv + SiLU replaces ``conv1d`` + ``act`` when there is no cache to update,
+    no gradient to take, the activation is SiLU and the scan kernel runs too."""
+    needs_grad = torch.is_grad_enabled() and (
+        projected.requires_grad or mixer.conv1d.weight.requires_grad
+    )
+    return (
+        cache_params is None
+        and mixer.activation == "silu"
+        and mixer.conv1d.weight.dtype == projected.dtype
+        and projected.dtype in _SUPPORTED_DTYPES
+        and _use_kernel("auto", needs_grad, projected.device)
+    )
 
 
 def _is_fast(mixer: MambaMixer) -> bool:

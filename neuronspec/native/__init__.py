@@ -1,6 +1,6 @@
 """Native C kernels: built once per machine with the system C compiler, called via ctypes.
 
-Sources: ``scan.c`` (the Mamba selective scan, no autograd; wrapped by
+Sources: ``scan.c`` (the Mamba selective scan and causal conv + SiLU, no autograd; wrapped by
 :mod:`neuronspec.models.kernel`) and ``stats.c`` (one layer of the streamed statistics
 pass; used by :mod:`neuronspec.capture.stats`). Both are compiled into one shared library
 without torch headers: the compiler is ``$CC``, else Python's, else ``cc``; the library is
@@ -39,12 +39,14 @@ __all__ = ["KernelUnavailableError", "load_library"]
 
 SOURCES = (Path(__file__).with_name("scan.c"), Path(__file__).with_name("stats.c"))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fopenmp")
-ABI_VERSIONS = {"neuronspec_scan_abi": 2, "neuronspec_stats_abi": 2}
+ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 2}
 
 _i64, _ptr, _f32, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
 _SCAN_ARGS = (
     [_i64] * 5  # threads, B, L, d, N
-    + [_ptr, _i64, _i64] * 2  # delta, x (+ batch and time strides)
+    + [_ptr, _i64, _i64]  # dt (+ batch and time strides)
+    + [_ptr, ctypes.c_int]  # delta_bias, softplus
+    + [_ptr, _i64, _i64]  # x (+ strides)
     + [_ptr]  # At
     + [_ptr, _i64, _i64] * 2  # B, C (+ strides)
     + [_ptr]  # D
@@ -59,7 +61,10 @@ _STATS_ARGS = (
     + [_ptr] * 4  # act_sum, act_sumsq, act_absmax, pearson_abs_sum
     + [_ptr, _i64, _f32, _f32, _f32, _f32, _f64]  # hist, n_bins, min, max, per_log2, offset, cv
 )
+_CONV_ARGS = [_i64] * 5 + [_ptr, _i64, _i64] + [_ptr] * 3  # threads, B, L, d, K, x.., wt, b, out
 ENTRY_POINTS = {
+    "neuronspec_conv_silu_f32": (_CONV_ARGS, ctypes.c_int),
+    "neuronspec_conv_silu_f64": (_CONV_ARGS, ctypes.c_int),
     "neuronspec_scan_f32": (_SCAN_ARGS, ctypes.c_int),
     "neuronspec_scan_f64": (_SCAN_ARGS, ctypes.c_int),
     "neuronspec_layer_stats_f32": (_STATS_ARGS, _i64),
