@@ -54,7 +54,7 @@ def _models(quick: bool) -> dict[str, torch.nn.Module]:
 def run(quick: bool = False) -> list[dict]:
     batch, length = (2, 128) if quick else (4, 256)
     n_batches = 1 if quick else 4  # a pass streams several batches; fixed costs amortise
-    repeats = 2 if quick else 3
+    repeats = 2 if quick else 5
     rows = []
     for name, model in _models(quick).items():
         loaded = LoadedModel(name, model, None, adapter_for(model), name, "bench")
