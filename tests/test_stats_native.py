@@ -111,3 +111,86 @@ def test_backend_errors_are_clear():
 def test_histogram_range_must_be_normal_float32():
     with pytest.raises(NeuronSpecError, match="normal float32"):
         StatsConfig(hist_min=1e-40)
+
+
+def _unigram_counter(dense_rows: int, width: int, seed: int):
+    """A counter with random dense rows (half their counts zero) and a sparse tail of
+    other tokens: some neurons with no tail, some with only tail entries."""
+    from neuronspec.capture.stats import _UnigramCounter
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randperm(VOCAB, generator=g)
+    counter = _UnigramCounter(width, VOCAB, tokens[:dense_rows])
+    counter.dense.copy_(torch.randint(0, 4, (dense_rows, width), generator=g) // 2 * 7)
+    counter.dense[:, :3] = 0  # neurons 0-2: tail only (or nothing)
+    tail_tokens = tokens[dense_rows:]
+    if tail_tokens.numel():
+        neurons = torch.randint(3, width, (500,), generator=g)
+        neurons = neurons[neurons % 5 != 0]  # every fifth neuron: dense only
+        neurons = torch.cat([neurons, torch.tensor([1, 1, 2])])
+        picks = tail_tokens[torch.randint(0, len(tail_tokens), (len(neurons),), generator=g)]
+        counter.tail.add(neurons * VOCAB + picks)
+    return counter
+
+
+def _brute_force_table(counter) -> dict[int, int]:
+    table = {}
+    for row, token in enumerate(counter.dense_tokens.tolist()):
+        for neuron, count in enumerate(counter.dense[row].tolist()):
+            if count:
+                table[neuron * VOCAB + token] = count
+    counter.tail.consolidate()
+    for key, count in zip(counter.tail.keys.tolist(), counter.tail.counts.tolist(), strict=True):
+        assert key not in table  # dense and tail tokens are disjoint
+        table[key] = count
+    return table
+
+
+@pytest.mark.parametrize(
+    "dense_rows, width", [(40, WIDTH), (40, 16), (0, WIDTH), (VOCAB, 33), (1, 4)]
+)
+def test_unigram_table_native_and_torch_equal_brute_force(dense_rows, width):
+    counter = _unigram_counter(dense_rows, width, seed=dense_rows + width)
+    expected = _brute_force_table(counter)
+    before = torch.get_num_threads()
+    try:
+        for native, threads in [(False, 1), (True, 1), (True, 2), (True, 3)]:
+            torch.set_num_threads(threads)
+            keys, counts = counter.table(native)
+            assert keys.dtype == counts.dtype == torch.long
+            assert keys.tolist() == sorted(expected), (native, threads)
+            assert counts.tolist() == [expected[k] for k in sorted(expected)], (native, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_unigram_table_kernel_writes_nothing_past_its_entries():
+    """Neurons with no entries at the end of the table (and of a 16-lane block) must not
+    make the branch-free writes of the neuron before them spill past the table's end."""
+    from neuronspec.native import load_library
+
+    counter = _unigram_counter(40, 53, seed=7)
+    counter.dense[:, 45:] = 0  # no dense entries in neurons 45..52 ...
+    counter.dense[-1, 44] = 0  # ... and a trailing zero in the last neuron with entries
+    counter.tail.consolidate()
+    keep = counter.tail.keys < 45 * VOCAB  # ... nor tail entries
+    counter.tail.keys, counter.tail.counts = counter.tail.keys[keep], counter.tail.counts[keep]
+    expected = _brute_force_table(counter)
+    width, sentinel = 53, -12345
+    nnz = torch.empty(width, dtype=torch.long)
+    lib = load_library()
+    lib.neuronspec_unigram_dense_nnz(2, 40, width, counter.dense.data_ptr(), nnz.data_ptr())
+    tail_starts = torch.searchsorted(counter.tail.keys, torch.arange(width + 1) * VOCAB)
+    offsets = torch.zeros(width + 1, dtype=torch.long)
+    torch.cumsum(nnz + tail_starts.diff(), 0, out=offsets[1:])
+    assert int(offsets[-1]) == len(expected)
+    keys = torch.full((len(expected) + 8,), sentinel, dtype=torch.long)
+    counts = torch.full_like(keys, sentinel)
+    status = lib.neuronspec_unigram_table(
+        2, 40, width, VOCAB, counter.dense.data_ptr(), counter.dense_tokens.data_ptr(),
+        counter.tail.keys.data_ptr(), counter.tail.counts.data_ptr(), tail_starts.data_ptr(),
+        offsets.data_ptr(), keys.data_ptr(), counts.data_ptr(),
+    )  # fmt: skip
+    assert status == 0
+    assert keys[: len(expected)].tolist() == sorted(expected)
+    assert (keys[len(expected) :] == sentinel).all() and (counts[len(expected) :] == sentinel).all()

@@ -97,6 +97,24 @@ def _merge_sparse(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tenso
     return unique.long(), totals
 
 
+def _merge_disjoint_sorted(
+    a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two ``(keys, counts)`` tables whose keys are sorted, unique and disjoint.
+
+    An entry's place in the result is its rank in its own table plus the number of keys
+    of the other table below it (one ``searchsorted`` each), so nothing is sorted."""
+    (a_keys, a_counts), (b_keys, b_counts) = a, b
+    n = a_keys.numel() + b_keys.numel()
+    keys = torch.empty(n, dtype=torch.long)
+    counts = torch.empty(n, dtype=torch.long)
+    a_at = torch.arange(a_keys.numel()) + torch.searchsorted(b_keys, a_keys)  # (|a|,)
+    b_at = torch.arange(b_keys.numel()) + torch.searchsorted(a_keys, b_keys)  # (|b|,)
+    keys[a_at], counts[a_at] = a_keys, a_counts
+    keys[b_at], counts[b_at] = b_keys, b_counts
+    return keys, counts
+
+
 class _SparseCounter:
     """A growing sparse count table ``(keys, counts)``, sorted by key after :meth:`consolidate`.
 
@@ -151,7 +169,7 @@ class _UnigramCounter:
         dense_tokens = (
             dense_tokens if dense_tokens is not None else torch.zeros(0, dtype=torch.long)
         )
-        self.dense_tokens = dense_tokens.long()  # (D,)
+        self.dense_tokens = torch.unique(dense_tokens.long())  # (D,) ascending: sorted keys
         self.remap = torch.full((vocab_size,), -1, dtype=torch.long)  # (V,) token -> row or -1
         self.remap[self.dense_tokens] = torch.arange(len(self.dense_tokens))
         self.dense = torch.zeros(len(self.dense_tokens), width, dtype=torch.int32)  # (D, W)
@@ -170,20 +188,49 @@ class _UnigramCounter:
             position, neuron = torch.nonzero(fires[tail], as_tuple=True)
             self.tail.add(neuron * self.vocab_size + tokens[tail][position])
 
-    def table(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def table(self, native: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """All counts as sorted unique ``(key = neuron·V + token, count)``.
 
-        Dense and tail tokens are disjoint, so the two parts only need one sort together.
+        Both parts are sorted (dense rows read neuron-major with ascending token ids; the
+        tail consolidated) and their keys are disjoint (a token is dense or tail), so they
+        are merged without sorting: by ``stats.c`` in one pass over the dense rows when
+        ``native``, else by rank with torch ops.
         """
+        self.tail.consolidate()
+        if native:
+            return self._table_native()
         by_neuron = self.dense.t().flatten()  # (W·D,) neuron-major copy
         (flat,) = torch.nonzero(by_neuron, as_tuple=True)  # increasing
         n_dense = len(self.dense_tokens)
         dense_keys = (flat // n_dense) * self.vocab_size + self.dense_tokens[flat % n_dense]
-        self.tail.consolidate()
-        keys = torch.cat([self.tail.keys, dense_keys])
-        counts = torch.cat([self.tail.counts, by_neuron[flat].long()])
-        order = torch.argsort(_sortable(keys))
-        return keys[order], counts[order]
+        dense_counts = by_neuron[flat].long()
+        return _merge_disjoint_sorted(
+            (self.tail.keys, self.tail.counts), (dense_keys, dense_counts)
+        )
+
+    def _table_native(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lib, threads = load_library(), torch.get_num_threads()
+        (n_dense, width), vocab = self.dense.shape, self.vocab_size
+        tail_keys, tail_counts = self.tail.keys.long(), self.tail.counts.long()  # (P,) each
+        nnz = torch.empty(width, dtype=torch.long)  # (W,) dense entries per neuron
+        lib.neuronspec_unigram_dense_nnz(
+            threads, n_dense, width, self.dense.data_ptr(), nnz.data_ptr()
+        )
+        bounds = torch.arange(width + 1, dtype=torch.long) * vocab  # (W + 1,) first key of n
+        tail_starts = torch.searchsorted(tail_keys, bounds)  # (W + 1,)
+        offsets = torch.zeros(width + 1, dtype=torch.long)  # (W + 1,) first output of n
+        torch.cumsum(nnz + tail_starts.diff(), 0, out=offsets[1:])
+        total = int(offsets[-1])
+        keys = torch.empty(total, dtype=torch.long)
+        counts = torch.empty(total, dtype=torch.long)
+        status = lib.neuronspec_unigram_table(
+            threads, n_dense, width, vocab, self.dense.data_ptr(), self.dense_tokens.data_ptr(),
+            tail_keys.data_ptr(), tail_counts.data_ptr(), tail_starts.data_ptr(),
+            offsets.data_ptr(), keys.data_ptr(), counts.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("unigram table kernel: cannot allocate its scratch memory")
+        return keys, counts
 
 
 @dataclass
@@ -423,6 +470,10 @@ class NeuronStats:
                 pairs.tail.add(neuron * pairs.vocab_size + input_ids[tail][position])
         return fires
 
+    def _native_tables(self) -> bool:
+        """Whether the final (neuron, token) tables are built by ``stats.c`` (CPU counters)."""
+        return _use_native(self.backend)
+
     def _buffer(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A reusable work tensor of ``like``'s shape and device."""
         buffer = self._buffers.get(name)
@@ -461,7 +512,7 @@ class NeuronStats:
             "tri_occ_count": self.tri_occurrences.counts,
         }
         for index, stats in enumerate(self.layers):
-            pair_keys, pair_counts = _pair_table(stats.pairs)
+            pair_keys, pair_counts = _pair_table(stats.pairs, self._native_tables())
             stats.trigrams.consolidate()
             for name in _DENSE_FIELDS:
                 tensors[f"layer{index}.{name}"] = getattr(stats, name)
@@ -500,7 +551,7 @@ class NeuronStats:
         """Sparse unigram firings of ``layer``: ``(neuron, token, count)`` sorted by (neuron, token)."""
         if not self.config.unigrams:
             raise NeuronSpecError("these statistics were collected without unigram counts")
-        keys, counts = _pair_table(self.layer(layer).pairs)
+        keys, counts = _pair_table(self.layer(layer).pairs, self._native_tables())
         keys = keys.numpy()
         return keys // self.vocab_size, keys % self.vocab_size, counts.numpy()
 
@@ -545,13 +596,14 @@ def _dense_tokens(token_frequency: torch.Tensor | None, width: int) -> torch.Ten
         return None
     budget = DENSE_UNIGRAM_BYTES // (4 * width)
     order = torch.argsort(token_frequency, descending=True, stable=True)
-    chosen = order[: min(budget, int((token_frequency > 0).sum()))]
-    return torch.sort(chosen).values  # ascending ids: the dense table's keys come out sorted
+    return order[: min(budget, int((token_frequency > 0).sum()))]
 
 
-def _pair_table(pairs: _UnigramCounter | _SparseCounter) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_table(
+    pairs: _UnigramCounter | _SparseCounter, native: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(pairs, _UnigramCounter):
-        return pairs.table()
+        return pairs.table(native)
     pairs.consolidate()
     return pairs.keys, pairs.counts
 
@@ -585,13 +637,18 @@ def _use_native_stats(backend: str, pre: torch.Tensor, act: torch.Tensor) -> boo
     if backend == "torch":
         return False
     fits = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (pre, act))
+    if backend == "native" and not fits:
+        raise NeuronSpecError("the native stats kernel takes float32 CPU activations only")
+    return fits and _use_native(backend)
+
+
+def _use_native(backend: str) -> bool:
+    """Whether the native kernels run for ``backend`` (inputs already known to fit)."""
+    if backend == "torch":
+        return False
     if backend == "native":
-        if not fits:
-            raise NeuronSpecError("the native stats kernel takes float32 CPU activations only")
         load_library()  # raises KernelUnavailableError with the compiler's message
         return True
-    if not fits:
-        return False
     try:
         load_library()
     except KernelUnavailableError as error:

@@ -2,7 +2,7 @@
 
 Sources: ``scan.c`` (the Mamba selective scan and causal conv + SiLU, no autograd; wrapped by
 :mod:`neuronspec.models.kernel`) and ``stats.c`` (one layer of the streamed statistics
-pass; used by :mod:`neuronspec.capture.stats`). Both are compiled into one shared library
+pass, and the final (neuron, token) table; used by :mod:`neuronspec.capture.stats`). Both are compiled into one shared library
 without torch headers: the compiler is ``$CC``, else Python's, else ``cc``; the library is
 cached per (sources, flags, compiler, CPU) in ``$NEURONSPEC_KERNEL_DIR`` (default
 ``~/.cache/neuronspec/kernels``). It is written under a temporary name and renamed into
@@ -39,7 +39,7 @@ __all__ = ["KernelUnavailableError", "load_library"]
 
 SOURCES = (Path(__file__).with_name("scan.c"), Path(__file__).with_name("stats.c"))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fopenmp")
-ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 2}
+ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 3}
 
 _i64, _ptr, _f32, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
 _SCAN_ARGS = (
@@ -61,6 +61,8 @@ _STATS_ARGS = (
     + [_ptr] * 4  # act_sum, act_sumsq, act_absmax, pearson_abs_sum
     + [_ptr, _i64, _f32, _f32, _f32, _f32, _f64]  # hist, n_bins, min, max, per_log2, offset, cv
 )
+_NNZ_ARGS = [_i64] * 3 + [_ptr] * 2  # threads, D, W, dense, nnz
+_TABLE_ARGS = [_i64] * 4 + [_ptr] * 8  # threads, D, W, V, dense, tokens, tail.., out..
 _CONV_ARGS = [_i64] * 5 + [_ptr, _i64, _i64] + [_ptr] * 3  # threads, B, L, d, K, x.., wt, b, out
 ENTRY_POINTS = {
     "neuronspec_conv_silu_f32": (_CONV_ARGS, ctypes.c_int),
@@ -68,6 +70,8 @@ ENTRY_POINTS = {
     "neuronspec_scan_f32": (_SCAN_ARGS, ctypes.c_int),
     "neuronspec_scan_f64": (_SCAN_ARGS, ctypes.c_int),
     "neuronspec_layer_stats_f32": (_STATS_ARGS, _i64),
+    "neuronspec_unigram_dense_nnz": (_NNZ_ARGS, None),
+    "neuronspec_unigram_table": (_TABLE_ARGS, ctypes.c_int),
 }
 
 

@@ -177,5 +177,104 @@ i64 neuronspec_layer_stats_f32(
     return failed ? -1 : nonfinite;
 }
 
+/* The final (neuron, token) firing table of a layer, merged from its two parts
+ * (neuronspec.capture.stats._UnigramCounter.table):
+ *
+ *   dense (D, W) int32       counts of the D frequent tokens, row r = token dense_tokens[r]
+ *                            (ascending ids)
+ *   tail_keys, tail_counts   (P,) the other tokens, key = neuron·V + token, sorted, unique
+ *
+ * Output: every nonzero count as (key, count), sorted by key (neuron-major, then token),
+ * without sorting: neuron n's entries start at offsets[n] (from unigram_dense_nnz and the
+ * tail's neuron boundaries, tail_starts, (W + 1,)), and within a neuron the ascending dense
+ * rows are merged with its ascending tail entries (a token is dense or tail, never both).
+ * Neurons go in blocks of 16 so that each dense row read is one 64-byte line. */
+#define TABLE_LANES 16
+
+/* nnz[n] = number of nonzero dense[:, n], (W,) */
+void neuronspec_unigram_dense_nnz(i64 threads, i64 D, i64 W, const int32_t *dense, i64 *nnz) {
+    const i64 blocks = (W + TABLE_LANES - 1) / TABLE_LANES;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (i64 k = 0; k < blocks; k++) {
+        const i64 n0 = k * TABLE_LANES, n1 = n0 + TABLE_LANES < W ? n0 + TABLE_LANES : W;
+        i64 count[TABLE_LANES] = {0};
+        for (i64 r = 0; r < D; r++) {
+            const int32_t *row = dense + r * W;
+            for (i64 n = n0; n < n1; n++) count[n - n0] += row[n] != 0;
+        }
+        for (i64 n = n0; n < n1; n++) nnz[n] = count[n - n0];
+    }
+}
+
+/* One neuron: its dense column col (D,) merged with its tail entries [t0, t1). Entries
+ * with no tail left are written branch-free (a zero count writes a slot that the next
+ * entry overwrites); `exact` forbids the one spurious write past the neuron's last entry,
+ * for a neuron after which no later neuron of its block has an entry (that slot is
+ * another thread's, or past the end). */
+static inline void table_neuron(i64 D, i64 base, const int32_t *col, const i64 *dense_tokens,
+                                const i64 *tail_keys, const i64 *tail_counts, i64 t, i64 t1,
+                                i64 o, int exact, i64 *out_keys, i64 *out_counts) {
+    i64 r = 0;
+    for (; r < D && t < t1; r++) {
+        if (col[r] == 0) continue;
+        const i64 key = base + dense_tokens[r];
+        for (; t < t1 && tail_keys[t] < key; t++, o++) {
+            out_keys[o] = tail_keys[t];
+            out_counts[o] = tail_counts[t];
+        }
+        out_keys[o] = key;
+        out_counts[o++] = col[r];
+    }
+    for (; t < t1; t++, o++) {
+        out_keys[o] = tail_keys[t];
+        out_counts[o] = tail_counts[t];
+    }
+    if (exact) {
+        for (; r < D; r++) {
+            if (col[r] == 0) continue;
+            out_keys[o] = base + dense_tokens[r];
+            out_counts[o++] = col[r];
+        }
+        return;
+    }
+    for (; r < D; r++) {
+        out_keys[o] = base + dense_tokens[r];
+        out_counts[o] = col[r];
+        o += col[r] != 0;
+    }
+}
+
+/* Returns 0, or -1 when scratch memory cannot be allocated. */
+int neuronspec_unigram_table(
+    i64 threads, i64 D, i64 W, i64 V, const int32_t *dense, const i64 *dense_tokens,
+    const i64 *tail_keys, const i64 *tail_counts, const i64 *tail_starts, const i64 *offsets,
+    i64 *out_keys, i64 *out_counts) {
+    const i64 blocks = (W + TABLE_LANES - 1) / TABLE_LANES;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : failed)
+    {
+        /* the block's columns, lane-major: (TABLE_LANES, D) */
+        int32_t *cols = malloc((size_t)(D > 0 ? D : 1) * TABLE_LANES * sizeof(int32_t));
+        if (!cols) failed += 1;
+#pragma omp for schedule(static)
+        for (i64 k = 0; k < blocks; k++) {
+            if (!cols) continue;
+            const i64 n0 = k * TABLE_LANES, n1 = n0 + TABLE_LANES < W ? n0 + TABLE_LANES : W;
+            for (i64 r = 0; r < D; r++) {
+                const int32_t *row = dense + r * W;
+                for (i64 n = n0; n < n1; n++) cols[(n - n0) * D + r] = row[n];
+            }
+            /* neurons in order: a spurious write lands on slot offsets[n + 1], which a
+             * later neuron of this block overwrites if the slot is this block's */
+            for (i64 n = n0; n < n1; n++)
+                table_neuron(D, n * V, cols + (n - n0) * D, dense_tokens, tail_keys,
+                             tail_counts, tail_starts[n], tail_starts[n + 1], offsets[n],
+                             offsets[n + 1] >= offsets[n1], out_keys, out_counts);
+        }
+        free(cols);
+    }
+    return failed ? -1 : 0;
+}
+
 /* Version of the calling convention above; the loader refuses a library with another. */
-int neuronspec_stats_abi(void) { return 2; }
+int neuronspec_stats_abi(void) { return 3; }
