@@ -110,6 +110,29 @@ def test_batch_size_does_not_change_results(random_model):
         torch.testing.assert_close(a[name], b[name], msg=name, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_choice_of_dense_tokens_does_not_change_results(random_model, backend):
+    """All tokens dense, none dense, or a mix picked by other frequencies: same tables."""
+    windows = _windows()
+    every = torch.ones(VOCAB)
+    reversed_ranks = torch.arange(VOCAB, 0, -1).double()  # favours small ids, not the corpus's
+    results = [
+        _stats(random_model, windows, backend=backend).to_tensors(),
+        collect_stats(random_model, windows, bos_id=BOS, config=CONFIG, backend=backend,
+                      token_frequency=every).to_tensors(),
+        collect_stats(random_model, windows, bos_id=BOS, config=CONFIG, backend=backend,
+                      token_frequency=reversed_ranks).to_tensors(),
+    ]  # fmt: skip
+    with_tail = NeuronStats.empty([8], windows.shape[1], VOCAB, CONFIG, torch.zeros(VOCAB))
+    assert with_tail.layers[0].pairs.dense.shape[0] == 0  # zero frequency: nothing dense
+    for other in results[1:]:
+        for name, tensor in results[0].items():
+            if tensor.is_floating_point():  # torch matmul sums may round differently per run
+                torch.testing.assert_close(tensor, other[name], rtol=1e-12, atol=1e-12)
+            else:
+                assert torch.equal(tensor, other[name]), name
+
+
 def test_serialisation_round_trip(random_model):
     stats = _stats(random_model, _windows())
     again = NeuronStats.from_tensors(stats.to_tensors(), stats.meta())

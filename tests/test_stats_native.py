@@ -113,14 +113,14 @@ def test_histogram_range_must_be_normal_float32():
         StatsConfig(hist_min=1e-40)
 
 
-def _unigram_counter(dense_rows: int, width: int, seed: int):
+def _unigram_counter(dense_rows: int, width: int, seed: int, native: bool = True):
     """A counter with random dense rows (half their counts zero) and a sparse tail of
     other tokens: some neurons with no tail, some with only tail entries."""
     from neuronspec.capture.stats import _UnigramCounter
 
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randperm(VOCAB, generator=g)
-    counter = _UnigramCounter(width, VOCAB, tokens[:dense_rows])
+    counter = _UnigramCounter(width, VOCAB, tokens[:dense_rows], native)
     counter.dense.copy_(torch.randint(0, 4, (dense_rows, width), generator=g) // 2 * 7)
     counter.dense[:, :3] = 0  # neurons 0-2: tail only (or nothing)
     tail_tokens = tokens[dense_rows:]
@@ -129,7 +129,10 @@ def _unigram_counter(dense_rows: int, width: int, seed: int):
         neurons = neurons[neurons % 5 != 0]  # every fifth neuron: dense only
         neurons = torch.cat([neurons, torch.tensor([1, 1, 2])])
         picks = tail_tokens[torch.randint(0, len(tail_tokens), (len(neurons),), generator=g)]
-        counter.tail.add(neurons * VOCAB + picks)
+        for part in (neurons * VOCAB + picks).chunk(3):  # consolidated, then more pending
+            counter.tail.add(part)
+            counter.tail.consolidate()
+        counter.tail.add(neurons[:50] * VOCAB + picks[:50])
     return counter
 
 
@@ -150,13 +153,13 @@ def _brute_force_table(counter) -> dict[int, int]:
     "dense_rows, width", [(40, WIDTH), (40, 16), (0, WIDTH), (VOCAB, 33), (1, 4)]
 )
 def test_unigram_table_native_and_torch_equal_brute_force(dense_rows, width):
-    counter = _unigram_counter(dense_rows, width, seed=dense_rows + width)
-    expected = _brute_force_table(counter)
+    expected = _brute_force_table(_unigram_counter(dense_rows, width, dense_rows + width, False))
     before = torch.get_num_threads()
     try:
         for native, threads in [(False, 1), (True, 1), (True, 2), (True, 3)]:
             torch.set_num_threads(threads)
-            keys, counts = counter.table(native)
+            counter = _unigram_counter(dense_rows, width, dense_rows + width, native)
+            keys, counts = counter.table()
             assert keys.dtype == counts.dtype == torch.long
             assert keys.tolist() == sorted(expected), (native, threads)
             assert counts.tolist() == [expected[k] for k in sorted(expected)], (native, threads)
@@ -194,3 +197,23 @@ def test_unigram_table_kernel_writes_nothing_past_its_entries():
     assert status == 0
     assert keys[: len(expected)].tolist() == sorted(expected)
     assert (keys[len(expected) :] == sentinel).all() and (counts[len(expected) :] == sentinel).all()
+
+
+@pytest.mark.parametrize("max_key", [0, 5, 2**11, 2**22 + 3, 2**31 - 2])
+def test_native_sparse_counts_equal_torch(max_key):
+    """Radix-sorted run lengths and the linear merge equal torch.unique on the union,
+    for key spaces needing 0 to 3 radix passes (keys 0 and max_key included)."""
+    from neuronspec.capture.stats import _SparseCounter
+
+    g = torch.Generator().manual_seed(max_key % 1000)
+    batches = [torch.randint(0, max_key + 1, (n,), generator=g) for n in (1000, 1, 0, 3000)]
+    batches[0][:3] = torch.tensor([0, max_key, max_key])
+    native = _SparseCounter(key_space=max_key + 1, native=True)
+    for keys in batches:
+        native.add(keys)
+        native.consolidate()
+    assert native._native
+    every = torch.cat(batches)
+    keys, counts = torch.unique(every, return_counts=True)
+    assert native.keys.tolist() == keys.tolist()
+    assert native.counts.tolist() == counts.tolist()

@@ -1,5 +1,6 @@
-"""The spec suite end to end: a cold run (empty statistics cache) against a warm rerun, and
-``-n 2`` against ``-n 0`` (both warm), on the embedded models, each run a fresh pytest process.
+"""The spec suite end to end: a cold run (empty cache) against a warm rerun, and a cold
+``-n 2`` run against the cold ``-n 0`` run, on the embedded models, each run a fresh pytest
+process.
 
 Rows are wall seconds of whole ``pytest specs/`` processes; one run each (the suite is
 deterministic, and a cold run can only be cold once per cache directory).

@@ -34,15 +34,19 @@ def collect_stats(
     config: StatsConfig = StatsConfig(),
     batch_size: int = 16,
     backend: str = "auto",
+    token_frequency: torch.Tensor | None = None,
 ) -> NeuronStats:
     """Stream ``windows`` ``(n, T)`` through the model once and return the statistics.
 
     ``backend``: how each layer is accumulated (:data:`~neuronspec.capture.stats.STATS_BACKENDS`).
+    ``token_frequency`` ``(V,)``: frequencies that pick the tokens counted densely (e.g.
+    corpus-wide ones for a shard); default, counted from ``windows``. Never changes results.
     """
     adapter = loaded.adapter
     widths = [adapter.width("mlp")] * adapter.n_layers
     vocab_size = model_vocab_size(loaded)
-    token_frequency = torch.bincount(windows.flatten(), minlength=vocab_size)  # (V,)
+    if token_frequency is None:
+        token_frequency = torch.bincount(windows.flatten(), minlength=vocab_size)  # (V,)
     stats = NeuronStats.empty(
         widths, windows.shape[1], vocab_size, config, token_frequency, backend=backend
     )

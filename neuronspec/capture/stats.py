@@ -115,12 +115,47 @@ def _merge_disjoint_sorted(
     return keys, counts
 
 
+def _count_keys_native(keys: torch.Tensor, max_key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted distinct ``keys`` (int32, in ``0..max_key``; sorted in place) and their
+    counts, int64, by ``stats.c``."""
+    lib = load_library()
+    scratch = torch.empty_like(keys)
+    distinct = lib.neuronspec_sort_keys(keys.numel(), keys.data_ptr(), scratch.data_ptr(), max_key)
+    del scratch
+    out_keys = torch.empty(distinct, dtype=torch.long)
+    out_counts = torch.empty(distinct, dtype=torch.long)
+    lib.neuronspec_run_lengths(
+        keys.numel(), keys.data_ptr(), out_keys.data_ptr(), out_counts.data_ptr()
+    )
+    return out_keys, out_counts
+
+
+def _merge_counts_native(
+    a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Union of two count tables with sorted unique int64 keys (equal keys' counts summed),
+    in one linear pass of ``stats.c``."""
+    lib = load_library()
+    (a_keys, a_counts), (b_keys, b_counts) = a, b
+    if a_keys.numel() == 0:
+        return b_keys, b_counts
+    pointers = (a_keys.data_ptr(), a_counts.data_ptr(), b_keys.numel())
+    pointers += (b_keys.data_ptr(), b_counts.data_ptr())
+    size = lib.neuronspec_merge_counts(a_keys.numel(), *pointers, None, None)
+    keys = torch.empty(size, dtype=torch.long)
+    counts = torch.empty(size, dtype=torch.long)
+    lib.neuronspec_merge_counts(a_keys.numel(), *pointers, keys.data_ptr(), counts.data_ptr())
+    return keys, counts
+
+
 class _SparseCounter:
     """A growing sparse count table ``(keys, counts)``, sorted by key after :meth:`consolidate`.
 
     Added keys wait, uncounted, in a pending list (int32 when ``key_space`` fits) and are
     sorted and merged in when they outnumber the table (amortised: each key is sorted a
-    constant number of times), so per batch there is no sort at all.
+    constant number of times), so per batch there is no sort at all. With ``native`` and
+    int32 keys, ``stats.c`` counts them (radix sort, run lengths, linear merge); else torch
+    (``unique``, a sort of the union).
     """
 
     def __init__(
@@ -128,10 +163,13 @@ class _SparseCounter:
         keys: torch.Tensor | None = None,
         counts: torch.Tensor | None = None,
         key_space: int | None = None,
+        native: bool = False,
     ):
         self.keys = keys if keys is not None else torch.zeros(0, dtype=torch.long)
         self.counts = counts if counts is not None else torch.zeros(0, dtype=torch.long)
         compact = key_space is not None and key_space <= _INT32_KEYS
+        self._native = native and compact
+        self._max_key = key_space - 1 if compact else None
         self._pending_dtype = torch.int32 if compact else torch.long
         self._pending: list[torch.Tensor] = []  # raw keys, one count each
         self._pending_size = 0
@@ -146,8 +184,14 @@ class _SparseCounter:
     def consolidate(self) -> None:
         if not self._pending:
             return
-        fresh, fresh_counts = torch.unique(torch.cat(self._pending), return_counts=True)
+        pending = torch.cat(self._pending)
         self._pending, self._pending_size = [], 0
+        if self._native:
+            self.keys, self.counts = _merge_counts_native(
+                (self.keys, self.counts), _count_keys_native(pending, self._max_key)
+            )
+            return
+        fresh, fresh_counts = torch.unique(pending, return_counts=True)
         if self.keys.numel() == 0:
             self.keys, self.counts = fresh.long(), fresh_counts.long()
         else:
@@ -164,7 +208,13 @@ class _UnigramCounter:
     result is exact either way, and :meth:`table` returns the one sparse form.
     """
 
-    def __init__(self, width: int, vocab_size: int, dense_tokens: torch.Tensor | None = None):
+    def __init__(
+        self,
+        width: int,
+        vocab_size: int,
+        dense_tokens: torch.Tensor | None = None,
+        native: bool = False,
+    ):
         self.width, self.vocab_size = width, vocab_size
         dense_tokens = (
             dense_tokens if dense_tokens is not None else torch.zeros(0, dtype=torch.long)
@@ -173,7 +223,8 @@ class _UnigramCounter:
         self.remap = torch.full((vocab_size,), -1, dtype=torch.long)  # (V,) token -> row or -1
         self.remap[self.dense_tokens] = torch.arange(len(self.dense_tokens))
         self.dense = torch.zeros(len(self.dense_tokens), width, dtype=torch.int32)  # (D, W)
-        self.tail = _SparseCounter(key_space=width * vocab_size)
+        self.native = native  # count and build the table with stats.c
+        self.tail = _SparseCounter(key_space=width * vocab_size, native=native)
 
     def add(self, tokens: torch.Tensor, fires: torch.Tensor, counted: torch.Tensor) -> None:
         """``tokens (M,)``, their firing pattern ``fires (M, W)``, and which positions
@@ -188,7 +239,7 @@ class _UnigramCounter:
             position, neuron = torch.nonzero(fires[tail], as_tuple=True)
             self.tail.add(neuron * self.vocab_size + tokens[tail][position])
 
-    def table(self, native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All counts as sorted unique ``(key = neuron·V + token, count)``.
 
         Both parts are sorted (dense rows read neuron-major with ascending token ids; the
@@ -197,7 +248,7 @@ class _UnigramCounter:
         ``native``, else by rank with torch ops.
         """
         self.tail.consolidate()
-        if native:
+        if self.native:
             return self._table_native()
         by_neuron = self.dense.t().flatten()  # (W·D,) neuron-major copy
         (flat,) = torch.nonzero(by_neuron, as_tuple=True)  # increasing
@@ -248,7 +299,13 @@ class LayerStats:
 
     @classmethod
     def empty(
-        cls, window: int, width: int, vocab_size: int, config: StatsConfig, dense_tokens=None
+        cls,
+        window: int,
+        width: int,
+        vocab_size: int,
+        config: StatsConfig,
+        dense_tokens=None,
+        native: bool = False,
     ) -> LayerStats:
         return cls(
             fire_by_pos=torch.zeros(window, width, dtype=torch.long),
@@ -257,7 +314,7 @@ class LayerStats:
             act_absmax=torch.zeros(width, dtype=torch.float64),
             abs_hist=torch.zeros(config.hist_bins + 2, dtype=torch.long),
             pearson_abs_sum=torch.zeros(width, dtype=torch.float64),
-            pairs=_UnigramCounter(width, vocab_size, dense_tokens),
+            pairs=_UnigramCounter(width, vocab_size, dense_tokens, native),
             trigrams=_SparseCounter(),
         )
 
@@ -301,7 +358,8 @@ class NeuronStats:
     ):
         """Empty accumulators. ``token_frequency (V,)`` (optional) picks the tokens whose
         unigram counts are kept densely; it changes speed and memory, never the counts.
-        ``backend`` (:data:`STATS_BACKENDS`) chooses how :meth:`add_layer` computes."""
+        ``backend`` (:data:`STATS_BACKENDS`) chooses how :meth:`add_layer` computes and how
+        the sparse counts are counted and merged."""
         if backend not in STATS_BACKENDS:
             raise NeuronSpecError(f"stats backend must be one of {STATS_BACKENDS}, got {backend!r}")
         if config.trigrams and max(widths) * vocab_size**3 >= 2**63:
@@ -314,7 +372,12 @@ class NeuronStats:
             window=window,
             layers=[
                 LayerStats.empty(
-                    window, width, vocab_size, config, _dense_tokens(token_frequency, width)
+                    window,
+                    width,
+                    vocab_size,
+                    config,
+                    _dense_tokens(token_frequency, width),
+                    native=_use_native(backend),
                 )
                 for width in widths
             ],
@@ -470,10 +533,6 @@ class NeuronStats:
                 pairs.tail.add(neuron * pairs.vocab_size + input_ids[tail][position])
         return fires
 
-    def _native_tables(self) -> bool:
-        """Whether the final (neuron, token) tables are built by ``stats.c`` (CPU counters)."""
-        return _use_native(self.backend)
-
     def _buffer(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A reusable work tensor of ``like``'s shape and device."""
         buffer = self._buffers.get(name)
@@ -512,7 +571,7 @@ class NeuronStats:
             "tri_occ_count": self.tri_occurrences.counts,
         }
         for index, stats in enumerate(self.layers):
-            pair_keys, pair_counts = _pair_table(stats.pairs, self._native_tables())
+            pair_keys, pair_counts = _pair_table(stats.pairs)
             stats.trigrams.consolidate()
             for name in _DENSE_FIELDS:
                 tensors[f"layer{index}.{name}"] = getattr(stats, name)
@@ -551,7 +610,7 @@ class NeuronStats:
         """Sparse unigram firings of ``layer``: ``(neuron, token, count)`` sorted by (neuron, token)."""
         if not self.config.unigrams:
             raise NeuronSpecError("these statistics were collected without unigram counts")
-        keys, counts = _pair_table(self.layer(layer).pairs, self._native_tables())
+        keys, counts = _pair_table(self.layer(layer).pairs)
         keys = keys.numpy()
         return keys // self.vocab_size, keys % self.vocab_size, counts.numpy()
 
@@ -599,11 +658,9 @@ def _dense_tokens(token_frequency: torch.Tensor | None, width: int) -> torch.Ten
     return order[: min(budget, int((token_frequency > 0).sum()))]
 
 
-def _pair_table(
-    pairs: _UnigramCounter | _SparseCounter, native: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_table(pairs: _UnigramCounter | _SparseCounter) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(pairs, _UnigramCounter):
-        return pairs.table(native)
+        return pairs.table()
     pairs.consolidate()
     return pairs.keys, pairs.counts
 

@@ -39,7 +39,7 @@ __all__ = ["KernelUnavailableError", "load_library"]
 
 SOURCES = (Path(__file__).with_name("scan.c"), Path(__file__).with_name("stats.c"))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fopenmp")
-ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 3}
+ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 4}
 
 _i64, _ptr, _f32, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
 _SCAN_ARGS = (
@@ -63,6 +63,9 @@ _STATS_ARGS = (
 )
 _NNZ_ARGS = [_i64] * 3 + [_ptr] * 2  # threads, D, W, dense, nnz
 _TABLE_ARGS = [_i64] * 4 + [_ptr] * 8  # threads, D, W, V, dense, tokens, tail.., out..
+_SORT_ARGS = [_i64, _ptr, _ptr, _i64]  # n, keys, scratch, max_key
+_RUNS_ARGS = [_i64] + [_ptr] * 3  # n, keys, out_keys, out_counts
+_MERGE_ARGS = ([_i64] + [_ptr] * 2) * 2 + [_ptr] * 2  # na, a.., nb, b.., out..
 _CONV_ARGS = [_i64] * 5 + [_ptr, _i64, _i64] + [_ptr] * 3  # threads, B, L, d, K, x.., wt, b, out
 ENTRY_POINTS = {
     "neuronspec_conv_silu_f32": (_CONV_ARGS, ctypes.c_int),
@@ -72,6 +75,9 @@ ENTRY_POINTS = {
     "neuronspec_layer_stats_f32": (_STATS_ARGS, _i64),
     "neuronspec_unigram_dense_nnz": (_NNZ_ARGS, None),
     "neuronspec_unigram_table": (_TABLE_ARGS, ctypes.c_int),
+    "neuronspec_sort_keys": (_SORT_ARGS, _i64),
+    "neuronspec_run_lengths": (_RUNS_ARGS, None),
+    "neuronspec_merge_counts": (_MERGE_ARGS, _i64),
 }
 
 

@@ -16,6 +16,11 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("name", choices=EMBEDDED_MODELS)
     tr.add_argument("--steps", type=int, default=None, help="optimizer steps (default: recipe)")
     tr.add_argument("--out", type=Path, default=None, help="directory (default: shipped weights)")
+    tr.add_argument(
+        "--no-fast-scan",
+        action="store_true",
+        help="train a Mamba on transformers' reference scan instead of neuronspec's",
+    )
     ev = sub.add_parser("eval", help="held-out perplexity and fact recall, printed as JSON")
     ev.add_argument("name", choices=EMBEDDED_MODELS)
     ev.add_argument("--dir", type=Path, default=None, help="model directory (default: shipped)")
@@ -32,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = RECIPES[args.name]
         if args.steps is not None:
             cfg = dataclasses.replace(cfg, steps=args.steps)
-        log = train(args.name, args.out or weights_dir(args.name), cfg)
+        log = train(
+            args.name, args.out or weights_dir(args.name), cfg, fast_scan=not args.no_fast_scan
+        )
         print(json.dumps({k: log[k] for k in ("model", "seconds", "n_params")}))
     else:
         from neuronspec.zoo.evaluate import evaluate, write_card

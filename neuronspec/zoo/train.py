@@ -8,7 +8,6 @@ into blocks of ``seq_len`` tokens; AdamW with linear warm-up and cosine decay, n
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from transformers import (
 
 from neuronspec.data.toyworld import toyworld_documents
 from neuronspec.errors import UnknownModelError
+from neuronspec.models.scan import use_fast_scan
 from neuronspec.zoo import EMBEDDED_MODELS
 from neuronspec.zoo.tokenizer import train_tokenizer
 
@@ -102,22 +102,21 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _fast_scan_if_available(model: PreTrainedModel) -> bool:
-    """Switch HF Mamba to ``neuronspec.models.scan`` (exact, faster) when that module exists."""
-    if not isinstance(model, MambaForCausalLM):
+def _use_fast_scan(model: PreTrainedModel, enabled: bool) -> bool:
+    """Train a Mamba with ``neuronspec.models.scan`` (exact, faster) unless disabled."""
+    if not (enabled and isinstance(model, MambaForCausalLM)):
         return False
-    if importlib.util.find_spec("neuronspec.models.scan") is None:
-        return False
-    from neuronspec.models.scan import use_fast_scan
-
     use_fast_scan(model, enabled=True)
     return True
 
 
-def train(name: str, out: Path, cfg: TrainConfig = TrainConfig(), **arch) -> dict:
+def train(
+    name: str, out: Path, cfg: TrainConfig = TrainConfig(), *, fast_scan: bool = True, **arch
+) -> dict:
     """Train embedded model ``name`` into ``out`` (model + tokenizer + ``train_log.json``).
 
-    Returns the training log: config, seconds, loss every ``log_every`` steps.
+    ``fast_scan=False`` trains a Mamba on transformers' reference scan. Returns the
+    training log: config, seconds, loss every ``log_every`` steps.
     """
     if name not in EMBEDDED_MODELS:
         raise UnknownModelError(
@@ -126,12 +125,12 @@ def train(name: str, out: Path, cfg: TrainConfig = TrainConfig(), **arch) -> dic
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(name, out, cfg, arch)
+        return _train(name, out, cfg, fast_scan, arch)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _train(name: str, out: Path, cfg: TrainConfig, arch: dict) -> dict:
+def _train(name: str, out: Path, cfg: TrainConfig, fast_scan: bool, arch: dict) -> dict:
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     texts = toyworld_documents("train", seed=cfg.seed, n_docs=cfg.n_docs)
@@ -139,7 +138,7 @@ def _train(name: str, out: Path, cfg: TrainConfig, arch: dict) -> dict:
     blocks = token_blocks(tokenizer, texts, cfg.seq_len)  # (N, T)
     config = model_config(name, len(tokenizer), **arch)
     model = (GPT2LMHeadModel if name == "tiny-gpt2" else MambaForCausalLM)(config)
-    fast_scan = _fast_scan_if_available(model)
+    fast_scan = _use_fast_scan(model, fast_scan)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -169,8 +168,6 @@ def _train(name: str, out: Path, cfg: TrainConfig, arch: dict) -> dict:
             losses.append({"step": step, "loss": round(loss.item(), 4)})
             print(f"{name} step {step} loss {loss.item():.4f} {time.perf_counter() - start:.0f}s")
     if fast_scan:
-        from neuronspec.models.scan import use_fast_scan
-
         use_fast_scan(model, enabled=False)
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
