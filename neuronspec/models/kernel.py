@@ -1,7 +1,7 @@
 """The C selective scan and causal conv (``neuronspec/native/scan.c``) as torch functions,
 no autograd.
 
-One pass over the positions per block of 16 (float32) or 8 (float64) channels, the state
+One pass over the positions per block of 32 (float32) or 8 (float64) channels, the state
 kept in registers, ``exp`` inline, the skip ``D·x`` and the gate ``SiLU(z)`` fused; the
 channel blocks are shared among torch's OpenMP threads. Built by :mod:`neuronspec.native`.
 """

@@ -187,7 +187,9 @@ static inline double softplus_f64(double v) {
 #define SOFTPLUS_float softplus_f32
 #define SOFTPLUS_double softplus_f64
 
-DEFINE_SCAN(neuronspec_scan_f32, scan_block_f32, float, 16)
+/* Lanes per block: for float32, a (4, 256, 1536, 16) scan on 2 AVX-512 cores took
+ * 24.3 / 13.5 / 11.4 / 11.9 / 12.9 ms with 8 / 16 / 32 / 48 / 64 lanes. */
+DEFINE_SCAN(neuronspec_scan_f32, scan_block_f32, float, 32)
 DEFINE_SCAN(neuronspec_scan_f64, scan_block_f64, double, 8)
 
 /* Causal depthwise convolution with SiLU, the Mamba mixer's conv1d + act (no cache):
