@@ -12,7 +12,13 @@ import statistics
 import time
 from collections.abc import Callable
 
-__all__ = ["print_table", "time_side_by_side"]
+__all__ = ["print_table", "row", "time_side_by_side"]
+
+
+def row(name: str, seconds: float, vs: str | None = None, vs_seconds: float | None = None) -> dict:
+    """A result row: ``seconds``, and its ratio to ``vs_seconds`` (the row named ``vs``)."""
+    ratio = None if vs_seconds is None else seconds / vs_seconds
+    return {"name": name, "seconds": seconds, "ratio_vs": vs, "ratio": ratio}
 
 
 def time_side_by_side(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

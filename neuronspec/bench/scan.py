@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
 
+from neuronspec.bench import row as _row
 from neuronspec.bench import time_side_by_side
 from neuronspec.models.scan import use_fast_scan
 from neuronspec.native import KernelUnavailableError, load_library
@@ -22,11 +23,6 @@ MAMBA_130M_SHAPE = dict(
     vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16, expand=2
 )
 TRAIN_SHAPE = dict(vocab_size=4096, hidden_size=128, num_hidden_layers=4, state_size=16, expand=2)
-
-
-def _row(name: str, seconds: float, vs: str | None = None, vs_seconds: float | None = None):
-    ratio = None if vs_seconds is None else seconds / vs_seconds
-    return {"name": name, "seconds": seconds, "ratio_vs": vs, "ratio": ratio}
 
 
 def _forward(model: torch.nn.Module, ids: torch.Tensor, fast: bool | None = None):
