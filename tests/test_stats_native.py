@@ -160,7 +160,7 @@ def test_unigram_table_native_and_torch_equal_brute_force(dense_rows, width):
             torch.set_num_threads(threads)
             counter = _unigram_counter(dense_rows, width, dense_rows + width, native)
             keys, counts = counter.table()
-            assert keys.dtype == counts.dtype == torch.long
+            assert keys.dtype == counts.dtype == torch.int32  # W·V < 2^31
             assert keys.tolist() == sorted(expected), (native, threads)
             assert counts.tolist() == [expected[k] for k in sorted(expected)], (native, threads)
     finally:
@@ -187,7 +187,7 @@ def test_unigram_table_kernel_writes_nothing_past_its_entries():
     offsets = torch.zeros(width + 1, dtype=torch.long)
     torch.cumsum(nnz + tail_starts.diff(), 0, out=offsets[1:])
     assert int(offsets[-1]) == len(expected)
-    keys = torch.full((len(expected) + 8,), sentinel, dtype=torch.long)
+    keys = torch.full((len(expected) + 8,), sentinel, dtype=torch.int32)
     counts = torch.full_like(keys, sentinel)
     status = lib.neuronspec_unigram_table(
         2, 40, width, VOCAB, counter.dense.data_ptr(), counter.dense_tokens.data_ptr(),

@@ -13,8 +13,9 @@ act_absmax          (W,) float64           max |a|                              
 abs_hist            (n_bins + 2,) int64    histogram of |a| over all (token, neuron), fixed
                                            log-spaced edges; first/last bin = under/overflow
 pearson_abs_sum     (W,) float64           Σ over windows of |Pearson r(a, position)|
-pair_key/count      (P,) int64             sparse unigram firings: key = n·V + token, at
-                                           counted positions (not window start, not BOS)
+pair_key/count      (P,) int32             sparse unigram firings: key = n·V + token, at
+                                           counted positions (not window start, not BOS);
+                                           int64 where W·V >= 2^31
 tri_key/count       (Q,) int64             sparse trigram firings: key = n·V³ + trigram
 ==================  =====================  ==================================================
 
@@ -47,7 +48,7 @@ STATS_BACKENDS = ("auto", "native", "torch")
 """``native``: ``neuronspec/native/stats.c`` (float32 CPU activations); ``torch``: torch
 ops; ``auto``: native where it applies and builds, else torch. Not part of the cache key:
 both compute the same definitions."""
-STATS_FORMAT = "neuronspec-stats-v1"  # part of the cache key: bump when an accumulator changes
+STATS_FORMAT = "neuronspec-stats-v2"  # part of the cache key: bump when an accumulator changes
 
 
 @dataclass(frozen=True)
@@ -240,24 +241,28 @@ class _UnigramCounter:
             self.tail.add(neuron * self.vocab_size + tokens[tail][position])
 
     def table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All counts as sorted unique ``(key = neuron·V + token, count)``.
+        """All counts as sorted unique ``(key = neuron·V + token, count)``: int32 when every
+        key fits (``W·V < 2^31``; counts always fit, a shard has fewer than 2^31 tokens),
+        else int64.
 
         Both parts are sorted (dense rows read neuron-major with ascending token ids; the
         tail consolidated) and their keys are disjoint (a token is dense or tail), so they
         are merged without sorting: by ``stats.c`` in one pass over the dense rows when
-        ``native``, else by rank with torch ops.
+        ``native`` (and int32), else by rank with torch ops.
         """
         self.tail.consolidate()
-        if self.native:
+        compact = self.width * self.vocab_size <= _INT32_KEYS
+        if self.native and compact:
             return self._table_native()
         by_neuron = self.dense.t().flatten()  # (W·D,) neuron-major copy
         (flat,) = torch.nonzero(by_neuron, as_tuple=True)  # increasing
         n_dense = len(self.dense_tokens)
         dense_keys = (flat // n_dense) * self.vocab_size + self.dense_tokens[flat % n_dense]
         dense_counts = by_neuron[flat].long()
-        return _merge_disjoint_sorted(
+        keys, counts = _merge_disjoint_sorted(
             (self.tail.keys, self.tail.counts), (dense_keys, dense_counts)
         )
+        return (keys.int(), counts.int()) if compact else (keys, counts)
 
     def _table_native(self) -> tuple[torch.Tensor, torch.Tensor]:
         lib, threads = load_library(), torch.get_num_threads()
@@ -272,8 +277,8 @@ class _UnigramCounter:
         offsets = torch.zeros(width + 1, dtype=torch.long)  # (W + 1,) first output of n
         torch.cumsum(nnz + tail_starts.diff(), 0, out=offsets[1:])
         total = int(offsets[-1])
-        keys = torch.empty(total, dtype=torch.long)
-        counts = torch.empty(total, dtype=torch.long)
+        keys = torch.empty(total, dtype=torch.int32)
+        counts = torch.empty(total, dtype=torch.int32)
         status = lib.neuronspec_unigram_table(
             threads, n_dense, width, vocab, self.dense.data_ptr(), self.dense_tokens.data_ptr(),
             tail_keys.data_ptr(), tail_counts.data_ptr(), tail_starts.data_ptr(),
@@ -549,6 +554,11 @@ class NeuronStats:
             other.window,
         ) or [s.width for s in self.layers] != [s.width for s in other.layers]:
             raise NeuronSpecError("cannot merge statistics of different models or configs")
+        if self.n_tokens + other.n_tokens >= 2**31:
+            raise NeuronSpecError(
+                "merged statistics would cover 2^31 tokens or more (int32 counts); keep the "
+                "shards apart and combine their findings instead"
+            )
         return NeuronStats.from_tensors(
             _merge_tensor_dicts(self.to_tensors(), other.to_tensors()), self.meta()
         )
@@ -611,8 +621,8 @@ class NeuronStats:
         if not self.config.unigrams:
             raise NeuronSpecError("these statistics were collected without unigram counts")
         keys, counts = _pair_table(self.layer(layer).pairs)
-        keys = keys.numpy()
-        return keys // self.vocab_size, keys % self.vocab_size, counts.numpy()
+        keys = keys.numpy().astype(np.int64)  # stored as int32 where keys fit
+        return keys // self.vocab_size, keys % self.vocab_size, counts.numpy().astype(np.int64)
 
     def trigram_occurrences(self) -> tuple[np.ndarray, np.ndarray]:
         """Occurrences of each trigram at counted positions: ``(key, count)`` sorted by key."""
@@ -673,7 +683,8 @@ def _merge_tensor_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         if name.endswith("_count") and name.replace("_count", "_key") in a:
             key = name.replace("_count", "_key")
             keys, counts = _merge_sparse(torch.cat([a[key], b[key]]), torch.cat([a[name], b[name]]))
-            merged[key], merged[name] = keys, counts
+            # same dtypes as the inputs: keys keep their range; counts fit (< 2^31 tokens)
+            merged[key], merged[name] = keys.to(a[key].dtype), counts.to(a[name].dtype)
         elif name.endswith("act_absmax"):
             merged[name] = torch.maximum(a[name], b[name])
         else:

@@ -184,7 +184,8 @@ i64 neuronspec_layer_stats_f32(
  *                            (ascending ids)
  *   tail_keys, tail_counts   (P,) the other tokens, key = neuron·V + token, sorted, unique
  *
- * Output: every nonzero count as (key, count), sorted by key (neuron-major, then token),
+ * Output: every nonzero count as (key, count), int32 (the caller checks that W·V and every
+ * count fit), sorted by key (neuron-major, then token),
  * without sorting: neuron n's entries start at offsets[n] (from unigram_dense_nnz and the
  * tail's neuron boundaries, tail_starts, (W + 1,)), and within a neuron the ascending dense
  * rows are merged with its ascending tail entries (a token is dense or tail, never both).
@@ -213,32 +214,32 @@ void neuronspec_unigram_dense_nnz(i64 threads, i64 D, i64 W, const int32_t *dens
  * another thread's, or past the end). */
 static inline void table_neuron(i64 D, i64 base, const int32_t *col, const i64 *dense_tokens,
                                 const i64 *tail_keys, const i64 *tail_counts, i64 t, i64 t1,
-                                i64 o, int exact, i64 *out_keys, i64 *out_counts) {
+                                i64 o, int exact, int32_t *out_keys, int32_t *out_counts) {
     i64 r = 0;
     for (; r < D && t < t1; r++) {
         if (col[r] == 0) continue;
         const i64 key = base + dense_tokens[r];
         for (; t < t1 && tail_keys[t] < key; t++, o++) {
-            out_keys[o] = tail_keys[t];
-            out_counts[o] = tail_counts[t];
+            out_keys[o] = (int32_t)tail_keys[t];
+            out_counts[o] = (int32_t)tail_counts[t];
         }
-        out_keys[o] = key;
+        out_keys[o] = (int32_t)key;
         out_counts[o++] = col[r];
     }
     for (; t < t1; t++, o++) {
-        out_keys[o] = tail_keys[t];
-        out_counts[o] = tail_counts[t];
+        out_keys[o] = (int32_t)tail_keys[t];
+        out_counts[o] = (int32_t)tail_counts[t];
     }
     if (exact) {
         for (; r < D; r++) {
             if (col[r] == 0) continue;
-            out_keys[o] = base + dense_tokens[r];
+            out_keys[o] = (int32_t)(base + dense_tokens[r]);
             out_counts[o++] = col[r];
         }
         return;
     }
     for (; r < D; r++) {
-        out_keys[o] = base + dense_tokens[r];
+        out_keys[o] = (int32_t)(base + dense_tokens[r]);
         out_counts[o] = col[r];
         o += col[r] != 0;
     }
@@ -248,7 +249,7 @@ static inline void table_neuron(i64 D, i64 base, const int32_t *col, const i64 *
 int neuronspec_unigram_table(
     i64 threads, i64 D, i64 W, i64 V, const int32_t *dense, const i64 *dense_tokens,
     const i64 *tail_keys, const i64 *tail_counts, const i64 *tail_starts, const i64 *offsets,
-    i64 *out_keys, i64 *out_counts) {
+    int32_t *out_keys, int32_t *out_counts) {
     const i64 blocks = (W + TABLE_LANES - 1) / TABLE_LANES;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : failed)
@@ -354,4 +355,4 @@ i64 neuronspec_merge_counts(i64 na, const i64 *a_keys, const i64 *a_counts, i64 
 }
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int neuronspec_stats_abi(void) { return 4; }
+int neuronspec_stats_abi(void) { return 5; }
