@@ -85,6 +85,24 @@ def test_native_result_does_not_depend_on_thread_count():
             assert torch.equal(a.abs_hist, b.abs_hist)
             assert torch.equal(a.act_sum, b.act_sum)  # column sums do not depend on the split
             assert torch.equal(a.pearson_abs_sum, b.pearson_abs_sum)
+            # each thread writes the tail keys of its own columns
+            for x, y in zip(
+                results[0].unigram_table(layer), other.unigram_table(layer), strict=True
+            ):
+                assert (x == y).all()
+
+
+def test_native_with_keys_too_wide_for_int32_counts_the_tail_in_torch(monkeypatch):
+    """Where neuron·V + token does not fit int32, the kernel leaves the sparse tail to torch
+    (int64 keys); the counts are the same (the int32 limit is lowered to reach that path)."""
+    import neuronspec.capture.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "_INT32_KEYS", WIDTH * VOCAB - 1)
+    batches = [_batch(seed) for seed in range(2)]
+    native, reference = _collect("native", batches), _collect("torch", batches)
+    tail = native.layers[0].pairs.tail
+    assert not tail._native and tail._pending and tail._pending[0].dtype == torch.long
+    _assert_same(native, reference)
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])

@@ -10,15 +10,18 @@ alone, every token would be dense and the tail's cost would not be measured).
 
 The statistics pass runs the layers without the LM head (it needs no logits), so its
 capture overhead is the ratio to a plain forward of the layers; the ratio to the plain LM
-forward is what a user sees end to end. The final sorted (neuron, token) tables are built
-once per pass, at its end (counting the sparse keys still pending, merging dense rows and
-tail); their time is measured inside each pass and reported apart from the streaming part,
-since over a real corpus (thousands of batches) they are a small share that four batches
-overstate. ``quick``: 4 layers, one batch of 2×128 tokens, 2 repeats.
+forward is what a user sees end to end. A pass ends by counting the sparse keys still
+pending and building the final sorted (neuron, token) tables; that part is timed inside
+each pass and reported apart from the streaming. It is not a fixed cost: it grows with the
+number of distinct (neuron, token) pairs, so every pass is timed over ``SHORT`` and over
+``LONG`` batches, and the marginal ratio (the extra batches of the long pass, statistics
+against forward) is the cost per batch once the pass is long. ``quick``: 4 layers, 1 and 2
+batches of 2×128 tokens, 2 repeats.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -63,57 +66,75 @@ def _models(quick: bool) -> dict[str, torch.nn.Module]:
     return {"gpt2-small-shape": gpt2.eval(), "mamba-130m-shape": mamba.eval()}
 
 
+SHORT, LONG = 4, 16  # batches per pass
+
+
 def run(quick: bool = False) -> list[dict]:
     batch, length = (2, 128) if quick else (4, 256)
-    n_batches = 1 if quick else 4  # a pass streams several batches; fixed costs amortise
-    repeats = 2 if quick else 5
+    short, long = (1, 2) if quick else (SHORT, LONG)
+    repeats = 2 if quick else 3
     rows = []
     for name, model in _models(quick).items():
         loaded = LoadedModel(name, model, None, adapter_for(model), name, "bench")
-        ids = _zipf_tokens(batch * n_batches, length, model.config.vocab_size)
+        ids = _zipf_tokens(batch * long, length, model.config.vocab_size)
+        population = _zipf_weights(model.config.vocab_size)  # (V,)
+        final_seconds: dict[int, list[float]] = {short: [], long: []}  # per call, warm-up first
 
-        def lm_forward(model=model, ids=ids):
+        def lm_forward(model=model, ids=ids[: batch * short]):
             with torch.inference_mode():
                 for chunk in ids.split(batch):
                     model(input_ids=chunk, use_cache=False)
 
-        def layers_forward(model=model, ids=ids):
+        def layers_forward(n, model=model, ids=ids):
             with torch.inference_mode():
-                for chunk in ids.split(batch):
+                for chunk in ids[: batch * n].split(batch):
                     model.base_model(input_ids=chunk, use_cache=False)
 
-        population = _zipf_weights(model.config.vocab_size)  # (V,)
-
-        table_seconds: list[float] = []  # per call, warm-up first
-
-        def stats_pass(loaded=loaded, ids=ids, population=population, out=table_seconds):
+        def stats_pass(n, loaded=loaded, ids=ids, population=population, out=final_seconds):
             stats = collect_stats(
                 loaded,
-                ids,
+                ids[: batch * n],
                 bos_id=None,
                 config=StatsConfig(),
                 batch_size=batch,
                 token_frequency=population,
             )
             start = time.perf_counter()
-            stats.to_tensors()  # the final sorted tables, as saved to the cache (once per pass)
-            out.append(time.perf_counter() - start)
+            stats.to_tensors()  # pending sparse keys counted, final tables (once per pass)
+            out[n].append(time.perf_counter() - start)
 
-        times = time_side_by_side(
-            {"lm": lm_forward, "layers": layers_forward, "stats": stats_pass}, repeats
+        t = time_side_by_side(
+            {
+                "lm": lm_forward,
+                "layers": functools.partial(layers_forward, short),
+                "stats": functools.partial(stats_pass, short),
+                "layers long": functools.partial(layers_forward, long),
+                "stats long": functools.partial(stats_pass, long),
+            },
+            repeats,
         )
-        tables = statistics.median(table_seconds[1:])
-        lm_row = f"{name}: plain LM forward (with logits)"
-        layers_row = f"{name}: plain forward of the layers (no LM head)"
-        whole = f"{name}: statistics pass, whole"
+        final = statistics.median(final_seconds[short][1:])
+        tokens = f"{short}x{batch}x{length}"
+        lm_row = f"{name}: plain LM forward (with logits), {tokens}"
+        layers_row = f"{name}: plain forward of the layers (no LM head), {tokens}"
+        whole = f"{name}: statistics pass, whole, {tokens}"
+        long_layers = f"{name}: plain forward of the layers, {long}x{batch}x{length}"
+        extra = f"{long - short} more batches"
+        marginal = f"{name}: forward of the layers, marginal ({extra})"
         rows += [
-            _row(lm_row, times["lm"]),
-            _row(layers_row, times["layers"]),
-            _row(f"{name}: statistics pass, streaming", times["stats"] - tables, layers_row,
-                 times["layers"]),
-            _row(f"{name}: statistics pass, final tables (once)", tables, layers_row,
-                 times["layers"]),
-            _row(whole, times["stats"], layers_row, times["layers"]),
-            _row(whole, times["stats"], lm_row, times["lm"]),
+            _row(lm_row, t["lm"]),
+            _row(layers_row, t["layers"]),
+            _row(f"{name}: statistics pass, streaming, {tokens}", t["stats"] - final, layers_row,
+                 t["layers"]),
+            _row(f"{name}: statistics pass, pending keys + final tables, {tokens}", final,
+                 layers_row, t["layers"]),
+            _row(whole, t["stats"], layers_row, t["layers"]),
+            _row(whole, t["stats"], lm_row, t["lm"]),
+            _row(long_layers, t["layers long"]),
+            _row(f"{name}: statistics pass, whole, {long}x{batch}x{length}", t["stats long"],
+                 long_layers, t["layers long"]),
+            _row(marginal, t["layers long"] - t["layers"]),
+            _row(f"{name}: statistics pass, marginal ({extra})", t["stats long"] - t["stats"],
+                 marginal, t["layers long"] - t["layers"]),
         ]  # fmt: skip
     return rows

@@ -118,13 +118,13 @@ def _merge_disjoint_sorted(
 
 def _count_keys_native(keys: torch.Tensor, max_key: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted distinct ``keys`` (int32, in ``0..max_key``; sorted in place) and their
-    counts, int64, by ``stats.c``."""
+    counts, both int32, by ``stats.c``."""
     lib = load_library()
     scratch = torch.empty_like(keys)
     distinct = lib.neuronspec_sort_keys(keys.numel(), keys.data_ptr(), scratch.data_ptr(), max_key)
     del scratch
-    out_keys = torch.empty(distinct, dtype=torch.long)
-    out_counts = torch.empty(distinct, dtype=torch.long)
+    out_keys = torch.empty(distinct, dtype=torch.int32)
+    out_counts = torch.empty(distinct, dtype=torch.int32)
     lib.neuronspec_run_lengths(
         keys.numel(), keys.data_ptr(), out_keys.data_ptr(), out_counts.data_ptr()
     )
@@ -134,8 +134,9 @@ def _count_keys_native(keys: torch.Tensor, max_key: int) -> tuple[torch.Tensor, 
 def _merge_counts_native(
     a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Union of two count tables with sorted unique int64 keys (equal keys' counts summed),
-    in one linear pass of ``stats.c``."""
+    """Union of two count tables with sorted unique int32 keys and int32 counts (equal
+    keys' counts summed; totals fit, a shard has fewer than 2^31 tokens), in one linear
+    pass of ``stats.c``."""
     lib = load_library()
     (a_keys, a_counts), (b_keys, b_counts) = a, b
     if a_keys.numel() == 0:
@@ -143,8 +144,8 @@ def _merge_counts_native(
     pointers = (a_keys.data_ptr(), a_counts.data_ptr(), b_keys.numel())
     pointers += (b_keys.data_ptr(), b_counts.data_ptr())
     size = lib.neuronspec_merge_counts(a_keys.numel(), *pointers, None, None)
-    keys = torch.empty(size, dtype=torch.long)
-    counts = torch.empty(size, dtype=torch.long)
+    keys = torch.empty(size, dtype=torch.int32)
+    counts = torch.empty(size, dtype=torch.int32)
     lib.neuronspec_merge_counts(a_keys.numel(), *pointers, keys.data_ptr(), counts.data_ptr())
     return keys, counts
 
@@ -155,8 +156,8 @@ class _SparseCounter:
     Added keys wait, uncounted, in a pending list (int32 when ``key_space`` fits) and are
     sorted and merged in when they outnumber the table (amortised: each key is sorted a
     constant number of times), so per batch there is no sort at all. With ``native`` and
-    int32 keys, ``stats.c`` counts them (radix sort, run lengths, linear merge); else torch
-    (``unique``, a sort of the union).
+    int32 keys, ``stats.c`` counts them (radix sort, run lengths, linear merge) and the
+    table is int32 (keys and counts); else torch (``unique``, a sort of the union), int64.
     """
 
     def __init__(
@@ -166,10 +167,11 @@ class _SparseCounter:
         key_space: int | None = None,
         native: bool = False,
     ):
-        self.keys = keys if keys is not None else torch.zeros(0, dtype=torch.long)
-        self.counts = counts if counts is not None else torch.zeros(0, dtype=torch.long)
         compact = key_space is not None and key_space <= _INT32_KEYS
         self._native = native and compact
+        table_dtype = torch.int32 if self._native else torch.long
+        self.keys = keys if keys is not None else torch.zeros(0, dtype=table_dtype)
+        self.counts = counts if counts is not None else torch.zeros(0, dtype=table_dtype)
         self._max_key = key_space - 1 if compact else None
         self._pending_dtype = torch.int32 if compact else torch.long
         self._pending: list[torch.Tensor] = []  # raw keys, one count each
@@ -267,12 +269,12 @@ class _UnigramCounter:
     def _table_native(self) -> tuple[torch.Tensor, torch.Tensor]:
         lib, threads = load_library(), torch.get_num_threads()
         (n_dense, width), vocab = self.dense.shape, self.vocab_size
-        tail_keys, tail_counts = self.tail.keys.long(), self.tail.counts.long()  # (P,) each
+        tail_keys, tail_counts = self.tail.keys, self.tail.counts  # (P,) int32 each
         nnz = torch.empty(width, dtype=torch.long)  # (W,) dense entries per neuron
         lib.neuronspec_unigram_dense_nnz(
             threads, n_dense, width, self.dense.data_ptr(), nnz.data_ptr()
         )
-        bounds = torch.arange(width + 1, dtype=torch.long) * vocab  # (W + 1,) first key of n
+        bounds = torch.arange(width + 1, dtype=torch.int32) * vocab  # (W + 1,) first key of n
         tail_starts = torch.searchsorted(tail_keys, bounds)  # (W + 1,)
         offsets = torch.zeros(width + 1, dtype=torch.long)  # (W + 1,) first output of n
         torch.cumsum(nnz + tail_starts.diff(), 0, out=offsets[1:])
@@ -496,32 +498,46 @@ class NeuronStats:
             stats.pairs.add(input_ids.flatten(), fires.reshape(-1, width), counted.flatten())
         return fires
 
-    def _add_layer_native(self, stats, pre, act, input_ids, counted) -> torch.Tensor:
-        """:meth:`add_layer` through ``stats.c``: every dense accumulator in one pass;
-        only the sparse (neuron, token) tail is left to torch. Returns ``fires``."""
+    def _add_layer_native(self, stats, pre, act, input_ids, counted) -> torch.Tensor | None:
+        """:meth:`add_layer` through ``stats.c``: every accumulator in one pass, the sparse
+        (neuron, token) tail keys included (int32 key spaces; else the tail is left to
+        torch). Returns ``fires`` ``(B, T, W)`` when trigrams need it, else None."""
         batch, window, width = pre.shape
         pre, act = _unit_channel_stride(pre), _unit_channel_stride(act)
-        fires = self._buffer("fires", pre, torch.bool)  # (B, T, W)
         pairs = stats.pairs if self.config.unigrams else None
+        threads = torch.get_num_threads()
+        tail_keys = tail_spans = None
+        n_tail = 0
         if pairs is not None:
-            rows = pairs.remap[input_ids.flatten()]  # (B·T,) dense row or -1
-            rows = torch.where(counted.flatten(), rows, -1)
+            ids, counted_flat = input_ids.flatten(), counted.flatten()  # (B·T,) each
+            rows = pairs.remap[ids]  # (B·T,) dense row or -1
+            tail_tokens = torch.where(counted_flat & (rows < 0), ids, -1)  # (B·T,) token or -1
+            rows = torch.where(counted_flat, rows, -1)
             dense = pairs.dense
+            if pairs.tail._native:
+                n_tail = int((tail_tokens >= 0).sum())
+                tail_keys = self._flat_buffer("tail_keys", n_tail * width, torch.int32)
+                tail_spans = torch.zeros(threads, 2, dtype=torch.long)  # (start, count)
         else:
-            rows = torch.full((batch * window,), -1, dtype=torch.long)
+            rows = tail_tokens = torch.full((batch * window,), -1, dtype=torch.long)
             dense = torch.zeros(0, width, dtype=torch.int32)
+        torch_tail = pairs is not None and tail_keys is None
+        fires = None
+        if self.config.trigrams or torch_tail:
+            fires = self._buffer("fires", pre, torch.bool)  # (B, T, W)
         config = self.config
         lo, hi = math.log2(config.hist_min), math.log2(config.hist_max)
         per_log2 = config.hist_bins / (hi - lo)
         zpos = _position_basis(window, pre.device)[1].contiguous()  # (T,)
-        threads = torch.get_num_threads()
         hists = torch.zeros(threads, config.hist_bins + 2, dtype=torch.long)  # one per thread
         found = load_library().neuronspec_layer_stats_f32(
             threads, batch, window, width,
             pre.data_ptr(), pre.stride(0), pre.stride(1),
             act.data_ptr(), act.stride(0), act.stride(1),
             config.fire_threshold, zpos.data_ptr(), rows.data_ptr(),
-            dense.data_ptr(), fires.data_ptr(), stats.fire_by_pos.data_ptr(),
+            dense.data_ptr(), _data_ptr(fires), stats.fire_by_pos.data_ptr(),
+            tail_tokens.data_ptr(), self.vocab_size, n_tail, _data_ptr(tail_keys),
+            _data_ptr(tail_spans),
             stats.act_sum.data_ptr(), stats.act_sumsq.data_ptr(),
             stats.act_absmax.data_ptr(), stats.pearson_abs_sum.data_ptr(),
             hists.data_ptr(), config.hist_bins, config.hist_min, config.hist_max,
@@ -531,8 +547,11 @@ class NeuronStats:
             raise MemoryError("stats kernel: cannot allocate its scratch memory")
         _refuse_non_finite(found)
         stats.abs_hist += hists.sum(0)
-        if pairs is not None:
-            tail = counted & (pairs.remap[input_ids] < 0)  # (B, T)
+        if tail_keys is not None:
+            spans = [tail_keys[start : start + count] for start, count in tail_spans.tolist()]
+            pairs.tail.add(torch.cat(spans))  # a copy: the buffer is reused
+        elif torch_tail:
+            tail = (tail_tokens >= 0).view(batch, window)  # (B, T)
             if bool(tail.any()):
                 position, neuron = torch.nonzero(fires[tail], as_tuple=True)
                 pairs.tail.add(neuron * pairs.vocab_size + input_ids[tail][position])
@@ -544,6 +563,13 @@ class NeuronStats:
         if buffer is None or buffer.shape != like.shape or buffer.device != like.device:
             buffer = self._buffers[name] = torch.empty(like.shape, dtype=dtype, device=like.device)
         return buffer
+
+    def _flat_buffer(self, name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable CPU work vector of at least ``size`` elements (its first ``size``)."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < size:
+            buffer = self._buffers[name] = torch.empty(size, dtype=dtype)
+        return buffer[:size]
 
     # -- merging and serialisation ------------------------------------------------------------
     def merge(self, other: NeuronStats) -> NeuronStats:
@@ -741,6 +767,10 @@ def _refuse_non_finite(pairs: int) -> None:
             f"non-finite activations (NaN or inf) in {pairs} (window, neuron) pairs of one "
             "batch; check the model's weights and dtype"
         )
+
+
+def _data_ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ __all__ = ["KernelUnavailableError", "load_library"]
 
 SOURCES = (Path(__file__).with_name("scan.c"), Path(__file__).with_name("stats.c"))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fopenmp")
-ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 5}
+ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 6}
 
 _i64, _ptr, _f32, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
 _SCAN_ARGS = (
@@ -58,6 +58,7 @@ _STATS_ARGS = (
     + [_ptr, _i64, _i64] * 2  # pre, act (+ batch and time strides)
     + [_f32, _ptr, _ptr]  # threshold, zpos, rows
     + [_ptr] * 3  # dense, fires, fire_by_pos
+    + [_ptr, _i64, _i64, _ptr, _ptr]  # tail_tokens, V, n_tail, tail_keys, tail_spans
     + [_ptr] * 4  # act_sum, act_sumsq, act_absmax, pearson_abs_sum
     + [_ptr, _i64, _f32, _f32, _f32, _f32, _f64]  # hist, n_bins, min, max, per_log2, offset, cv
 )

@@ -7,6 +7,8 @@
  *   fire_by_pos (T, W) int64   += [pre > threshold]
  *   dense       (D, W) int32   += [pre > threshold] at positions whose dense row >= 0
  *   fires       (B·T, W) uint8  = [pre > threshold]          (when not NULL)
+ *   tail keys   int32            n·V + token for every firing at a position whose
+ *                                tail_token >= 0 (when tail_keys is not NULL)
  *   act_sum, act_sumsq (W,) f64 += per-window float32 sums of a, a², widened per window
  *   act_absmax  (W,) f64        = max(., max |a|)
  *   pearson_abs_sum (W,) f64   += |Pearson r(a, position)| per window
@@ -14,7 +16,10 @@
  *
  * The columns are split among `threads` OpenMP threads (torch's own runtime, see
  * scan.c); every column belongs to one thread, so only the histogram needs a buffer per
- * thread. Returns the number of (window, neuron) pairs with
+ * thread. The tail keys of the thread owning columns [lo, hi) go to
+ * tail_keys[n_tail·lo ..] (room for n_tail·(hi - lo) keys, n_tail = number of positions
+ * with tail_token >= 0), in no particular order; tail_spans[2·tid] and [2·tid + 1] say
+ * where they start and how many there are. Returns the number of (window, neuron) pairs with
  * a non-finite activation (the caller refuses them), or -1 when scratch memory cannot
  * be allocated.
  */
@@ -55,11 +60,14 @@ static i64 layer_columns(
     const float *act, i64 act_sb, i64 act_st,
     float threshold, const float *zpos, const i64 *rows,
     int32_t *dense, uint8_t *fires, i64 *fire_by_pos,
+    const i64 *tail_tokens, i64 V, int32_t *tail_keys, i64 *tail_found,
     double *act_sum, double *act_sumsq, double *act_absmax, double *pearson_abs_sum,
     i64 *hist, i64 n_bins, float hist_min, float hist_max, float per_log2, float offset,
     double constant_variance) {
     const i64 n = w1 - w0;
+    *tail_found = 0;
     if (n <= 0) return 0;
+    i64 found = 0; /* tail keys written */
     /* per-window float32 sums for every batch row: (3, B, n); positions are the outer
      * loop so that fire_by_pos row t is read and written once per batch, not B times */
     float *scratch = malloc((size_t)(3 * B + 1) * n * sizeof(float));
@@ -110,6 +118,15 @@ static i64 layer_columns(
                 int32_t *d = dense + row * W + w0;
                 for (i64 w = 0; w < n; w++) d[w] += f[w];
             }
+            const i64 token = tail_keys ? tail_tokens[b * T + t] : -1;
+            if (token >= 0) {
+                /* branch-free: every key is written, the count advances on a firing */
+                int32_t key = (int32_t)(w0 * V + token);
+                for (i64 w = 0; w < n; w++, key += (int32_t)V) {
+                    tail_keys[found] = key;
+                    found += f[w];
+                }
+            }
             for (i64 w = 0; w < n; w++) hist[bins[w]]++;
         }
     }
@@ -140,6 +157,7 @@ static i64 layer_columns(
     }
     free(scratch);
     free(bytes);
+    *tail_found = found;
     return nonfinite;
 }
 
@@ -149,10 +167,11 @@ i64 neuronspec_layer_stats_f32(
     const float *act, i64 act_sb, i64 act_st,
     float threshold, const float *zpos, const i64 *rows,
     int32_t *dense, uint8_t *fires, i64 *fire_by_pos,
+    const i64 *tail_tokens, i64 V, i64 n_tail, int32_t *tail_keys, i64 *tail_spans,
     double *act_sum, double *act_sumsq, double *act_absmax, double *pearson_abs_sum,
     i64 *hists, i64 n_bins, float hist_min, float hist_max, float per_log2, float offset,
     double constant_variance) {
-    /* hists: (threads, n_bins + 2), one histogram per thread */
+    /* hists: (threads, n_bins + 2), one histogram per thread; tail_spans (threads, 2) */
     if (threads < 1) return -2;
     const i64 blocks = (W + 15) / 16; /* slices of whole 64-byte lines of float32 columns */
     i64 nonfinite = 0, failed = 0;
@@ -166,11 +185,15 @@ i64 neuronspec_layer_stats_f32(
         const i64 lo = 16 * (blocks * tid / nt);
         const i64 hi_block = 16 * (blocks * (tid + 1) / nt);
         const i64 hi = hi_block < W ? hi_block : W;
+        int32_t *keys = tail_keys ? tail_keys + n_tail * lo : NULL;
+        if (tail_spans) tail_spans[2 * tid] = n_tail * lo;
+        i64 tail_found = 0;
         const i64 found = layer_columns(
             lo, hi, B, T, W, pre, pre_sb, pre_st, act, act_sb, act_st, threshold, zpos, rows,
-            dense, fires, fire_by_pos, act_sum, act_sumsq, act_absmax, pearson_abs_sum,
-            hists + tid * (n_bins + 2), n_bins, hist_min, hist_max, per_log2, offset,
-            constant_variance);
+            dense, fires, fire_by_pos, tail_tokens, V, keys, &tail_found, act_sum, act_sumsq,
+            act_absmax, pearson_abs_sum, hists + tid * (n_bins + 2), n_bins, hist_min,
+            hist_max, per_log2, offset, constant_variance);
+        if (tail_spans) tail_spans[2 * tid + 1] = tail_found;
         if (found < 0) failed += 1;
         else nonfinite += found;
     }
@@ -182,7 +205,8 @@ i64 neuronspec_layer_stats_f32(
  *
  *   dense (D, W) int32       counts of the D frequent tokens, row r = token dense_tokens[r]
  *                            (ascending ids)
- *   tail_keys, tail_counts   (P,) the other tokens, key = neuron·V + token, sorted, unique
+ *   tail_keys, tail_counts   (P,) int32, the other tokens, key = neuron·V + token, sorted,
+ *                            unique
  *
  * Output: every nonzero count as (key, count), int32 (the caller checks that W·V and every
  * count fit), sorted by key (neuron-major, then token),
@@ -213,22 +237,23 @@ void neuronspec_unigram_dense_nnz(i64 threads, i64 D, i64 W, const int32_t *dens
  * for a neuron after which no later neuron of its block has an entry (that slot is
  * another thread's, or past the end). */
 static inline void table_neuron(i64 D, i64 base, const int32_t *col, const i64 *dense_tokens,
-                                const i64 *tail_keys, const i64 *tail_counts, i64 t, i64 t1,
+                                const int32_t *tail_keys, const int32_t *tail_counts, i64 t,
+                                i64 t1,
                                 i64 o, int exact, int32_t *out_keys, int32_t *out_counts) {
     i64 r = 0;
     for (; r < D && t < t1; r++) {
         if (col[r] == 0) continue;
         const i64 key = base + dense_tokens[r];
         for (; t < t1 && tail_keys[t] < key; t++, o++) {
-            out_keys[o] = (int32_t)tail_keys[t];
-            out_counts[o] = (int32_t)tail_counts[t];
+            out_keys[o] = tail_keys[t];
+            out_counts[o] = tail_counts[t];
         }
         out_keys[o] = (int32_t)key;
         out_counts[o++] = col[r];
     }
     for (; t < t1; t++, o++) {
-        out_keys[o] = (int32_t)tail_keys[t];
-        out_counts[o] = (int32_t)tail_counts[t];
+        out_keys[o] = tail_keys[t];
+        out_counts[o] = tail_counts[t];
     }
     if (exact) {
         for (; r < D; r++) {
@@ -248,8 +273,8 @@ static inline void table_neuron(i64 D, i64 base, const int32_t *col, const i64 *
 /* Returns 0, or -1 when scratch memory cannot be allocated. */
 int neuronspec_unigram_table(
     i64 threads, i64 D, i64 W, i64 V, const int32_t *dense, const i64 *dense_tokens,
-    const i64 *tail_keys, const i64 *tail_counts, const i64 *tail_starts, const i64 *offsets,
-    int32_t *out_keys, int32_t *out_counts) {
+    const int32_t *tail_keys, const int32_t *tail_counts, const i64 *tail_starts,
+    const i64 *offsets, int32_t *out_keys, int32_t *out_counts) {
     const i64 blocks = (W + TABLE_LANES - 1) / TABLE_LANES;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : failed)
@@ -308,8 +333,9 @@ i64 neuronspec_sort_keys(i64 n, int32_t *keys, int32_t *scratch, i64 max_key) {
     return distinct;
 }
 
-/* Run lengths of sorted keys (n,) int32: out_keys, out_counts (distinct,) int64. */
-void neuronspec_run_lengths(i64 n, const int32_t *keys, i64 *out_keys, i64 *out_counts) {
+/* Run lengths of sorted keys (n,) int32: out_keys, out_counts (distinct,) int32. */
+void neuronspec_run_lengths(i64 n, const int32_t *keys, int32_t *out_keys,
+                            int32_t *out_counts) {
     i64 o = -1;
     for (i64 i = 0; i < n; i++) {
         if (i == 0 || keys[i] != keys[i - 1]) {
@@ -320,15 +346,16 @@ void neuronspec_run_lengths(i64 n, const int32_t *keys, i64 *out_keys, i64 *out_
     }
 }
 
-/* Union of two count tables with sorted unique int64 keys, counts of equal keys summed.
+/* Union of two count tables with sorted unique int32 keys, counts of equal keys summed
+ * (int32: the caller's counts total fewer than 2^31 tokens).
  * With out_keys NULL only returns the size of the union; else also writes it. */
-i64 neuronspec_merge_counts(i64 na, const i64 *a_keys, const i64 *a_counts, i64 nb,
-                            const i64 *b_keys, const i64 *b_counts, i64 *out_keys,
-                            i64 *out_counts) {
+i64 neuronspec_merge_counts(i64 na, const int32_t *a_keys, const int32_t *a_counts, i64 nb,
+                            const int32_t *b_keys, const int32_t *b_counts, int32_t *out_keys,
+                            int32_t *out_counts) {
     i64 i = 0, j = 0, o = 0;
     if (!out_keys) {
         while (i < na && j < nb) {
-            const i64 a = a_keys[i], b = b_keys[j];
+            const int32_t a = a_keys[i], b = b_keys[j];
             i += a <= b;
             j += b <= a;
             o++;
@@ -336,7 +363,7 @@ i64 neuronspec_merge_counts(i64 na, const i64 *a_keys, const i64 *a_counts, i64 
         return o + (na - i) + (nb - j);
     }
     while (i < na && j < nb) {
-        const i64 a = a_keys[i], b = b_keys[j];
+        const int32_t a = a_keys[i], b = b_keys[j];
         out_keys[o] = a < b ? a : b;
         out_counts[o] = (a <= b ? a_counts[i] : 0) + (b <= a ? b_counts[j] : 0);
         i += a <= b;
@@ -355,4 +382,4 @@ i64 neuronspec_merge_counts(i64 na, const i64 *a_keys, const i64 *a_counts, i64 
 }
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int neuronspec_stats_abi(void) { return 5; }
+int neuronspec_stats_abi(void) { return 6; }
