@@ -1,12 +1,14 @@
 """Cost of the streamed statistics pass against a plain forward over the same tokens.
 
 Random models with GPT-2-small's shape (12 layers, d 768, 3072 neurons, vocab 50257) and
-mamba-130m's shape (24 layers, d 768, d_inner 1536, vocab 50280; fast scan), four batches of
+mamba-130m's shape (24 layers, d 768, d_inner 1536, vocab 50280; fast scan), batches of
 4×256 tokens of a Zipf-distributed token stream (so the token statistics look like text, not
 uniform noise). The tokens whose (neuron, token) counts are kept densely are picked from the
 Zipf population, as a pass over a large corpus picks them: about a quarter of the
-occurrences then fall to the sparse tail, as in real text (picked from these 4,096 tokens
-alone, every token would be dense and the tail's cost would not be measured).
+occurrences then fall to the sparse tail, as in real text (picked from the pass's own
+tokens alone, every token would be dense and the tail's cost would not be measured).
+Random models fire on about half of all (token, neuron) pairs: a worst case for the exact
+sparse counts.
 
 The statistics pass runs the layers without the LM head (it needs no logits), so its
 capture overhead is the ratio to a plain forward of the layers; the ratio to the plain LM
