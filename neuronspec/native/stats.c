@@ -121,9 +121,9 @@ static i64 layer_columns(
             const i64 token = tail_keys ? tail_tokens[b * T + t] : -1;
             if (token >= 0) {
                 /* branch-free: every key is written, the count advances on a firing */
-                int32_t key = (int32_t)(w0 * V + token);
-                for (i64 w = 0; w < n; w++, key += (int32_t)V) {
-                    tail_keys[found] = key;
+                i64 key = w0 * V + token; /* < W·V, which the caller checks fits int32 */
+                for (i64 w = 0; w < n; w++, key += V) {
+                    tail_keys[found] = (int32_t)key;
                     found += f[w];
                 }
             }
@@ -237,9 +237,9 @@ void neuronspec_unigram_dense_nnz(i64 threads, i64 D, i64 W, const int32_t *dens
  * for a neuron after which no later neuron of its block has an entry (that slot is
  * another thread's, or past the end). */
 static inline void table_neuron(i64 D, i64 base, const int32_t *col, const i64 *dense_tokens,
-                                const int32_t *tail_keys, const int32_t *tail_counts, i64 t,
-                                i64 t1,
-                                i64 o, int exact, int32_t *out_keys, int32_t *out_counts) {
+                                const int32_t *tail_keys, const int32_t *tail_counts,
+                                i64 t, i64 t1, i64 o, int exact, int32_t *out_keys,
+                                int32_t *out_counts) {
     i64 r = 0;
     for (; r < D && t < t1; r++) {
         if (col[r] == 0) continue;
