@@ -95,7 +95,7 @@ def test_merge_of_halves_equals_whole(random_model):
     whole = _stats(random_model, windows)
     # split on a batch boundary: the same forward passes, so the merge must be exact
     merged = _stats(random_model, windows[:4]).merge(_stats(random_model, windows[4:]))
-    a, b = whole.to_tensors(), merged.to_tensors()
+    a, b = whole.to_tensors(table_only=True), merged.to_tensors(table_only=True)
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], msg=name, rtol=1e-12, atol=1e-12)
@@ -104,8 +104,8 @@ def test_merge_of_halves_equals_whole(random_model):
 
 def test_batch_size_does_not_change_results(random_model):
     windows = _windows()
-    a = _stats(random_model, windows, batch_size=1).to_tensors()
-    b = _stats(random_model, windows, batch_size=12).to_tensors()
+    a = _stats(random_model, windows, batch_size=1).to_tensors(table_only=True)
+    b = _stats(random_model, windows, batch_size=12).to_tensors(table_only=True)
     for name in a:
         torch.testing.assert_close(a[name], b[name], msg=name, rtol=1e-6, atol=1e-9)
 
@@ -117,11 +117,11 @@ def test_choice_of_dense_tokens_does_not_change_results(random_model, backend):
     every = torch.ones(VOCAB)
     reversed_ranks = torch.arange(VOCAB, 0, -1).double()  # favours small ids, not the corpus's
     results = [
-        _stats(random_model, windows, backend=backend).to_tensors(),
+        _stats(random_model, windows, backend=backend).to_tensors(table_only=True),
         collect_stats(random_model, windows, bos_id=BOS, config=CONFIG, backend=backend,
-                      token_frequency=every).to_tensors(),
+                      token_frequency=every).to_tensors(table_only=True),
         collect_stats(random_model, windows, bos_id=BOS, config=CONFIG, backend=backend,
-                      token_frequency=reversed_ranks).to_tensors(),
+                      token_frequency=reversed_ranks).to_tensors(table_only=True),
     ]  # fmt: skip
     with_tail = NeuronStats.empty([8], windows.shape[1], VOCAB, CONFIG, torch.zeros(VOCAB))
     assert with_tail.layers[0].pairs.dense.shape[0] == 0  # zero frequency: nothing dense
@@ -134,10 +134,17 @@ def test_choice_of_dense_tokens_does_not_change_results(random_model, backend):
 
 
 def test_serialisation_round_trip(random_model):
-    stats = _stats(random_model, _windows())
-    again = NeuronStats.from_tensors(stats.to_tensors(), stats.meta())
-    for name, tensor in stats.to_tensors().items():
+    odd_tokens_dense = (torch.arange(VOCAB) % 2).double()
+    stats = collect_stats(
+        random_model, _windows(), bos_id=BOS, config=CONFIG, token_frequency=odd_tokens_dense
+    )
+    stored = stats.to_tensors()
+    assert stored["layer0.pair_dense"].numel() and stored["layer0.pair_key"].numel()  # both parts
+    again = NeuronStats.from_tensors(stored, stats.meta())
+    for name, tensor in stored.items():
         assert torch.equal(tensor, again.to_tensors()[name]), name
+    for name, tensor in stats.to_tensors(table_only=True).items():
+        assert torch.equal(tensor, again.to_tensors(table_only=True)[name]), name
 
 
 def _kill_gpt2_neurons(model, layer, neurons):

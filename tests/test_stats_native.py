@@ -133,14 +133,21 @@ def test_histogram_range_must_be_normal_float32():
 
 def _unigram_counter(dense_rows: int, width: int, seed: int, native: bool = True):
     """A counter with random dense rows (half their counts zero) and a sparse tail of
-    other tokens: some neurons with no tail, some with only tail entries."""
+    other tokens: some neurons with no tail, some with only tail entries. Rows go to two
+    thirds of the eligible tokens, in random order; the rows left hold garbage that the
+    tables must never read."""
     from neuronspec.capture.stats import _UnigramCounter
 
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randperm(VOCAB, generator=g)
     counter = _UnigramCounter(width, VOCAB, tokens[:dense_rows], native)
+    seen = tokens[: dense_rows - dense_rows // 3]  # eligible tokens seen, first-seen order
+    for batch in seen.chunk(4):  # each batch's new tokens get rows in token order
+        counter.rows_for(batch, torch.ones(len(batch), dtype=torch.bool))
+    assert sorted(counter.row_tokens[: counter.n_rows].tolist()) == sorted(seen.tolist())
     counter.dense.copy_(torch.randint(0, 4, (dense_rows, width), generator=g) // 2 * 7)
     counter.dense[:, :3] = 0  # neurons 0-2: tail only (or nothing)
+    counter.dense[counter.n_rows :] = 99  # never assigned
     tail_tokens = tokens[dense_rows:]
     if tail_tokens.numel():
         neurons = torch.randint(3, width, (500,), generator=g)
@@ -156,7 +163,7 @@ def _unigram_counter(dense_rows: int, width: int, seed: int, native: bool = True
 
 def _brute_force_table(counter) -> dict[int, int]:
     table = {}
-    for row, token in enumerate(counter.dense_tokens.tolist()):
+    for row, token in enumerate(counter.row_tokens[: counter.n_rows].tolist()):
         for neuron, count in enumerate(counter.dense[row].tolist()):
             if count:
                 table[neuron * VOCAB + token] = count
@@ -192,7 +199,8 @@ def test_unigram_table_kernel_writes_nothing_past_its_entries():
 
     counter = _unigram_counter(40, 53, seed=7)
     counter.dense[:, 45:] = 0  # no dense entries in neurons 45..52 ...
-    counter.dense[-1, 44] = 0  # ... and a trailing zero in the last neuron with entries
+    rows, dense_tokens = counter._rows_by_token()
+    counter.dense[rows[-1], 44] = 0  # ... and a trailing zero in the last neuron with entries
     counter.tail.consolidate()
     keep = counter.tail.keys < 45 * VOCAB  # ... nor tail entries
     counter.tail.keys, counter.tail.counts = counter.tail.keys[keep], counter.tail.counts[keep]
@@ -200,7 +208,9 @@ def test_unigram_table_kernel_writes_nothing_past_its_entries():
     width, sentinel = 53, -12345
     nnz = torch.empty(width, dtype=torch.long)
     lib = load_library()
-    lib.neuronspec_unigram_dense_nnz(2, 40, width, counter.dense.data_ptr(), nnz.data_ptr())
+    lib.neuronspec_unigram_dense_nnz(
+        2, len(rows), width, counter.dense.data_ptr(), rows.data_ptr(), nnz.data_ptr()
+    )
     tail_starts = torch.searchsorted(counter.tail.keys, torch.arange(width + 1) * VOCAB)
     offsets = torch.zeros(width + 1, dtype=torch.long)
     torch.cumsum(nnz + tail_starts.diff(), 0, out=offsets[1:])
@@ -208,7 +218,8 @@ def test_unigram_table_kernel_writes_nothing_past_its_entries():
     keys = torch.full((len(expected) + 8,), sentinel, dtype=torch.int32)
     counts = torch.full_like(keys, sentinel)
     status = lib.neuronspec_unigram_table(
-        2, 40, width, VOCAB, counter.dense.data_ptr(), counter.dense_tokens.data_ptr(),
+        2, len(rows), width, VOCAB, counter.dense.data_ptr(), rows.data_ptr(),
+        dense_tokens.data_ptr(),
         counter.tail.keys.data_ptr(), counter.tail.counts.data_ptr(), tail_starts.data_ptr(),
         offsets.data_ptr(), keys.data_ptr(), counts.data_ptr(),
     )  # fmt: skip

@@ -13,9 +13,12 @@ act_absmax          (W,) float64           max |a|                              
 abs_hist            (n_bins + 2,) int64    histogram of |a| over all (token, neuron), fixed
                                            log-spaced edges; first/last bin = under/overflow
 pearson_abs_sum     (W,) float64           Σ over windows of |Pearson r(a, position)|
-pair_key/count      (P,) int32             sparse unigram firings: key = n·V + token, at
-                                           counted positions (not window start, not BOS);
-                                           int64 where W·V >= 2^31
+pair_dense_token    (D,) int64             unigram firings at counted positions (not window
+pair_dense          (D, W) int32           start, not BOS), for frequent tokens: row r counts
+                                           token pair_dense_token[r] (distinct, any order)
+pair_key/count      (P,) int32             ... and for the other tokens: sparse, sorted, key =
+                                           n·V + token; int64 where W·V >= 2^31
+                                           (:meth:`NeuronStats.unigram_table` joins both)
 tri_key/count       (Q,) int64             sparse trigram firings: key = n·V³ + trigram
 ==================  =====================  ==================================================
 
@@ -48,7 +51,7 @@ STATS_BACKENDS = ("auto", "native", "torch")
 """``native``: ``neuronspec/native/stats.c`` (float32 CPU activations); ``torch``: torch
 ops; ``auto``: native where it applies and builds, else torch. Not part of the cache key:
 both compute the same definitions."""
-STATS_FORMAT = "neuronspec-stats-v2"  # part of the cache key: bump when an accumulator changes
+STATS_FORMAT = "neuronspec-stats-v3"  # part of the cache key: bump when an accumulator changes
 
 
 @dataclass(frozen=True)
@@ -205,10 +208,13 @@ class _SparseCounter:
 
 class _UnigramCounter:
     """(neuron, token) firing counts: dense int32 rows for the corpus's most frequent tokens
-    (bounded by ``DENSE_UNIGRAM_BYTES`` per layer), a sparse table for the rest.
+    (:data:`DENSE_UNIGRAM_BYTES` over all layers), a sparse table for the rest.
 
-    Counting frequent tokens densely replaces a sort per firing by an ``index_add_``; the
-    result is exact either way, and :meth:`table` returns the one sparse form.
+    Counting frequent tokens densely replaces a sort per firing by an add into the row; the
+    result is exact either way, and :meth:`table` returns the one sparse form. An eligible
+    token gets its row when first seen, rows in order of first sight in memory the OS zeroes
+    on first touch, so memory and the final table walk grow with the tokens seen, not with
+    the budget.
     """
 
     def __init__(
@@ -222,25 +228,84 @@ class _UnigramCounter:
         dense_tokens = (
             dense_tokens if dense_tokens is not None else torch.zeros(0, dtype=torch.long)
         )
-        self.dense_tokens = torch.unique(dense_tokens.long())  # (D,) ascending: sorted keys
+        self.eligible = torch.zeros(vocab_size, dtype=torch.bool)  # (V,) may get a dense row
+        self.eligible[dense_tokens.long()] = True
+        capacity = int(self.eligible.sum())
         self.remap = torch.full((vocab_size,), -1, dtype=torch.long)  # (V,) token -> row or -1
-        self.remap[self.dense_tokens] = torch.arange(len(self.dense_tokens))
-        self.dense = torch.zeros(len(self.dense_tokens), width, dtype=torch.int32)  # (D, W)
+        self.row_tokens = torch.empty(capacity, dtype=torch.long)  # (D,) row -> token
+        self.n_rows = 0  # rows assigned (the first n_rows of dense and row_tokens)
+        self.dense = _lazily_zeroed(capacity, width)  # (D, W) int32
         self.native = native  # count and build the table with stats.c
         self.tail = _SparseCounter(key_space=width * vocab_size, native=native)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # memo of table()
+
+    @classmethod
+    def from_parts(
+        cls,
+        width: int,
+        vocab_size: int,
+        row_tokens: torch.Tensor,
+        dense: torch.Tensor,
+        tail_keys: torch.Tensor,
+        tail_counts: torch.Tensor,
+        native: bool,
+    ) -> _UnigramCounter:
+        """The counter whose :meth:`parts` these are (rows ``dense (D, W)`` of the distinct
+        ``row_tokens (D,)``; the tail table, sorted, without those tokens)."""
+        counter = cls(width, vocab_size, native=native)
+        counter.eligible[row_tokens] = True
+        counter.remap[row_tokens] = torch.arange(len(row_tokens))
+        counter.row_tokens, counter.dense, counter.n_rows = row_tokens, dense, len(row_tokens)
+        dtype = counter.tail.keys.dtype  # int32 where W·V fits (the native tables'), else int64
+        counter.tail = _SparseCounter(
+            tail_keys.to(dtype), tail_counts.to(dtype), width * vocab_size, native
+        )
+        return counter
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The counts as stored: the assigned dense rows, their tokens, the tail table."""
+        self.tail.consolidate()
+        compact = self.width * self.vocab_size <= _INT32_KEYS
+        tail_keys, tail_counts = self.tail.keys, self.tail.counts
+        return {
+            "pair_dense_token": self.row_tokens[: self.n_rows],
+            "pair_dense": self.dense[: self.n_rows],
+            "pair_key": tail_keys.int() if compact else tail_keys,
+            "pair_count": tail_counts.int() if compact else tail_counts,
+        }
+
+    def rows_for(self, tokens: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+        """The dense row of each of ``tokens (M,)`` at a ``counted (M,)`` position, or -1
+        (tail token, or not counted); rows are assigned to eligible tokens seen first.
+        Called before counting each batch."""
+        self._table = None
+        rows = torch.where(counted, self.remap[tokens], -1)  # (M,)
+        new = tokens[counted & (rows < 0) & self.eligible[tokens]]
+        if new.numel() == 0:
+            return rows
+        new = torch.unique(new)
+        first, self.n_rows = self.n_rows, self.n_rows + new.numel()
+        self.remap[new] = torch.arange(first, self.n_rows)
+        self.row_tokens[first : self.n_rows] = new
+        return torch.where(counted, self.remap[tokens], -1)
 
     def add(self, tokens: torch.Tensor, fires: torch.Tensor, counted: torch.Tensor) -> None:
         """``tokens (M,)``, their firing pattern ``fires (M, W)``, and which positions
         count ``counted (M,)`` (not a window start, not BOS)."""
         tokens, fires, counted = tokens.cpu(), fires.cpu(), counted.cpu()
-        rows = self.remap[tokens]  # (M,)
-        dense = counted & (rows >= 0)
-        tail = counted & (rows < 0)
+        rows = self.rows_for(tokens, counted)  # (M,)
+        dense = rows >= 0
+        tail = counted & ~self.eligible[tokens]
         if bool(dense.any()):
             self.dense.index_add_(0, rows[dense], fires[dense].to(torch.int32))
         if bool(tail.any()):
             position, neuron = torch.nonzero(fires[tail], as_tuple=True)
             self.tail.add(neuron * self.vocab_size + tokens[tail][position])
+
+    def _rows_by_token(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The assigned rows in ascending token order ``(D',)``, and their tokens ``(D',)``."""
+        tokens, rows = torch.sort(self.row_tokens[: self.n_rows])
+        return rows, tokens
 
     def table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All counts as sorted unique ``(key = neuron·V + token, count)``: int32 when every
@@ -250,16 +315,22 @@ class _UnigramCounter:
         Both parts are sorted (dense rows read neuron-major with ascending token ids; the
         tail consolidated) and their keys are disjoint (a token is dense or tail), so they
         are merged without sorting: by ``stats.c`` in one pass over the dense rows when
-        ``native`` (and int32), else by rank with torch ops.
+        ``native`` (and int32), else by rank with torch ops. Memoised until the next batch.
         """
+        if self._table is None:
+            self._table = self._build_table()
+        return self._table
+
+    def _build_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.tail.consolidate()
         compact = self.width * self.vocab_size <= _INT32_KEYS
         if self.native and compact:
             return self._table_native()
-        by_neuron = self.dense.t().flatten()  # (W·D,) neuron-major copy
+        rows, tokens = self._rows_by_token()  # (D',) each
+        by_neuron = self.dense[rows].t().flatten()  # (W·D',) neuron-major copy
         (flat,) = torch.nonzero(by_neuron, as_tuple=True)  # increasing
-        n_dense = len(self.dense_tokens)
-        dense_keys = (flat // n_dense) * self.vocab_size + self.dense_tokens[flat % n_dense]
+        n_dense = len(rows)
+        dense_keys = (flat // n_dense) * self.vocab_size + tokens[flat % n_dense]
         dense_counts = by_neuron[flat].long()
         keys, counts = _merge_disjoint_sorted(
             (self.tail.keys, self.tail.counts), (dense_keys, dense_counts)
@@ -268,11 +339,13 @@ class _UnigramCounter:
 
     def _table_native(self) -> tuple[torch.Tensor, torch.Tensor]:
         lib, threads = load_library(), torch.get_num_threads()
-        (n_dense, width), vocab = self.dense.shape, self.vocab_size
+        width, vocab = self.width, self.vocab_size
+        rows, dense_tokens = self._rows_by_token()  # (D',) each
+        n_dense = len(rows)
         tail_keys, tail_counts = self.tail.keys, self.tail.counts  # (P,) int32 each
         nnz = torch.empty(width, dtype=torch.long)  # (W,) dense entries per neuron
         lib.neuronspec_unigram_dense_nnz(
-            threads, n_dense, width, self.dense.data_ptr(), nnz.data_ptr()
+            threads, n_dense, width, self.dense.data_ptr(), rows.data_ptr(), nnz.data_ptr()
         )
         bounds = torch.arange(width + 1, dtype=torch.int32) * vocab  # (W + 1,) first key of n
         tail_starts = torch.searchsorted(tail_keys, bounds)  # (W + 1,)
@@ -282,7 +355,8 @@ class _UnigramCounter:
         keys = torch.empty(total, dtype=torch.int32)
         counts = torch.empty(total, dtype=torch.int32)
         status = lib.neuronspec_unigram_table(
-            threads, n_dense, width, vocab, self.dense.data_ptr(), self.dense_tokens.data_ptr(),
+            threads, n_dense, width, vocab, self.dense.data_ptr(), rows.data_ptr(),
+            dense_tokens.data_ptr(),
             tail_keys.data_ptr(), tail_counts.data_ptr(), tail_starts.data_ptr(),
             offsets.data_ptr(), keys.data_ptr(), counts.data_ptr(),
         )  # fmt: skip
@@ -301,7 +375,7 @@ class LayerStats:
     act_absmax: torch.Tensor
     abs_hist: torch.Tensor
     pearson_abs_sum: torch.Tensor
-    pairs: _UnigramCounter | _SparseCounter
+    pairs: _UnigramCounter
     trigrams: _SparseCounter
 
     @classmethod
@@ -383,7 +457,7 @@ class NeuronStats:
                     width,
                     vocab_size,
                     config,
-                    _dense_tokens(token_frequency, width),
+                    _dense_tokens(token_frequency, sum(widths)),
                     native=_use_native(backend),
                 )
                 for width in widths
@@ -510,9 +584,9 @@ class NeuronStats:
         n_tail = 0
         if pairs is not None:
             ids, counted_flat = input_ids.flatten(), counted.flatten()  # (B·T,) each
-            rows = pairs.remap[ids]  # (B·T,) dense row or -1
-            tail_tokens = torch.where(counted_flat & (rows < 0), ids, -1)  # (B·T,) token or -1
-            rows = torch.where(counted_flat, rows, -1)
+            rows = pairs.rows_for(ids, counted_flat)  # (B·T,) dense row or -1
+            tail = counted_flat & ~pairs.eligible[ids]
+            tail_tokens = torch.where(tail, ids, -1)  # (B·T,) token or -1
             dense = pairs.dense
             if pairs.tail._native:
                 n_tail = int((tail_tokens >= 0).sum())
@@ -585,9 +659,10 @@ class NeuronStats:
                 "merged statistics would cover 2^31 tokens or more (int32 counts); keep the "
                 "shards apart and combine their findings instead"
             )
-        return NeuronStats.from_tensors(
-            _merge_tensor_dicts(self.to_tensors(), other.to_tensors()), self.meta()
+        merged = _merge_tensor_dicts(
+            self.to_tensors(table_only=True), other.to_tensors(table_only=True)
         )
+        return NeuronStats.from_tensors(merged, self.meta())
 
     def meta(self) -> dict:
         return {
@@ -598,7 +673,11 @@ class NeuronStats:
             "widths": [s.width for s in self.layers],
         }
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
+    def to_tensors(self, *, table_only: bool = False) -> dict[str, torch.Tensor]:
+        """The statistics as named tensors (the cache's form, :data:`STATS_FORMAT`).
+
+        ``table_only``: each layer's unigram counts as the one sorted table, no dense rows:
+        a canonical form, the same whichever tokens were counted densely."""
         self.tri_occurrences.consolidate()
         tensors = {
             "tokens_by_pos": self.tokens_by_pos,
@@ -607,12 +686,16 @@ class NeuronStats:
             "tri_occ_count": self.tri_occurrences.counts,
         }
         for index, stats in enumerate(self.layers):
-            pair_keys, pair_counts = _pair_table(stats.pairs)
+            pairs = stats.pairs.parts()
+            if table_only:
+                pairs["pair_key"], pairs["pair_count"] = stats.pairs.table()
+                pairs["pair_dense_token"] = pairs["pair_dense_token"][:0]
+                pairs["pair_dense"] = pairs["pair_dense"][:0]
             stats.trigrams.consolidate()
             for name in _DENSE_FIELDS:
                 tensors[f"layer{index}.{name}"] = getattr(stats, name)
-            tensors[f"layer{index}.pair_key"] = pair_keys
-            tensors[f"layer{index}.pair_count"] = pair_counts
+            for name, tensor in pairs.items():
+                tensors[f"layer{index}.{name}"] = tensor
             tensors[f"layer{index}.tri_key"] = stats.trigrams.keys
             tensors[f"layer{index}.tri_count"] = stats.trigrams.counts
         return {name: tensor.contiguous() for name, tensor in tensors.items()}
@@ -622,12 +705,22 @@ class NeuronStats:
         if meta.get("format") != STATS_FORMAT:
             raise NeuronSpecError(f"statistics format {meta.get('format')!r} != {STATS_FORMAT}")
         layers = []
-        for index in range(len(meta["widths"])):
+        native = _use_native("auto")
+        for index, width in enumerate(meta["widths"]):
             get = lambda name, i=index: tensors[f"layer{i}.{name}"]  # noqa: E731
+            pairs = _UnigramCounter.from_parts(
+                width,
+                meta["vocab_size"],
+                get("pair_dense_token"),
+                get("pair_dense"),
+                get("pair_key"),
+                get("pair_count"),
+                native,
+            )
             layers.append(
                 LayerStats(
                     **{name: get(name) for name in _DENSE_FIELDS},
-                    pairs=_SparseCounter(get("pair_key"), get("pair_count")),
+                    pairs=pairs,
                     trigrams=_SparseCounter(get("tri_key"), get("tri_count")),
                 )
             )
@@ -646,7 +739,7 @@ class NeuronStats:
         """Sparse unigram firings of ``layer``: ``(neuron, token, count)`` sorted by (neuron, token)."""
         if not self.config.unigrams:
             raise NeuronSpecError("these statistics were collected without unigram counts")
-        keys, counts = _pair_table(self.layer(layer).pairs)
+        keys, counts = self.layer(layer).pairs.table()
         keys = keys.numpy().astype(np.int64)  # stored as int32 where keys fit
         return keys // self.vocab_size, keys % self.vocab_size, counts.numpy().astype(np.int64)
 
@@ -682,31 +775,39 @@ _DENSE_FIELDS = (
 )
 
 
-DENSE_UNIGRAM_BYTES = 32 * 2**20  # per layer: int32 rows for the most frequent tokens
+DENSE_UNIGRAM_BYTES = 2 * 2**30
+"""Budget of the dense int32 (neuron, token) rows of all layers together (the same tokens
+in every layer). Memory in use is the rows of the tokens a pass has seen: at most this."""
 
 
-def _dense_tokens(token_frequency: torch.Tensor | None, width: int) -> torch.Tensor | None:
-    """The most frequent tokens (that occur at all) whose dense rows fit the budget."""
+def _dense_tokens(token_frequency: torch.Tensor | None, total_width: int) -> torch.Tensor | None:
+    """The most frequent tokens (that occur at all) whose dense rows, one per layer of
+    ``total_width`` neurons in all, fit :data:`DENSE_UNIGRAM_BYTES`."""
     if token_frequency is None:
         return None
-    budget = DENSE_UNIGRAM_BYTES // (4 * width)
+    budget = DENSE_UNIGRAM_BYTES // (4 * total_width)
     order = torch.argsort(token_frequency, descending=True, stable=True)
     return order[: min(budget, int((token_frequency > 0).sum()))]
 
 
-def _pair_table(pairs: _UnigramCounter | _SparseCounter) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(pairs, _UnigramCounter):
-        return pairs.table()
-    pairs.consolidate()
-    return pairs.keys, pairs.counts
+def _lazily_zeroed(rows: int, width: int) -> torch.Tensor:
+    """``(rows, width)`` int32 zeros whose memory is zeroed by the OS on first touch
+    (numpy's ``calloc``), so rows never used cost no memory and no time. Fill it in row
+    order: numpy asks for huge pages, each zeroed whole (2 MiB) on its first touch."""
+    return torch.from_numpy(np.zeros((rows, width), dtype=np.int32))
 
 
 def _merge_tensor_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
     merged: dict[str, torch.Tensor] = {}
     for name in a:
-        if name.endswith("_key"):
+        if name.endswith("_key") or name.endswith("pair_dense_token"):
             continue
-        if name.endswith("_count") and name.replace("_count", "_key") in a:
+        if name.endswith("pair_dense"):  # table_only forms: every count is in the table
+            if a[name].numel() or b[name].numel():
+                raise NeuronSpecError("merge the table_only forms of the statistics")
+            token = name.replace("pair_dense", "pair_dense_token")
+            merged[name], merged[token] = a[name], a[token]
+        elif name.endswith("_count") and name.replace("_count", "_key") in a:
             key = name.replace("_count", "_key")
             keys, counts = _merge_sparse(torch.cat([a[key], b[key]]), torch.cat([a[name], b[name]]))
             # same dtypes as the inputs: keys keep their range; counts fit (< 2^31 tokens)

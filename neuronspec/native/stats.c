@@ -203,8 +203,10 @@ i64 neuronspec_layer_stats_f32(
 /* The final (neuron, token) firing table of a layer, merged from its two parts
  * (neuronspec.capture.stats._UnigramCounter.table):
  *
- *   dense (D, W) int32       counts of the D frequent tokens, row r = token dense_tokens[r]
- *                            (ascending ids)
+ *   dense (., W) int32       counts of the frequent tokens; the D rows read are
+ *                            rows[r] (r < D), row rows[r] = token dense_tokens[r]
+ *                            (ascending ids); other rows are never read (never used,
+ *                            so possibly never even zeroed)
  *   tail_keys, tail_counts   (P,) int32, the other tokens, key = neuron·V + token, sorted,
  *                            unique
  *
@@ -216,15 +218,16 @@ i64 neuronspec_layer_stats_f32(
  * Neurons go in blocks of 16 so that each dense row read is one 64-byte line. */
 #define TABLE_LANES 16
 
-/* nnz[n] = number of nonzero dense[:, n], (W,) */
-void neuronspec_unigram_dense_nnz(i64 threads, i64 D, i64 W, const int32_t *dense, i64 *nnz) {
+/* nnz[n] = number of nonzero dense[rows[r], n] over r < D, (W,) */
+void neuronspec_unigram_dense_nnz(i64 threads, i64 D, i64 W, const int32_t *dense,
+                                  const i64 *rows, i64 *nnz) {
     const i64 blocks = (W + TABLE_LANES - 1) / TABLE_LANES;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (i64 k = 0; k < blocks; k++) {
         const i64 n0 = k * TABLE_LANES, n1 = n0 + TABLE_LANES < W ? n0 + TABLE_LANES : W;
         i64 count[TABLE_LANES] = {0};
         for (i64 r = 0; r < D; r++) {
-            const int32_t *row = dense + r * W;
+            const int32_t *row = dense + rows[r] * W;
             for (i64 n = n0; n < n1; n++) count[n - n0] += row[n] != 0;
         }
         for (i64 n = n0; n < n1; n++) nnz[n] = count[n - n0];
@@ -272,7 +275,8 @@ static inline void table_neuron(i64 D, i64 base, const int32_t *col, const i64 *
 
 /* Returns 0, or -1 when scratch memory cannot be allocated. */
 int neuronspec_unigram_table(
-    i64 threads, i64 D, i64 W, i64 V, const int32_t *dense, const i64 *dense_tokens,
+    i64 threads, i64 D, i64 W, i64 V, const int32_t *dense, const i64 *rows,
+    const i64 *dense_tokens,
     const int32_t *tail_keys, const int32_t *tail_counts, const i64 *tail_starts,
     const i64 *offsets, int32_t *out_keys, int32_t *out_counts) {
     const i64 blocks = (W + TABLE_LANES - 1) / TABLE_LANES;
@@ -287,7 +291,7 @@ int neuronspec_unigram_table(
             if (!cols) continue;
             const i64 n0 = k * TABLE_LANES, n1 = n0 + TABLE_LANES < W ? n0 + TABLE_LANES : W;
             for (i64 r = 0; r < D; r++) {
-                const int32_t *row = dense + r * W;
+                const int32_t *row = dense + rows[r] * W;
                 for (i64 n = n0; n < n1; n++) cols[(n - n0) * D + r] = row[n];
             }
             /* neurons in order: a spurious write lands on slot offsets[n + 1], which a
@@ -382,4 +386,4 @@ i64 neuronspec_merge_counts(i64 na, const int32_t *a_keys, const int32_t *a_coun
 }
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int neuronspec_stats_abi(void) { return 6; }
+int neuronspec_stats_abi(void) { return 7; }
