@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import mmap
 import warnings
 from dataclasses import dataclass
 
@@ -791,10 +792,13 @@ def _dense_tokens(token_frequency: torch.Tensor | None, total_width: int) -> tor
 
 
 def _lazily_zeroed(rows: int, width: int) -> torch.Tensor:
-    """``(rows, width)`` int32 zeros whose memory is zeroed by the OS on first touch
-    (numpy's ``calloc``), so rows never used cost no memory and no time. Fill it in row
-    order: numpy asks for huge pages, each zeroed whole (2 MiB) on its first touch."""
-    return torch.from_numpy(np.zeros((rows, width), dtype=np.int32))
+    """``(rows, width)`` int32 zeros in an anonymous memory map: the OS zeroes each page on
+    its first touch, so rows never used cost no memory and no time (numpy's ``zeros``,
+    also lazy, faulted pages in about 9x slower here)."""
+    if rows * width == 0:
+        return torch.zeros(rows, width, dtype=torch.int32)
+    memory = mmap.mmap(-1, rows * width * 4)  # the tensor keeps a reference to it
+    return torch.frombuffer(memory, dtype=torch.int32).view(rows, width)
 
 
 def _merge_tensor_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:

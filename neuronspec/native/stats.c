@@ -54,6 +54,23 @@ static inline float log2_pos(float x) {
     return e + 2.0f * s * p * 1.44269504088896341f;
 }
 
+/* The histogram is counted in HIST_LANES interleaved uint32 copies (element w into copy
+ * w % HIST_LANES): neighbouring activations often share a bin, and one copy would chain
+ * every increment on the one before (store-to-load latency); the copies are added into
+ * the int64 histogram before any of them could overflow, and at the end. */
+#define HIST_LANES 4
+
+static void flush_hist_lanes(uint32_t *lanes, i64 nb2, i64 *hist) {
+    for (i64 k = 0; k < nb2; k++) {
+        i64 total = 0;
+        for (int l = 0; l < HIST_LANES; l++) {
+            total += lanes[l * nb2 + k];
+            lanes[l * nb2 + k] = 0;
+        }
+        hist[k] += total;
+    }
+}
+
 static i64 layer_columns(
     i64 w0, i64 w1, i64 B, i64 T, i64 W,
     const float *pre, i64 pre_sb, i64 pre_st,
@@ -72,11 +89,15 @@ static i64 layer_columns(
      * loop so that fire_by_pos row t is read and written once per batch, not B times */
     float *scratch = malloc((size_t)(3 * B + 1) * n * sizeof(float));
     uint8_t *bytes = malloc((size_t)n * 2);
-    if (!scratch || !bytes) {
+    const i64 nb2 = n_bins + 2;
+    uint32_t *lanes = calloc((size_t)(HIST_LANES * nb2), sizeof(uint32_t));
+    if (!scratch || !bytes || !lanes) {
         free(scratch);
         free(bytes);
+        free(lanes);
         return -1;
     }
+    i64 unflushed = 0; /* elements counted in the lanes since their last flush */
     float *sums = scratch, *sumsqs = scratch + B * n, *moments = scratch + 2 * B * n;
     float *amax = scratch + 3 * B * n;
     uint8_t *bins = bytes, *fire_row = bytes + n;
@@ -127,7 +148,15 @@ static i64 layer_columns(
                     found += f[w];
                 }
             }
-            for (i64 w = 0; w < n; w++) hist[bins[w]]++;
+            if (unflushed + n > (i64)UINT32_MAX) {
+                flush_hist_lanes(lanes, nb2, hist);
+                unflushed = 0;
+            }
+            unflushed += n;
+            i64 w = 0;
+            for (; w + HIST_LANES <= n; w += HIST_LANES)
+                for (int l = 0; l < HIST_LANES; l++) lanes[l * nb2 + bins[w + l]]++;
+            for (; w < n; w++) lanes[bins[w]]++;
         }
     }
     for (i64 b = 0; b < B; b++) {
@@ -155,8 +184,10 @@ static i64 layer_columns(
         const double m = amax[w];
         act_absmax[w0 + w] = m > act_absmax[w0 + w] ? m : act_absmax[w0 + w];
     }
+    flush_hist_lanes(lanes, nb2, hist);
     free(scratch);
     free(bytes);
+    free(lanes);
     *tail_found = found;
     return nonfinite;
 }
