@@ -19,6 +19,7 @@ import pytest
 from neuronspec.capture.stats import StatsConfig
 from neuronspec.data.corpus import DEFAULT_CORPUS, DEFAULT_WINDOW, CorpusConfig
 from neuronspec.errors import ModelNotAvailableError, NeuronSpecError
+from neuronspec.heap import keep_malloc_heap
 from neuronspec.models.registry import DEFAULT_MODELS, resolve
 from neuronspec.session import RunConfig, SpecSession, merge_results, write_results
 
@@ -105,6 +106,7 @@ def _run_config(config: pytest.Config) -> RunConfig:
 
 def pytest_configure(config: pytest.Config) -> None:
     _share_cores_among_workers()
+    keep_malloc_heap()
     config.stash[_SESSION_KEY] = SpecSession(_run_config(config))
 
 

@@ -7,6 +7,7 @@ import importlib
 import os
 
 from neuronspec.bench import print_table
+from neuronspec.heap import keep_malloc_heap
 
 SECTIONS = ["scan", "capture", "suite"]
 
@@ -15,8 +16,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m neuronspec.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats")
     parser.add_argument("--only", choices=SECTIONS, help="run only this section")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's heap trimming as it is (neuronspec.heap; by default kept, as in specs)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    kept = not args.default_malloc and keep_malloc_heap()
+    print(f"malloc heap kept between forwards (neuronspec.heap): {'yes' if kept else 'no'}")
     for name in [args.only] if args.only else SECTIONS:
         section = importlib.import_module(f"neuronspec.bench.{name}")
         print(f"== {name}{' (quick)' if args.quick else ''}")

@@ -154,14 +154,19 @@ def _merge_counts_native(
     return keys, counts
 
 
+PENDING_KEYS_MIN = 4_000_000  # keys that wait uncounted before the first consolidation
+
+
 class _SparseCounter:
     """A growing sparse count table ``(keys, counts)``, sorted by key after :meth:`consolidate`.
 
-    Added keys wait, uncounted, in a pending list (int32 when ``key_space`` fits) and are
-    sorted and merged in when they outnumber the table (amortised: each key is sorted a
-    constant number of times), so per batch there is no sort at all. With ``native`` and
-    int32 keys, ``stats.c`` counts them (radix sort, run lengths, linear merge) and the
-    table is int32 (keys and counts); else torch (``unique``, a sort of the union), int64.
+    Added keys wait, uncounted, in a pending buffer (int32 when ``key_space`` fits) and are
+    sorted and merged in when the buffer is full; it holds at least as many keys as the
+    table (amortised: each key is sorted a constant number of times), so per batch there is
+    no sort at all. With ``native`` and int32 keys, ``stats.c`` counts them (radix sort, run
+    lengths, linear merge) and the table is int32 (keys and counts); else torch (``unique``,
+    a sort of the union), int64. The pending buffer is one memory map (:func:`_mapped_zeros`),
+    reused after each consolidation: its pages are faulted in once.
     """
 
     def __init__(
@@ -178,21 +183,32 @@ class _SparseCounter:
         self.counts = counts if counts is not None else torch.zeros(0, dtype=table_dtype)
         self._max_key = key_space - 1 if compact else None
         self._pending_dtype = torch.int32 if compact else torch.long
-        self._pending: list[torch.Tensor] = []  # raw keys, one count each
-        self._pending_size = 0
+        self._pending = torch.zeros(0, dtype=self._pending_dtype)  # buffer of raw keys
+        self._pending_size = 0  # keys in use at the start of the buffer, one count each
 
-    def add(self, keys: torch.Tensor) -> None:
-        """Count each of ``keys (n,)`` once."""
-        self._pending.append(keys.to(device="cpu", dtype=self._pending_dtype))
-        self._pending_size += keys.numel()
-        if self._pending_size > max(4_000_000, self.keys.numel()):
+    @property
+    def pending(self) -> torch.Tensor:
+        """The keys added since the last :meth:`consolidate` ``(n,)``, uncounted."""
+        return self._pending[: self._pending_size]
+
+    def add(self, *chunks: torch.Tensor) -> None:
+        """Count each key of ``chunks`` (1-d tensors) once."""
+        size = sum(chunk.numel() for chunk in chunks)
+        if self._pending_size + size > self._pending.numel():
             self.consolidate()
+            capacity = max(PENDING_KEYS_MIN, self.keys.numel(), size)
+            if capacity > self._pending.numel():  # else the buffer (and its pages) is reused
+                self._pending = _mapped_zeros((capacity,), self._pending_dtype)
+        for chunk in chunks:
+            end = self._pending_size + chunk.numel()
+            self._pending[self._pending_size : end] = chunk
+            self._pending_size = end
 
     def consolidate(self) -> None:
-        if not self._pending:
+        if self._pending_size == 0:
             return
-        pending = torch.cat(self._pending)
-        self._pending, self._pending_size = [], 0
+        pending = self.pending
+        self._pending_size = 0  # the buffer's keys are consumed (sorted in place) below
         if self._native:
             self.keys, self.counts = _merge_counts_native(
                 (self.keys, self.counts), _count_keys_native(pending, self._max_key)
@@ -235,7 +251,7 @@ class _UnigramCounter:
         self.remap = torch.full((vocab_size,), -1, dtype=torch.long)  # (V,) token -> row or -1
         self.row_tokens = torch.empty(capacity, dtype=torch.long)  # (D,) row -> token
         self.n_rows = 0  # rows assigned (the first n_rows of dense and row_tokens)
-        self.dense = _lazily_zeroed(capacity, width)  # (D, W) int32
+        self.dense = _mapped_zeros((capacity, width), torch.int32)  # (D, W)
         self.native = native  # count and build the table with stats.c
         self.tail = _SparseCounter(key_space=width * vocab_size, native=native)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # memo of table()
@@ -624,7 +640,7 @@ class NeuronStats:
         stats.abs_hist += hists.sum(0)
         if tail_keys is not None:
             spans = [tail_keys[start : start + count] for start, count in tail_spans.tolist()]
-            pairs.tail.add(torch.cat(spans))  # a copy: the buffer is reused
+            pairs.tail.add(*spans)  # copied: the work buffer is reused
         elif torch_tail:
             tail = (tail_tokens >= 0).view(batch, window)  # (B, T)
             if bool(tail.any()):
@@ -791,14 +807,16 @@ def _dense_tokens(token_frequency: torch.Tensor | None, total_width: int) -> tor
     return order[: min(budget, int((token_frequency > 0).sum()))]
 
 
-def _lazily_zeroed(rows: int, width: int) -> torch.Tensor:
-    """``(rows, width)`` int32 zeros in an anonymous memory map: the OS zeroes each page on
-    its first touch, so rows never used cost no memory and no time (numpy's ``zeros``,
-    also lazy, faulted pages in about 9x slower here)."""
-    if rows * width == 0:
-        return torch.zeros(rows, width, dtype=torch.int32)
-    memory = mmap.mmap(-1, rows * width * 4)  # the tensor keeps a reference to it
-    return torch.frombuffer(memory, dtype=torch.int32).view(rows, width)
+def _mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros of ``shape`` in an anonymous memory map of their own: the OS zeroes each page
+    on its first touch, so memory never used costs no memory and no time (numpy's lazy
+    ``zeros`` faulted pages in about 9x slower here); it is returned when the tensor is
+    freed."""
+    size = math.prod(shape) * dtype.itemsize
+    if size == 0:
+        return torch.zeros(shape, dtype=dtype)
+    memory = mmap.mmap(-1, size)  # the tensor keeps a reference to it
+    return torch.frombuffer(memory, dtype=dtype).view(shape)
 
 
 def _merge_tensor_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
