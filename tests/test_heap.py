@@ -57,11 +57,11 @@ def _page_faults(mode: str) -> int:
 
 @glibc
 def test_kept_heap_reuses_activation_memory():
-    """After a warm-up, glibc's defaults still trim the heap and fault in a share of the
-    activations' pages anew (seen: 9% to 87% of them, by address layout); with the kept
-    heap almost none (seen: none)."""
+    """After a warm-up, glibc's defaults may still trim the heap and fault in a share of the
+    activations' pages anew (seen: 4.6% to 87% of them, by address layout, so no floor is
+    asserted on it); the kept heap faults in almost none (seen: none in 7 runs)."""
     default, kept = _page_faults("default"), _page_faults("keep")
-    assert default > PAGES // 20
+    assert kept * 10 <= default
     assert kept < PAGES // 100
 
 
