@@ -6,8 +6,9 @@ to at most 32 MiB as such blocks are freed), but it hands the top of the heap ba
 OS whenever twice that threshold lies free there ("trim"), so the next op's tensors fault
 their pages in again, each page zeroed by the kernel. On these machines the default
 trimming cost a plain GPT-2-small forward up to 100k page faults per 4 batches of 4×256
-tokens, and a statistics pass, whose counting buffers shift the heap's layout, up to 450k
-(≈1 s of system time over a 5 s forward): most of the capture cost the benchmark showed.
+tokens, and a statistics pass, whose counting buffers shift the heap's layout, up to 490k
+(1.1 to 1.5 s of system time over a 5 s forward), in a profile of one process; the README's
+performance section has the numbers.
 
 :func:`keep_malloc_heap` fixes the threshold at glibc's own maximum (32 MiB) and trims only
 past :data:`TRIM_THRESHOLD` of free memory at the top of the heap. The pytest plugin and

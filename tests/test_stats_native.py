@@ -246,3 +246,30 @@ def test_native_sparse_counts_equal_torch(max_key):
     keys, counts = torch.unique(every, return_counts=True)
     assert native.keys.tolist() == keys.tolist()
     assert native.counts.tolist() == counts.tolist()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_pending_buffer_fills_consolidates_and_grows(monkeypatch, native):
+    """Keys added in several chunks per call, past a small pending buffer (consolidated when
+    full, reused, grown for a chunk larger than it or a table larger than it), are counted
+    as ``torch.unique`` counts them all at once."""
+    import neuronspec.capture.stats as stats_module
+    from neuronspec.capture.stats import _SparseCounter
+
+    monkeypatch.setattr(stats_module, "PENDING_KEYS_MIN", 50)
+    key_space = 1000
+    g = torch.Generator().manual_seed(7)
+    calls = [
+        [torch.randint(0, key_space, (n,), generator=g) for n in sizes]
+        for sizes in ([20, 10], [30], [0, 15], [400], [40, 40, 40], [5])
+    ]
+    counter = _SparseCounter(key_space=key_space, native=native)
+    for chunks in calls:
+        counter.add(*chunks)
+    assert counter.pending.numel() > 0  # the last keys wait, uncounted
+    counter.consolidate()
+    keys, counts = torch.unique(
+        torch.cat([c for chunks in calls for c in chunks]), return_counts=True
+    )
+    assert counter.keys.tolist() == keys.tolist()
+    assert counter.counts.tolist() == counts.tolist()
