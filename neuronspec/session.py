@@ -85,7 +85,7 @@ class SpecSession:
             if self._texts is None:
                 self._texts = load_corpus_texts(self.config.corpus)
             self._corpora[model_id] = build_windows(
-                self.files(model_id).tokenizer,
+                self.files(model_id).tokenizer_ref,
                 self.config.corpus,
                 texts=self._texts,
                 cache_dir=self.config.cache_dir,

@@ -14,12 +14,13 @@ from neuronspec.capture.cache import CacheRecomputeWarning
 from neuronspec.data import corpus as corpus_module
 from neuronspec.data.corpus import (
     CorpusConfig,
+    TokenizerRef,
     build_windows,
     load_corpus_texts,
     tokenizer_fingerprint,
 )
 from neuronspec.errors import CorpusError
-from neuronspec.models.registry import resolve
+from neuronspec.models.registry import open_model, resolve, tokenizer_files_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +169,43 @@ def test_corrupt_windows_cache_is_recomputed_with_a_warning(tokenizer, text_file
     with pytest.warns(CacheRecomputeWarning):
         again = build_windows(tokenizer, config, cache_dir=tmp_path)
     assert torch.equal(again.analysis, good.analysis)
+
+
+def test_windows_cached_under_a_tokenizer_ref_are_read_without_loading_it(
+    tokenizer, text_file, tmp_path
+):
+    """A warm rerun must not import transformers to tokenise: the ref's ``load`` runs only
+    on a cache miss, and the cached windows (and their fingerprint) equal fresh ones."""
+    config = CorpusConfig(name=str(text_file), window=16)
+    loads = []
+
+    def load():
+        loads.append(1)
+        return tokenizer
+
+    ref = TokenizerRef(fingerprint="f" * 64, load=load)
+    fresh = build_windows(tokenizer, config)
+    first = build_windows(ref, config, cache_dir=tmp_path)
+    second = build_windows(ref, config, cache_dir=tmp_path)
+    assert len(loads) == 1
+    for windows in (first, second):
+        assert torch.equal(windows.analysis, fresh.analysis)
+        assert torch.equal(windows.heldout, fresh.heldout)
+        assert (windows.bos_id, windows.vocab_size) == (fresh.bos_id, fresh.vocab_size)
+        assert windows.fingerprint == fresh.fingerprint
+    uncached = build_windows(TokenizerRef(None, load), config, cache_dir=tmp_path)
+    assert len(loads) == 2 and uncached.fingerprint == fresh.fingerprint
+
+
+def test_tokenizer_files_fingerprint_follows_tokenizer_files_not_weights(tmp_path):
+    source = resolve("tiny-gpt2").local_dir
+    for path in source.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    before = tokenizer_files_fingerprint(tmp_path)
+    assert open_model(str(tmp_path)).tokenizer_ref.fingerprint == before
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")
+    (tmp_path / "README.md").write_text("other docs")
+    assert tokenizer_files_fingerprint(tmp_path) == before
+    settings = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**settings, "x": 1}))
+    assert tokenizer_files_fingerprint(tmp_path) != before

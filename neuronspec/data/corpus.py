@@ -26,7 +26,7 @@ from neuronspec.errors import CorpusError
 
 DEFAULT_CORPUS = "toyworld"
 DEFAULT_WINDOW = 64
-WINDOWS_FORMAT = 1  # bump when tokenisation into windows changes
+WINDOWS_FORMAT = 2  # bump when tokenisation into windows or the entry's meta changes
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,24 @@ def tokenizer_fingerprint(tokenizer) -> str | None:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class TokenizerRef:
+    """A tokenizer known by a fingerprint before it is loaded (``load()`` builds it).
+
+    Windows cached under the fingerprint are read without loading the tokenizer: importing
+    transformers and building a tokenizer take about 1.5 s, most of a warm rerun.
+    ``fingerprint`` None: not cacheable.
+    """
+
+    fingerprint: str | None
+    load: Callable[[], object]
+
+
+def _bos_id(tokenizer) -> int | None:
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None else tokenizer.eos_token_id
+
+
 def build_windows(
     tokenizer,
     config: CorpusConfig,
@@ -212,17 +230,25 @@ def build_windows(
 ) -> TokenWindows:
     """Tokenise corpus ``config.name`` into analysis and held-out windows.
 
-    ``texts`` saves reloading documents shared by several models. With ``cache_dir`` the
-    windows are kept in the disk cache, keyed by the texts' and the tokenizer's sha256, so
-    a rerun does not tokenise again.
+    ``tokenizer``: a loaded HF tokenizer, or a :class:`TokenizerRef` (loaded only when the
+    windows are not cached). ``texts`` saves reloading documents shared by several models.
+    With ``cache_dir`` the windows are kept in the disk cache, keyed by the texts' and the
+    tokenizer's sha256, so a rerun does not tokenise again.
     """
     texts = load_corpus_texts(config) if texts is None else texts
-    bos_id = (
-        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    )
-    tokenizer_id = tokenizer_fingerprint(tokenizer)
-    if cache_dir is None or tokenizer_id is None:
-        analysis, heldout = _split_windows(texts, tokenizer, bos_id, config)
+    if not isinstance(tokenizer, TokenizerRef):
+        loaded = tokenizer
+        tokenizer = TokenizerRef(tokenizer_fingerprint(loaded), lambda: loaded)
+
+    def compute():
+        loaded = tokenizer.load()
+        bos_id = _bos_id(loaded)
+        analysis, heldout = _split_windows(texts, loaded, bos_id, config)
+        meta = {"corpus": config.name, "bos_id": bos_id, "vocab_size": len(loaded)}
+        return {"analysis": analysis, "heldout": heldout}, meta
+
+    if cache_dir is None or tokenizer.fingerprint is None:
+        tensors, meta = compute()
     else:
         from neuronspec.capture.cache import TensorCache, cache_key
 
@@ -232,18 +258,14 @@ def build_windows(
                 "format": WINDOWS_FORMAT,
                 "corpus": asdict(config),
                 "texts": texts.digest,
-                "tokenizer": tokenizer_id,
+                "tokenizer": tokenizer.fingerprint,
             }
         )
-
-        def compute():
-            analysis, heldout = _split_windows(texts, tokenizer, bos_id, config)
-            return {"analysis": analysis, "heldout": heldout}, {"corpus": config.name}
-
-        tensors, _ = TensorCache(Path(cache_dir)).get_or_compute(key, compute)
-        analysis, heldout = tensors["analysis"], tensors["heldout"]
+        tensors, meta = TensorCache(Path(cache_dir)).get_or_compute(key, compute)
+    analysis, heldout = tensors["analysis"], tensors["heldout"]
+    bos_id, vocab_size = meta["bos_id"], meta["vocab_size"]
     digest = hashlib.sha256()
-    digest.update(f"{config.name}|{config.window}|{bos_id}|{len(tokenizer)}".encode())
+    digest.update(f"{config.name}|{config.window}|{bos_id}|{vocab_size}".encode())
     digest.update(analysis.numpy().tobytes())
     digest.update(b"|heldout|")
     digest.update(heldout.numpy().tobytes())
@@ -252,7 +274,7 @@ def build_windows(
         analysis=analysis,
         heldout=heldout,
         bos_id=bos_id,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         fingerprint=digest.hexdigest(),
     )
 

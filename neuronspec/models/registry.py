@@ -9,14 +9,17 @@ a skip.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from neuronspec.data.corpus import TokenizerRef
 from neuronspec.errors import ModelNotAvailableError, NeuronSpecError, UnknownModelError
 from neuronspec.models.adapters import SiteAdapter, adapter_for
 
@@ -123,6 +126,23 @@ def weights_fingerprint(directory: Path) -> str:
     return digest.hexdigest()
 
 
+_NOT_TOKENIZER_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".md"}
+
+
+def tokenizer_files_fingerprint(directory: Path) -> str:
+    """sha256 over the files a tokenizer can be built from (every file of the checkpoint
+    but weights and docs: tokenizer.json, vocab, merges, configs), with the versions of
+    transformers and tokenizers that build it. Cheap: no tokenizer is loaded."""
+    digest = hashlib.sha256()
+    for package in ("transformers", "tokenizers"):
+        digest.update(f"{package} {metadata.version(package)}|".encode())
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.suffix not in _NOT_TOKENIZER_SUFFIXES:
+            digest.update(f"{path.name}|{path.stat().st_size}|".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 @dataclass
 class LoadedModel:
     """A model ready for analysis: HF model in eval mode, tokenizer, and its site adapter."""
@@ -176,13 +196,30 @@ def pick_dtype(dtype: str) -> torch.dtype:
 @dataclass
 class ModelFiles:
     """A checkpoint found on disk, not yet instantiated: what cache keys and tokenisation
-    need (the weights' hash, the tokenizer), without ``from_pretrained`` of the model."""
+    need (the weights' hash, the tokenizer), without ``from_pretrained`` of the model.
+
+    The tokenizer is loaded on first use: a rerun whose token windows are cached never
+    imports transformers for it (see :class:`~neuronspec.data.corpus.TokenizerRef`).
+    """
 
     model_id: str
     directory: Path
     source: str
     fingerprint: str
-    tokenizer: object
+
+    @functools.cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.directory, local_files_only=True)
+
+    @functools.cached_property
+    def tokenizer_ref(self) -> TokenizerRef:
+        """The tokenizer by the fingerprint of its files, loaded only when it is needed."""
+        return TokenizerRef(
+            fingerprint=tokenizer_files_fingerprint(self.directory),
+            load=lambda: self.tokenizer,
+        )
 
     @property
     def model_type(self) -> str:
@@ -192,12 +229,11 @@ class ModelFiles:
 
 
 def open_model(model_id: str) -> ModelFiles:
-    """Find ``model_id``'s checkpoint offline, hash its weights, load its tokenizer.
+    """Find ``model_id``'s checkpoint offline and hash its weights (the tokenizer is loaded
+    on first use of :attr:`ModelFiles.tokenizer`).
 
     Raises :class:`UnknownModelError` or :class:`ModelNotAvailableError` with what to do.
     """
-    from transformers import AutoTokenizer
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     source = resolve(model_id)
     directory = _local_files(source)
@@ -206,7 +242,6 @@ def open_model(model_id: str) -> ModelFiles:
         directory=directory,
         source=source.description,
         fingerprint=weights_fingerprint(directory),
-        tokenizer=AutoTokenizer.from_pretrained(directory, local_files_only=True),
     )
 
 

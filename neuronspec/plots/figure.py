@@ -1,17 +1,25 @@
-"""The one way neuronspec makes and saves a figure: ``Figure`` + Agg canvas, no pyplot state."""
+"""The one way neuronspec makes and saves a figure: ``Figure`` + Agg canvas, no pyplot state.
+
+Matplotlib is imported when a figure is made, not with this module: a run without
+``--plots-dir`` (a warm cached rerun above all) does not pay its start-up.
+"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DPI = 120
 
 
 def new_figure(width: float = 6.4, height: float = 4.2) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure

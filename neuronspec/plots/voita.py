@@ -16,15 +16,17 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.ticker import MaxNLocator
 
 from neuronspec.analyses.ngram import NgramLayerFinding, TokenDetectorSummary
 from neuronspec.analyses.positional import PositionalLayerFinding
 from neuronspec.errors import NeuronSpecError
 from neuronspec.plots.figure import new_figure, save_figure
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 class PlotInputError(NeuronSpecError, ValueError):
@@ -95,7 +97,7 @@ def plot_covering_bins(
         ax.set_title(model)
         ax.set_xlabel(_x_label(overlay))
         if not overlay:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            _integer_ticks(ax)
     axes[0].set_ylabel("alive neurons")
     handles, legend_labels = axes[0].get_legend_handles_labels()
     fig.legend(
@@ -108,6 +110,13 @@ def plot_covering_bins(
     depth = "all layers" if depth_fraction == 1 else f"layers in the first {depth_fraction:.0%}"
     fig.suptitle(f"Alive neurons by number of unigrams covering their firings ({depth})")
     return save_figure(fig, path)
+
+
+def _integer_ticks(ax: Axes) -> None:
+    """Layer numbers on the x axis: integer ticks only."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _bin_colors(n: int) -> list:
@@ -142,7 +151,7 @@ def _line_figure(
     ax.set_xlabel(_x_label(overlay))
     ax.set_ylabel(y_label)
     if not overlay:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _integer_ticks(ax)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
