@@ -7,6 +7,7 @@ bin edge. ``tests/test_stats.py`` checks both against a dense recomputation on m
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -209,7 +210,14 @@ def test_unigram_table_kernel_writes_nothing_past_its_entries():
     nnz = torch.empty(width, dtype=torch.long)
     lib = load_library()
     lib.neuronspec_unigram_dense_nnz(
-        2, len(rows), width, counter.dense.data_ptr(), rows.data_ptr(), nnz.data_ptr()
+        2,
+        len(rows),
+        width,
+        counter.dense.data_ptr(),
+        None,
+        None,
+        rows.data_ptr(),
+        nnz.data_ptr(),
     )
     tail_starts = torch.searchsorted(counter.tail.keys, torch.arange(width + 1) * VOCAB)
     offsets = torch.zeros(width + 1, dtype=torch.long)
@@ -218,7 +226,7 @@ def test_unigram_table_kernel_writes_nothing_past_its_entries():
     keys = torch.full((len(expected) + 8,), sentinel, dtype=torch.int32)
     counts = torch.full_like(keys, sentinel)
     status = lib.neuronspec_unigram_table(
-        2, len(rows), width, VOCAB, counter.dense.data_ptr(), rows.data_ptr(),
+        2, len(rows), width, VOCAB, counter.dense.data_ptr(), None, None, rows.data_ptr(),
         dense_tokens.data_ptr(),
         counter.tail.keys.data_ptr(), counter.tail.counts.data_ptr(), tail_starts.data_ptr(),
         offsets.data_ptr(), keys.data_ptr(), counts.data_ptr(),
@@ -273,3 +281,75 @@ def test_pending_buffer_fills_consolidates_and_grows(monkeypatch, native):
     )
     assert counter.keys.tolist() == keys.tolist()
     assert counter.counts.tolist() == counts.tolist()
+
+
+def _brute_unigrams(batches, layers: int = 1) -> dict[int, np.ndarray]:
+    """(W, V) int64 firing counts at counted positions (bos 0, not position 0)."""
+    counts = {layer: np.zeros((WIDTH, VOCAB), dtype=np.int64) for layer in range(layers)}
+    for ids, pre, _ in batches:
+        counted = torch.ones_like(ids, dtype=torch.bool)
+        counted[:, 0] = False
+        counted &= ids != 0
+        for layer in range(layers):
+            b, t, n = torch.nonzero((pre + layer > 0) & counted[:, :, None], as_tuple=True)
+            np.add.at(counts[layer], (n.numpy(), ids[b, t].numpy()), 1)
+    return counts
+
+
+def _table_as_dense(stats: NeuronStats, layer: int) -> np.ndarray:
+    neuron, token, count = stats.unigram_table(layer)
+    dense = np.zeros((WIDTH, VOCAB), dtype=np.int64)
+    dense[neuron, token] = count
+    return dense
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("count_max", [None, 40])
+def test_dense_rows_spill_before_uint16_overflows(monkeypatch, backend, count_max):
+    """Token 7 at 9 in 10 positions of 17 batches of 128 windows (>65535 occurrences: past
+    what a uint16 row holds): the table still has the exact counts. With the limit lowered to
+    40, every row spills, most of them again and again into the same int32 row; the
+    stored form reads back and counting resumes on it with the same result."""
+    if count_max is not None:
+        monkeypatch.setattr("neuronspec.capture.stats.DENSE_COUNT_MAX", count_max)
+    g = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(17 if count_max is None else 3):
+        ids = torch.randint(1, VOCAB, (128, WINDOW), generator=g)
+        ids[torch.rand(ids.shape, generator=g) < 0.9] = 7
+        pre = torch.randn(128, WINDOW, WIDTH, generator=g)
+        pre[..., 5] = 1.0  # neuron 5 fires on every token: its count of token 7 is largest
+        batches.append((ids, pre, pre.abs()))
+    frequency = torch.bincount(torch.cat([ids.flatten() for ids, _, _ in batches]), minlength=VOCAB)
+    config = StatsConfig()
+    stats = NeuronStats.empty([WIDTH], WINDOW, VOCAB, config, frequency, backend=backend)
+    for index, (ids, pre, act) in enumerate(batches):
+        if index == len(batches) - 1:  # the last batch counted into statistics read back
+            stats = NeuronStats.from_tensors(stats.to_tensors(), stats.meta())
+            stats.backend = backend
+        stats.add_layer(0, pre, act, ids, stats.add_tokens(ids, bos_id=0))
+    expected = _brute_unigrams(batches)[0]
+    if count_max is None:
+        assert expected[5, 7] > 65535
+    pairs = stats.layers[0].pairs
+    assert len(pairs.spill_rows) > 0
+    assert int(pairs.dense.to(torch.int32).max()) <= (count_max or 65535)
+    np.testing.assert_array_equal(_table_as_dense(stats, 0), expected)
+    stored = stats.to_tensors()
+    assert stored["layer0.pair_dense"].dtype == torch.uint16
+    reread = NeuronStats.from_tensors(stored, stats.meta())
+    np.testing.assert_array_equal(_table_as_dense(reread, 0), expected)
+
+
+def test_a_batch_is_split_so_no_row_takes_more_than_the_limit_at_once(monkeypatch):
+    """A batch of 128 windows of one token is more than a row may take at once under a
+    lowered limit: add_layer counts it in parts, each within the limit."""
+    monkeypatch.setattr("neuronspec.capture.stats.DENSE_COUNT_MAX", 3 * WINDOW)
+    ids = torch.full((128, WINDOW), 7)
+    pre = torch.ones(128, WINDOW, WIDTH)
+    frequency = torch.bincount(ids.flatten(), minlength=VOCAB)
+    stats = NeuronStats.empty([WIDTH], WINDOW, VOCAB, StatsConfig(), frequency, backend="native")
+    stats.add_layer(0, pre, pre, ids, stats.add_tokens(ids, bos_id=0))
+    np.testing.assert_array_equal(_table_as_dense(stats, 0), _brute_unigrams([(ids, pre, pre)])[0])
+    with pytest.raises(NeuronSpecError, match="too long for unigram counts"):
+        NeuronStats.empty([WIDTH], 5 * WINDOW, VOCAB, StatsConfig(), frequency)

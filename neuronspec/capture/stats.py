@@ -6,7 +6,7 @@ and the ``mlp`` site (activation values):
 ==================  =====================  ==================================================
 name                shape / dtype          meaning
 ==================  =====================  ==================================================
-fire_by_pos         (T, W) int64           firings of neuron n at window position p
+fire_by_pos         (T, W) int32           firings of neuron n at window position p
 act_sum             (W,) float64           Σ a over all tokens (``mlp`` site)
 act_sumsq           (W,) float64           Σ a²
 act_absmax          (W,) float64           max |a|                                 (merge: max)
@@ -14,8 +14,10 @@ abs_hist            (n_bins + 2,) int64    histogram of |a| over all (token, neu
                                            log-spaced edges; first/last bin = under/overflow
 pearson_abs_sum     (W,) float64           Σ over windows of |Pearson r(a, position)|
 pair_dense_token    (D,) int64             unigram firings at counted positions (not window
-pair_dense          (D, W) int32           start, not BOS), for frequent tokens: row r counts
+pair_dense          (D, W) uint16          start, not BOS), for frequent tokens: row r counts
                                            token pair_dense_token[r] (distinct, any order)
+pair_spill_row      (S,) int64             ... plus, for rows pair_spill_row[s], the counts
+pair_spill          (S, W) int32           pair_spill[s] moved out before uint16 overflowed
 pair_key/count      (P,) int32             ... and for the other tokens: sparse, sorted, key =
                                            n·V + token; int64 where W·V >= 2^31
                                            (:meth:`NeuronStats.unigram_table` joins both)
@@ -52,7 +54,7 @@ STATS_BACKENDS = ("auto", "native", "torch")
 """``native``: ``neuronspec/native/stats.c`` (float32 CPU activations); ``torch``: torch
 ops; ``auto``: native where it applies and builds, else torch. Not part of the cache key:
 both compute the same definitions."""
-STATS_FORMAT = "neuronspec-stats-v3"  # part of the cache key: bump when an accumulator changes
+STATS_FORMAT = "neuronspec-stats-v4"  # part of the cache key: bump when an accumulator changes
 
 
 @dataclass(frozen=True)
@@ -224,14 +226,17 @@ class _SparseCounter:
 
 
 class _UnigramCounter:
-    """(neuron, token) firing counts: dense int32 rows for the corpus's most frequent tokens
+    """(neuron, token) firing counts: dense uint16 rows for the corpus's most frequent tokens
     (:data:`DENSE_UNIGRAM_BYTES` over all layers), a sparse table for the rest.
 
     Counting frequent tokens densely replaces a sort per firing by an add into the row; the
     result is exact either way, and :meth:`table` returns the one sparse form. An eligible
     token gets its row when first seen, rows in order of first sight in memory the OS zeroes
     on first touch, so memory and the final table walk grow with the tokens seen, not with
-    the budget.
+    the budget. Rows are uint16 (half the pages to fault in and the bytes to update of
+    int32): before a batch could take a row's count past :data:`DENSE_COUNT_MAX`, the row
+    is added into an int32 spill row of its own and zeroed (``row_fill`` bounds every count
+    of a row by the occurrences counted into it), so a count is ``dense + spill``.
     """
 
     def __init__(
@@ -251,7 +256,12 @@ class _UnigramCounter:
         self.remap = torch.full((vocab_size,), -1, dtype=torch.long)  # (V,) token -> row or -1
         self.row_tokens = torch.empty(capacity, dtype=torch.long)  # (D,) row -> token
         self.n_rows = 0  # rows assigned (the first n_rows of dense and row_tokens)
-        self.dense = _mapped_zeros((capacity, width), torch.int32)  # (D, W)
+        self.dense = _mapped_zeros((capacity, width), torch.uint16)  # (D, W)
+        # (D,) upper bound of each row's counts; None: not known yet (rows read from a cache)
+        self.row_fill: torch.Tensor | None = torch.zeros(capacity, dtype=torch.long)
+        self.spill = torch.zeros(0, width, dtype=torch.int32)  # (S, W) counts moved out
+        self.spill_rows = torch.zeros(0, dtype=torch.long)  # (S,) the dense row of each
+        self.spill_of = torch.full((capacity,), -1, dtype=torch.long)  # (D,) spill row or -1
         self.native = native  # count and build the table with stats.c
         self.tail = _SparseCounter(key_space=width * vocab_size, native=native)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # memo of table()
@@ -263,16 +273,23 @@ class _UnigramCounter:
         vocab_size: int,
         row_tokens: torch.Tensor,
         dense: torch.Tensor,
+        spill_rows: torch.Tensor,
+        spill: torch.Tensor,
         tail_keys: torch.Tensor,
         tail_counts: torch.Tensor,
         native: bool,
     ) -> _UnigramCounter:
-        """The counter whose :meth:`parts` these are (rows ``dense (D, W)`` of the distinct
-        ``row_tokens (D,)``; the tail table, sorted, without those tokens)."""
+        """The counter whose :meth:`parts` these are (uint16 rows ``dense (D, W)`` of the
+        distinct ``row_tokens (D,)``, plus the int32 ``spill (S, W)`` of rows
+        ``spill_rows (S,)``; the tail table, sorted, without those tokens)."""
         counter = cls(width, vocab_size, native=native)
         counter.eligible[row_tokens] = True
         counter.remap[row_tokens] = torch.arange(len(row_tokens))
         counter.row_tokens, counter.dense, counter.n_rows = row_tokens, dense, len(row_tokens)
+        counter.row_fill = None  # bounded from the rows when counting resumes
+        counter.spill, counter.spill_rows = spill, spill_rows
+        counter.spill_of = torch.full((len(row_tokens),), -1, dtype=torch.long)
+        counter.spill_of[spill_rows] = torch.arange(len(spill_rows))
         dtype = counter.tail.keys.dtype  # int32 where W·V fits (the native tables'), else int64
         counter.tail = _SparseCounter(
             tail_keys.to(dtype), tail_counts.to(dtype), width * vocab_size, native
@@ -287,6 +304,8 @@ class _UnigramCounter:
         return {
             "pair_dense_token": self.row_tokens[: self.n_rows],
             "pair_dense": self.dense[: self.n_rows],
+            "pair_spill_row": self.spill_rows,
+            "pair_spill": self.spill,
             "pair_key": tail_keys.int() if compact else tail_keys,
             "pair_count": tail_counts.int() if compact else tail_counts,
         }
@@ -298,13 +317,57 @@ class _UnigramCounter:
         self._table = None
         rows = torch.where(counted, self.remap[tokens], -1)  # (M,)
         new = tokens[counted & (rows < 0) & self.eligible[tokens]]
-        if new.numel() == 0:
-            return rows
-        new = torch.unique(new)
-        first, self.n_rows = self.n_rows, self.n_rows + new.numel()
-        self.remap[new] = torch.arange(first, self.n_rows)
-        self.row_tokens[first : self.n_rows] = new
-        return torch.where(counted, self.remap[tokens], -1)
+        if new.numel():
+            new = torch.unique(new)
+            first, self.n_rows = self.n_rows, self.n_rows + new.numel()
+            self.remap[new] = torch.arange(first, self.n_rows)
+            self.row_tokens[first : self.n_rows] = new
+            rows = torch.where(counted, self.remap[tokens], -1)
+        self._make_room(rows)
+        return rows
+
+    def _make_room(self, rows: torch.Tensor) -> None:
+        """Spill the dense rows that the coming batch (row of each position ``rows (M,)``,
+        -1 for none) could take past :data:`DENSE_COUNT_MAX`."""
+        n = self.n_rows
+        if self.row_fill is None:
+            self.row_fill = torch.zeros(len(self.spill_of), dtype=torch.long)
+            for start in range(0, n, 1024):  # (1024, W) int32 at a time
+                block = self.dense[start : start + 1024].to(torch.int32)
+                self.row_fill[start : start + len(block)] = block.amax(1)
+        occurrences = torch.bincount(rows[rows >= 0], minlength=n)  # (n,)
+        if n and int(occurrences.max()) > DENSE_COUNT_MAX:
+            raise NeuronSpecError(  # add_layer splits batches so that this cannot happen
+                f"one batch holds more than {DENSE_COUNT_MAX} occurrences of a token"
+            )
+        fill = self.row_fill[:n] + occurrences
+        full = torch.nonzero(fill > DENSE_COUNT_MAX).flatten()
+        if full.numel():
+            self._spill(full)
+            fill[full] = occurrences[full]
+        self.row_fill[:n] = fill
+
+    def _spill(self, rows: torch.Tensor) -> None:
+        """Add the dense ``rows (R,)`` into their int32 spill rows and zero them."""
+        new = rows[self.spill_of[rows] < 0]
+        if new.numel():
+            first = len(self.spill_rows)
+            self.spill_of[new] = torch.arange(first, first + len(new))
+            self.spill_rows = torch.cat([self.spill_rows, new])
+            self.spill = torch.cat(
+                [self.spill, torch.zeros(len(new), self.width, dtype=torch.int32)]
+            )
+        self.spill[self.spill_of[rows]] += self.dense[rows].to(torch.int32)
+        self.dense.numpy()[rows.numpy()] = 0  # numpy: torch has no uint16 index_put_
+
+    def counts_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The counts of dense ``rows (R,)``: ``(R, W)`` int32, spilled parts added."""
+        counts = self.dense[rows].to(torch.int32)
+        spilled = self.spill_of[rows]  # (R,)
+        has = spilled >= 0
+        if bool(has.any()):
+            counts[has] += self.spill[spilled[has]]
+        return counts
 
     def add(self, tokens: torch.Tensor, fires: torch.Tensor, counted: torch.Tensor) -> None:
         """``tokens (M,)``, their firing pattern ``fires (M, W)``, and which positions
@@ -313,8 +376,11 @@ class _UnigramCounter:
         rows = self.rows_for(tokens, counted)  # (M,)
         dense = rows >= 0
         tail = counted & ~self.eligible[tokens]
-        if bool(dense.any()):
-            self.dense.index_add_(0, rows[dense], fires[dense].to(torch.int32))
+        if bool(dense.any()):  # through int32 and numpy: torch has no uint16 index_add_
+            used, inverse = torch.unique(rows[dense], return_inverse=True)
+            block = self.dense[used].to(torch.int32)
+            block.index_add_(0, inverse, fires[dense].to(torch.int32))
+            self.dense.numpy()[used.numpy()] = block.numpy().astype(np.uint16)
         if bool(tail.any()):
             position, neuron = torch.nonzero(fires[tail], as_tuple=True)
             self.tail.add(neuron * self.vocab_size + tokens[tail][position])
@@ -344,7 +410,7 @@ class _UnigramCounter:
         if self.native and compact:
             return self._table_native()
         rows, tokens = self._rows_by_token()  # (D',) each
-        by_neuron = self.dense[rows].t().flatten()  # (W·D',) neuron-major copy
+        by_neuron = self.counts_of(rows).t().flatten()  # (W·D',) neuron-major copy
         (flat,) = torch.nonzero(by_neuron, as_tuple=True)  # increasing
         n_dense = len(rows)
         dense_keys = (flat // n_dense) * self.vocab_size + tokens[flat % n_dense]
@@ -360,10 +426,13 @@ class _UnigramCounter:
         rows, dense_tokens = self._rows_by_token()  # (D',) each
         n_dense = len(rows)
         tail_keys, tail_counts = self.tail.keys, self.tail.counts  # (P,) int32 each
+        spill = self.spill if len(self.spill_rows) else None
+        spill_of = self.spill_of if spill is not None else None
         nnz = torch.empty(width, dtype=torch.long)  # (W,) dense entries per neuron
         lib.neuronspec_unigram_dense_nnz(
-            threads, n_dense, width, self.dense.data_ptr(), rows.data_ptr(), nnz.data_ptr()
-        )
+            threads, n_dense, width, self.dense.data_ptr(), _data_ptr(spill),
+            _data_ptr(spill_of), rows.data_ptr(), nnz.data_ptr(),
+        )  # fmt: skip
         bounds = torch.arange(width + 1, dtype=torch.int32) * vocab  # (W + 1,) first key of n
         tail_starts = torch.searchsorted(tail_keys, bounds)  # (W + 1,)
         offsets = torch.zeros(width + 1, dtype=torch.long)  # (W + 1,) first output of n
@@ -372,8 +441,8 @@ class _UnigramCounter:
         keys = torch.empty(total, dtype=torch.int32)
         counts = torch.empty(total, dtype=torch.int32)
         status = lib.neuronspec_unigram_table(
-            threads, n_dense, width, vocab, self.dense.data_ptr(), rows.data_ptr(),
-            dense_tokens.data_ptr(),
+            threads, n_dense, width, vocab, self.dense.data_ptr(), _data_ptr(spill),
+            _data_ptr(spill_of), rows.data_ptr(), dense_tokens.data_ptr(),
             tail_keys.data_ptr(), tail_counts.data_ptr(), tail_starts.data_ptr(),
             offsets.data_ptr(), keys.data_ptr(), counts.data_ptr(),
         )  # fmt: skip
@@ -406,7 +475,7 @@ class LayerStats:
         native: bool = False,
     ) -> LayerStats:
         return cls(
-            fire_by_pos=torch.zeros(window, width, dtype=torch.long),
+            fire_by_pos=torch.zeros(window, width, dtype=torch.int32),
             act_sum=torch.zeros(width, dtype=torch.float64),
             act_sumsq=torch.zeros(width, dtype=torch.float64),
             act_absmax=torch.zeros(width, dtype=torch.float64),
@@ -460,6 +529,11 @@ class NeuronStats:
         the sparse counts are counted and merged."""
         if backend not in STATS_BACKENDS:
             raise NeuronSpecError(f"stats backend must be one of {STATS_BACKENDS}, got {backend!r}")
+        if config.unigrams and window > DENSE_COUNT_MAX:
+            raise NeuronSpecError(
+                f"windows of {window} tokens are too long for unigram counts (at most "
+                f"{DENSE_COUNT_MAX}); use shorter windows (--window)"
+            )
         if config.trigrams and max(widths) * vocab_size**3 >= 2**63:
             raise NeuronSpecError(
                 f"trigram keys overflow int64 for width {max(widths)} and vocab {vocab_size}"
@@ -548,6 +622,12 @@ class NeuronStats:
         float32 CPU inputs when it is available, else the torch form; both compute the
         same definitions (float sums may differ by rounding, bin edges by one bin).
         """
+        per_call = DENSE_COUNT_MAX // self.window  # windows whose counts a uint16 row holds
+        if self.config.unigrams and pre.shape[0] > per_call:
+            for start in range(0, pre.shape[0], per_call):
+                part = slice(start, start + per_call)
+                self.add_layer(layer, pre[part], act[part], input_ids[part], counted[part])
+            return
         stats = self.layers[layer]
         input_ids, counted = input_ids.to(pre.device), counted.to(pre.device)
         if _use_native_stats(self.backend, pre, act):
@@ -706,8 +786,8 @@ class NeuronStats:
             pairs = stats.pairs.parts()
             if table_only:
                 pairs["pair_key"], pairs["pair_count"] = stats.pairs.table()
-                pairs["pair_dense_token"] = pairs["pair_dense_token"][:0]
-                pairs["pair_dense"] = pairs["pair_dense"][:0]
+                for name in _DENSE_PAIR_FIELDS:
+                    pairs[name] = pairs[name][:0]
             stats.trigrams.consolidate()
             for name in _DENSE_FIELDS:
                 tensors[f"layer{index}.{name}"] = getattr(stats, name)
@@ -730,6 +810,8 @@ class NeuronStats:
                 meta["vocab_size"],
                 get("pair_dense_token"),
                 get("pair_dense"),
+                get("pair_spill_row"),
+                get("pair_spill"),
                 get("pair_key"),
                 get("pair_count"),
                 native,
@@ -792,9 +874,12 @@ _DENSE_FIELDS = (
 )
 
 
-DENSE_UNIGRAM_BYTES = 2 * 2**30
-"""Budget of the dense int32 (neuron, token) rows of all layers together (the same tokens
+DENSE_UNIGRAM_BYTES = 2**30
+"""Budget of the dense uint16 (neuron, token) rows of all layers together (the same tokens
 in every layer). Memory in use is the rows of the tokens a pass has seen: at most this."""
+DENSE_COUNT_MAX = 2**16 - 1
+"""Largest count a dense uint16 row holds; rows are spilled into int32 before it."""
+_DENSE_PAIR_FIELDS = ("pair_dense_token", "pair_dense", "pair_spill_row", "pair_spill")
 
 
 def _dense_tokens(token_frequency: torch.Tensor | None, total_width: int) -> torch.Tensor | None:
@@ -802,7 +887,7 @@ def _dense_tokens(token_frequency: torch.Tensor | None, total_width: int) -> tor
     ``total_width`` neurons in all, fit :data:`DENSE_UNIGRAM_BYTES`."""
     if token_frequency is None:
         return None
-    budget = DENSE_UNIGRAM_BYTES // (4 * total_width)
+    budget = DENSE_UNIGRAM_BYTES // (2 * total_width)
     order = torch.argsort(token_frequency, descending=True, stable=True)
     return order[: min(budget, int((token_frequency > 0).sum()))]
 
@@ -822,13 +907,12 @@ def _mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 def _merge_tensor_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
     merged: dict[str, torch.Tensor] = {}
     for name in a:
-        if name.endswith("_key") or name.endswith("pair_dense_token"):
+        if name.endswith("_key"):
             continue
-        if name.endswith("pair_dense"):  # table_only forms: every count is in the table
+        if name.endswith(_DENSE_PAIR_FIELDS):  # table_only forms: every count is in the table
             if a[name].numel() or b[name].numel():
                 raise NeuronSpecError("merge the table_only forms of the statistics")
-            token = name.replace("pair_dense", "pair_dense_token")
-            merged[name], merged[token] = a[name], a[token]
+            merged[name] = a[name]
         elif name.endswith("_count") and name.replace("_count", "_key") in a:
             key = name.replace("_count", "_key")
             keys, counts = _merge_sparse(torch.cat([a[key], b[key]]), torch.cat([a[name], b[name]]))

@@ -39,7 +39,7 @@ __all__ = ["KernelUnavailableError", "load_library"]
 
 SOURCES = (Path(__file__).with_name("scan.c"), Path(__file__).with_name("stats.c"))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fopenmp")
-ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 7}
+ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 8}
 
 _i64, _ptr, _f32, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
 _SCAN_ARGS = (
@@ -62,8 +62,9 @@ _STATS_ARGS = (
     + [_ptr] * 4  # act_sum, act_sumsq, act_absmax, pearson_abs_sum
     + [_ptr, _i64, _f32, _f32, _f32, _f32, _f64]  # hist, n_bins, min, max, per_log2, offset, cv
 )
-_NNZ_ARGS = [_i64] * 3 + [_ptr] * 3  # threads, D, W, dense, rows, nnz
-_TABLE_ARGS = [_i64] * 4 + [_ptr] * 9  # threads, D, W, V, dense, rows, tokens, tail.., out..
+_NNZ_ARGS = [_i64] * 3 + [_ptr] * 5  # threads, D, W, dense, spill, spill_of, rows, nnz
+_TABLE_ARGS = [_i64] * 4 + [_ptr] * 11  # threads, D, W, V, dense, spill, spill_of, rows,
+# tokens, tail.., out..
 _SORT_ARGS = [_i64, _ptr, _ptr, _i64]  # n, keys, scratch, max_key
 _RUNS_ARGS = [_i64] + [_ptr] * 3  # n, keys, out_keys, out_counts
 _MERGE_ARGS = ([_i64] + [_ptr] * 2) * 2 + [_ptr] * 2  # na, a.., nb, b.., out..

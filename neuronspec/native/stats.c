@@ -4,8 +4,9 @@
  * accumulators, same definitions; see that module's docstring): reads pre-activations
  * and activations (B, T, W) once and updates, for the columns [w0, w1) of this call,
  *
- *   fire_by_pos (T, W) int64   += [pre > threshold]
- *   dense       (D, W) int32   += [pre > threshold] at positions whose dense row >= 0
+ *   fire_by_pos (T, W) int32   += [pre > threshold]
+ *   dense       (D, W) uint16  += [pre > threshold] at positions whose dense row >= 0
+ *                              (the caller spills a row before it could pass 65535)
  *   fires       (B·T, W) uint8  = [pre > threshold]          (when not NULL)
  *   tail keys   int32            n·V + token for every firing at a position whose
  *                                tail_token >= 0 (when tail_keys is not NULL)
@@ -76,7 +77,7 @@ static i64 layer_columns(
     const float *pre, i64 pre_sb, i64 pre_st,
     const float *act, i64 act_sb, i64 act_st,
     float threshold, const float *zpos, const i64 *rows,
-    int32_t *dense, uint8_t *fires, i64 *fire_by_pos,
+    uint16_t *dense, uint8_t *fires, int32_t *fire_by_pos,
     const i64 *tail_tokens, i64 V, int32_t *tail_keys, i64 *tail_found,
     double *act_sum, double *act_sumsq, double *act_absmax, double *pearson_abs_sum,
     i64 *hist, i64 n_bins, float hist_min, float hist_max, float per_log2, float offset,
@@ -107,7 +108,7 @@ static i64 layer_columns(
     for (i64 w = 0; w < (3 * B + 1) * n; w++) scratch[w] = 0.0f;
     for (i64 t = 0; t < T; t++) {
         const float z = zpos[t];
-        i64 *fp = fire_by_pos + t * W + w0;
+        int32_t *fp = fire_by_pos + t * W + w0;
         for (i64 b = 0; b < B; b++) {
             const float *p = pre + b * pre_sb + t * pre_st + w0;
             const float *a = act + b * act_sb + t * act_st + w0;
@@ -136,7 +137,7 @@ static i64 layer_columns(
             for (i64 w = 0; w < n; w++) f[w] = p[w] > threshold;
             for (i64 w = 0; w < n; w++) fp[w] += f[w];
             if (row >= 0) {
-                int32_t *d = dense + row * W + w0;
+                uint16_t *d = dense + row * W + w0;
                 for (i64 w = 0; w < n; w++) d[w] += f[w];
             }
             const i64 token = tail_keys ? tail_tokens[b * T + t] : -1;
@@ -197,7 +198,7 @@ i64 neuronspec_layer_stats_f32(
     const float *pre, i64 pre_sb, i64 pre_st,
     const float *act, i64 act_sb, i64 act_st,
     float threshold, const float *zpos, const i64 *rows,
-    int32_t *dense, uint8_t *fires, i64 *fire_by_pos,
+    uint16_t *dense, uint8_t *fires, int32_t *fire_by_pos,
     const i64 *tail_tokens, i64 V, i64 n_tail, int32_t *tail_keys, i64 *tail_spans,
     double *act_sum, double *act_sumsq, double *act_absmax, double *pearson_abs_sum,
     i64 *hists, i64 n_bins, float hist_min, float hist_max, float per_log2, float offset,
@@ -234,10 +235,13 @@ i64 neuronspec_layer_stats_f32(
 /* The final (neuron, token) firing table of a layer, merged from its two parts
  * (neuronspec.capture.stats._UnigramCounter.table):
  *
- *   dense (., W) int32       counts of the frequent tokens; the D rows read are
+ *   dense (., W) uint16      counts of the frequent tokens; the D rows read are
  *                            rows[r] (r < D), row rows[r] = token dense_tokens[r]
  *                            (ascending ids); other rows are never read (never used,
  *                            so possibly never even zeroed)
+ *   spill (S, W) int32       counts moved out of dense rows before they could overflow:
+ *                            row i's count is dense[i] + spill[spill_of[i]] where
+ *                            spill_of[i] >= 0 (spill_of (., ) i64; NULL: nothing spilled)
  *   tail_keys, tail_counts   (P,) int32, the other tokens, key = neuron·V + token, sorted,
  *                            unique
  *
@@ -250,15 +254,30 @@ i64 neuronspec_layer_stats_f32(
 #define TABLE_LANES 16
 
 /* nnz[n] = number of nonzero dense[rows[r], n] over r < D, (W,) */
-void neuronspec_unigram_dense_nnz(i64 threads, i64 D, i64 W, const int32_t *dense,
-                                  const i64 *rows, i64 *nnz) {
+/* Count of dense row i, neuron n (see the table kernel below for dense, spill, spill_of). */
+static inline int32_t dense_count(const uint16_t *dense, const int32_t *spill,
+                                  const i64 *spill_of, i64 W, i64 i, i64 n) {
+    int32_t count = dense[i * W + n];
+    if (spill_of && spill_of[i] >= 0) count += spill[spill_of[i] * W + n];
+    return count;
+}
+
+void neuronspec_unigram_dense_nnz(i64 threads, i64 D, i64 W, const uint16_t *dense,
+                                  const int32_t *spill, const i64 *spill_of, const i64 *rows,
+                                  i64 *nnz) {
     const i64 blocks = (W + TABLE_LANES - 1) / TABLE_LANES;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (i64 k = 0; k < blocks; k++) {
         const i64 n0 = k * TABLE_LANES, n1 = n0 + TABLE_LANES < W ? n0 + TABLE_LANES : W;
         i64 count[TABLE_LANES] = {0};
         for (i64 r = 0; r < D; r++) {
-            const int32_t *row = dense + rows[r] * W;
+            const i64 i = rows[r];
+            if (spill_of && spill_of[i] >= 0) {
+                for (i64 n = n0; n < n1; n++)
+                    count[n - n0] += dense_count(dense, spill, spill_of, W, i, n) != 0;
+                continue;
+            }
+            const uint16_t *row = dense + i * W;
             for (i64 n = n0; n < n1; n++) count[n - n0] += row[n] != 0;
         }
         for (i64 n = n0; n < n1; n++) nnz[n] = count[n - n0];
@@ -306,8 +325,8 @@ static inline void table_neuron(i64 D, i64 base, const int32_t *col, const i64 *
 
 /* Returns 0, or -1 when scratch memory cannot be allocated. */
 int neuronspec_unigram_table(
-    i64 threads, i64 D, i64 W, i64 V, const int32_t *dense, const i64 *rows,
-    const i64 *dense_tokens,
+    i64 threads, i64 D, i64 W, i64 V, const uint16_t *dense, const int32_t *spill,
+    const i64 *spill_of, const i64 *rows, const i64 *dense_tokens,
     const int32_t *tail_keys, const int32_t *tail_counts, const i64 *tail_starts,
     const i64 *offsets, int32_t *out_keys, int32_t *out_counts) {
     const i64 blocks = (W + TABLE_LANES - 1) / TABLE_LANES;
@@ -322,7 +341,13 @@ int neuronspec_unigram_table(
             if (!cols) continue;
             const i64 n0 = k * TABLE_LANES, n1 = n0 + TABLE_LANES < W ? n0 + TABLE_LANES : W;
             for (i64 r = 0; r < D; r++) {
-                const int32_t *row = dense + rows[r] * W;
+                const i64 i = rows[r];
+                if (spill_of && spill_of[i] >= 0) {
+                    for (i64 n = n0; n < n1; n++)
+                        cols[(n - n0) * D + r] = dense_count(dense, spill, spill_of, W, i, n);
+                    continue;
+                }
+                const uint16_t *row = dense + i * W;
                 for (i64 n = n0; n < n1; n++) cols[(n - n0) * D + r] = row[n];
             }
             /* neurons in order: a spurious write lands on slot offsets[n + 1], which a
@@ -417,4 +442,4 @@ i64 neuronspec_merge_counts(i64 na, const int32_t *a_keys, const int32_t *a_coun
 }
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int neuronspec_stats_abi(void) { return 7; }
+int neuronspec_stats_abi(void) { return 8; }
