@@ -261,7 +261,6 @@ class _UnigramCounter:
         self.row_fill: torch.Tensor | None = torch.zeros(capacity, dtype=torch.long)
         self.spill = torch.zeros(0, width, dtype=torch.int32)  # (S, W) counts moved out
         self.spill_rows = torch.zeros(0, dtype=torch.long)  # (S,) the dense row of each
-        self.spill_of = torch.full((capacity,), -1, dtype=torch.long)  # (D,) spill row or -1
         self.native = native  # count and build the table with stats.c
         self.tail = _SparseCounter(key_space=width * vocab_size, native=native)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # memo of table()
@@ -288,8 +287,6 @@ class _UnigramCounter:
         counter.row_tokens, counter.dense, counter.n_rows = row_tokens, dense, len(row_tokens)
         counter.row_fill = None  # bounded from the rows when counting resumes
         counter.spill, counter.spill_rows = spill, spill_rows
-        counter.spill_of = torch.full((len(row_tokens),), -1, dtype=torch.long)
-        counter.spill_of[spill_rows] = torch.arange(len(spill_rows))
         dtype = counter.tail.keys.dtype  # int32 where W·V fits (the native tables'), else int64
         counter.tail = _SparseCounter(
             tail_keys.to(dtype), tail_counts.to(dtype), width * vocab_size, native
@@ -331,7 +328,7 @@ class _UnigramCounter:
         -1 for none) could take past :data:`DENSE_COUNT_MAX`."""
         n = self.n_rows
         if self.row_fill is None:
-            self.row_fill = torch.zeros(len(self.spill_of), dtype=torch.long)
+            self.row_fill = torch.zeros(len(self.dense), dtype=torch.long)
             for start in range(0, n, 1024):  # (1024, W) int32 at a time
                 block = self.dense[start : start + 1024].to(torch.int32)
                 self.row_fill[start : start + len(block)] = block.amax(1)
@@ -347,23 +344,27 @@ class _UnigramCounter:
             fill[full] = occurrences[full]
         self.row_fill[:n] = fill
 
+    def _spill_of(self) -> torch.Tensor:
+        """``(D,)`` each dense row's spill row, or -1 (the inverse of ``spill_rows``)."""
+        spill_of = torch.full((len(self.dense),), -1, dtype=torch.long)
+        spill_of[self.spill_rows] = torch.arange(len(self.spill_rows))
+        return spill_of
+
     def _spill(self, rows: torch.Tensor) -> None:
         """Add the dense ``rows (R,)`` into their int32 spill rows and zero them."""
-        new = rows[self.spill_of[rows] < 0]
+        new = rows[self._spill_of()[rows] < 0]
         if new.numel():
-            first = len(self.spill_rows)
-            self.spill_of[new] = torch.arange(first, first + len(new))
             self.spill_rows = torch.cat([self.spill_rows, new])
             self.spill = torch.cat(
                 [self.spill, torch.zeros(len(new), self.width, dtype=torch.int32)]
             )
-        self.spill[self.spill_of[rows]] += self.dense[rows].to(torch.int32)
+        self.spill[self._spill_of()[rows]] += self.dense[rows].to(torch.int32)
         self.dense.numpy()[rows.numpy()] = 0  # numpy: torch has no uint16 index_put_
 
     def counts_of(self, rows: torch.Tensor) -> torch.Tensor:
         """The counts of dense ``rows (R,)``: ``(R, W)`` int32, spilled parts added."""
         counts = self.dense[rows].to(torch.int32)
-        spilled = self.spill_of[rows]  # (R,)
+        spilled = self._spill_of()[rows]  # (R,)
         has = spilled >= 0
         if bool(has.any()):
             counts[has] += self.spill[spilled[has]]
@@ -427,7 +428,7 @@ class _UnigramCounter:
         n_dense = len(rows)
         tail_keys, tail_counts = self.tail.keys, self.tail.counts  # (P,) int32 each
         spill = self.spill if len(self.spill_rows) else None
-        spill_of = self.spill_of if spill is not None else None
+        spill_of = self._spill_of() if spill is not None else None
         nnz = torch.empty(width, dtype=torch.long)  # (W,) dense entries per neuron
         lib.neuronspec_unigram_dense_nnz(
             threads, n_dense, width, self.dense.data_ptr(), _data_ptr(spill),

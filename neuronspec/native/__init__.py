@@ -63,8 +63,8 @@ _STATS_ARGS = (
     + [_ptr, _i64, _f32, _f32, _f32, _f32, _f64]  # hist, n_bins, min, max, per_log2, offset, cv
 )
 _NNZ_ARGS = [_i64] * 3 + [_ptr] * 5  # threads, D, W, dense, spill, spill_of, rows, nnz
-_TABLE_ARGS = [_i64] * 4 + [_ptr] * 11  # threads, D, W, V, dense, spill, spill_of, rows,
-# tokens, tail.., out..
+# threads, D, W, V; dense, spill, spill_of, rows, tokens, tail (keys, counts, starts), out..
+_TABLE_ARGS = [_i64] * 4 + [_ptr] * 11
 _SORT_ARGS = [_i64, _ptr, _ptr, _i64]  # n, keys, scratch, max_key
 _RUNS_ARGS = [_i64] + [_ptr] * 3  # n, keys, out_keys, out_counts
 _MERGE_ARGS = ([_i64] + [_ptr] * 2) * 2 + [_ptr] * 2  # na, a.., nb, b.., out..
