@@ -1,27 +1,53 @@
 """The benchmark runs and reports consistent rows (``python -m neuronspec.bench --quick``).
 
 No timing is asserted: wall time depends on the machine. What is checked is what a reader
-of the table relies on: every ratio names a row of the table, and equals the quotient of
-the two rows' seconds.
+of the table relies on: every ratio names a row of the table, and is the median of the
+per-round ratios of the two rows' timings, within their range.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import statistics
 
 import pytest
+
+from neuronspec.bench import Timing, row, time_side_by_side
 
 
 @pytest.mark.parametrize("section", ["scan", "capture"])
 def test_quick_benchmark_rows_are_consistent(section):
     rows = importlib.import_module(f"neuronspec.bench.{section}").run(quick=True)
-    seconds = {}
-    for row in rows:
-        assert math.isfinite(row["seconds"]), row  # differences of timings may be <= 0
-        assert seconds.setdefault(row["name"], row["seconds"]) == row["seconds"], row
-    compared = [row for row in rows if row["ratio_vs"] is not None]
+    rounds = {}
+    for r in rows:
+        assert all(math.isfinite(s) for s in r["rounds"]), r  # differences may be <= 0
+        assert r["seconds"] == statistics.median(r["rounds"]), r
+        assert rounds.setdefault(r["name"], r["rounds"]) == r["rounds"], r
+    compared = [r for r in rows if r["ratio_vs"] is not None]
     assert compared, "a section compares at least one pair of rows"
-    for row in compared:
-        assert row["ratio_vs"] in seconds, f"{row['name']!r} is compared with a row not shown"
-        assert math.isclose(row["ratio"], row["seconds"] / seconds[row["ratio_vs"]]), row
+    for r in compared:
+        assert r["ratio_vs"] in rounds, f"{r['name']!r} is compared with a row not shown"
+        ratios = [a / b for a, b in zip(r["rounds"], rounds[r["ratio_vs"]], strict=True)]
+        assert math.isclose(r["ratio"], statistics.median(ratios)), r
+        assert r["ratio_range"] == (min(ratios), max(ratios)), r
+
+
+def test_ratio_is_the_median_of_per_round_ratios_not_the_ratio_of_medians():
+    # rounds where the machine ran at different speeds: b is always 10% slower than a
+    a, b = Timing((1.0, 2.0, 4.0)), Timing((1.1, 2.2, 4.4))
+    r = row("b", b, "a", a)
+    assert r["seconds"] == 2.2
+    assert math.isclose(r["ratio"], 1.1) and r["ratio_range"] == pytest.approx((1.1, 1.1))
+    assert (b - a).rounds == pytest.approx((0.1, 0.2, 0.4))
+    with pytest.raises(ValueError, match="do not pair"):
+        row("b", Timing((1.0,)), "a", a)
+
+
+def test_rounds_alternate_order_and_start_after_a_warm_up():
+    calls = []
+    timings = time_side_by_side({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert all(len(t.rounds) == 3 for t in timings.values())
+    with pytest.raises(ValueError, match="repeats"):
+        time_side_by_side({"a": lambda: None}, 0)

@@ -19,20 +19,20 @@ pairs, so every pass is timed over ``SHORT`` and over ``LONG`` batches, and the 
 ratio (the extra batches of the long pass, statistics against forward) is the cost per
 batch once the pass is long. The one sorted (neuron, token) table per layer that analyses
 read is built on read, not in the pass; its cost for all layers after the short pass is
-reported too. ``quick``: 4 layers, 1 and 2 batches of 2×128 tokens, 2 repeats.
+reported too. 5 rounds; ratios are medians of per-round ratios (each round runs the compared
+passes back to back). ``quick``: 4 layers, 1 and 2 batches of 2×128 tokens, 2 rounds.
 """
 
 from __future__ import annotations
 
 import functools
-import statistics
 import time
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
 
+from neuronspec.bench import Timing, time_side_by_side
 from neuronspec.bench import row as _row
-from neuronspec.bench import time_side_by_side
 from neuronspec.capture.runner import collect_stats
 from neuronspec.capture.stats import NeuronStats, StatsConfig
 from neuronspec.models.adapters import adapter_for
@@ -75,7 +75,7 @@ SHORT, LONG = 4, 16  # batches per pass
 def run(quick: bool = False) -> list[dict]:
     batch, length = (2, 128) if quick else (4, 256)
     short, long = (1, 2) if quick else (SHORT, LONG)
-    repeats = 2 if quick else 3
+    repeats = 2 if quick else 5
     rows = []
     for name, model in _models(quick).items():
         loaded = LoadedModel(name, model, None, adapter_for(model), name, "bench")
@@ -117,17 +117,17 @@ def run(quick: bool = False) -> list[dict]:
                 stats.unigram_table(layer)
 
         t = time_side_by_side(
-            {
+            {  # compared rows are neighbours: they run back to back in every round
                 "lm": lm_forward,
-                "layers": functools.partial(layers_forward, short),
                 "stats": functools.partial(stats_pass, short),
+                "layers": functools.partial(layers_forward, short),
                 "tables": read_tables,
                 "layers long": functools.partial(layers_forward, long),
                 "stats long": functools.partial(stats_pass, long),
             },
             repeats,
         )
-        final = statistics.median(final_seconds[short][1:])
+        final = Timing(tuple(final_seconds[short][1:]))  # the warm-up call is not a round
         tokens = f"{short}x{batch}x{length}"
         lm_row = f"{name}: plain LM forward (with logits), {tokens}"
         layers_row = f"{name}: plain forward of the layers (no LM head), {tokens}"
@@ -135,6 +135,7 @@ def run(quick: bool = False) -> list[dict]:
         long_layers = f"{name}: plain forward of the layers, {long}x{batch}x{length}"
         extra = f"{long - short} more batches"
         marginal = f"{name}: forward of the layers, marginal ({extra})"
+        marginal_layers = t["layers long"] - t["layers"]
         rows += [
             _row(lm_row, t["lm"]),
             _row(layers_row, t["layers"]),
@@ -149,8 +150,8 @@ def run(quick: bool = False) -> list[dict]:
             _row(long_layers, t["layers long"]),
             _row(f"{name}: statistics pass, whole, {long}x{batch}x{length}", t["stats long"],
                  long_layers, t["layers long"]),
-            _row(marginal, t["layers long"] - t["layers"]),
+            _row(marginal, marginal_layers),
             _row(f"{name}: statistics pass, marginal ({extra})", t["stats long"] - t["stats"],
-                 marginal, t["layers long"] - t["layers"]),
+                 marginal, marginal_layers),
         ]  # fmt: skip
     return rows

@@ -6,7 +6,8 @@ d_inner 1536, N 16, vocab 50280) on a 4×256-token batch, HF reference scan vs
 ``GPT2LMHeadModel`` (12 layers, d 768) on the same tokens. Training: one AdamW step
 (forward with labels, backward, update) of a 4-layer d_model 128 Mamba (vocab 4096) at
 batch 32×64, reference vs fast. ``quick`` uses 1×64 tokens for the forward, 8×32 for
-training, and fewer repeats. All timings are interleaved medians (5 calls each, 3 for training).
+training, and fewer rounds. 5 rounds (3 for training) of :func:`~neuronspec.bench.time_side_by_side`;
+ratios are medians of per-round ratios.
 """
 
 from __future__ import annotations

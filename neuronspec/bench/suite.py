@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from neuronspec.bench import Timing, row
+
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 
 
@@ -46,18 +48,9 @@ def run(quick: bool = False) -> list[dict]:
         cold = _pytest(Path(first), "-n", "0", *extra)
         warm = _pytest(Path(first), "-n", "0", *extra)
         cold_parallel = _pytest(Path(second), "-n", "2", *extra)
-    return [
-        {"name": "specs, cold cache, -n 0", "seconds": cold, "ratio_vs": None, "ratio": None},
-        {
-            "name": "specs, warm cache, -n 0",
-            "seconds": warm,
-            "ratio_vs": "specs, cold cache, -n 0",
-            "ratio": warm / cold,
-        },
-        {
-            "name": "specs, cold cache, -n 2",
-            "seconds": cold_parallel,
-            "ratio_vs": "specs, cold cache, -n 0",
-            "ratio": cold_parallel / cold,
-        },
+    cold_row = "specs, cold cache, -n 0"
+    return [  # one round each: a cold run can be cold only once per cache directory
+        row(cold_row, Timing((cold,))),
+        row("specs, warm cache, -n 0", Timing((warm,)), cold_row, Timing((cold,))),
+        row("specs, cold cache, -n 2", Timing((cold_parallel,)), cold_row, Timing((cold,))),
     ]

@@ -253,7 +253,6 @@ i64 neuronspec_layer_stats_f32(
  * Neurons go in blocks of 16 so that each dense row read is one 64-byte line. */
 #define TABLE_LANES 16
 
-/* nnz[n] = number of nonzero dense[rows[r], n] over r < D, (W,) */
 /* Count of dense row i, neuron n (see the table kernel below for dense, spill, spill_of). */
 static inline int32_t dense_count(const uint16_t *dense, const int32_t *spill,
                                   const i64 *spill_of, i64 W, i64 i, i64 n) {
@@ -262,6 +261,7 @@ static inline int32_t dense_count(const uint16_t *dense, const int32_t *spill,
     return count;
 }
 
+/* nnz[n] = number of nonzero dense[rows[r], n] over r < D, (W,) */
 void neuronspec_unigram_dense_nnz(i64 threads, i64 D, i64 W, const uint16_t *dense,
                                   const int32_t *spill, const i64 *spill_of, const i64 *rows,
                                   i64 *nnz) {
