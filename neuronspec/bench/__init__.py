@@ -78,9 +78,9 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], repeats: int) -> dic
 def _ratio_text(r: dict) -> str:
     if r.get("ratio") is None:
         return ""
-    low, high = r["ratio_range"]
-    if len(r["rounds"]) == 1:
+    if len(r["rounds"]) == 1:  # one round: the range is the ratio itself
         return f"{r['ratio']:.3f}"
+    low, high = r["ratio_range"]
     return f"{r['ratio']:.3f} ({low:.3f}-{high:.3f})"
 
 
