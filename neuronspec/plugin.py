@@ -63,6 +63,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="use the HF reference Mamba scan instead of neuronspec's fast exact scan",
     )
     group.addoption(
+        "--layers",
+        default=None,
+        help="comma-separated layer indices the per-layer analyses run on (default: all)",
+    )
+    group.addoption(
+        "--top-k",
+        type=int,
+        default=10,
+        help="neurons reported per ranking: top delta-sensitive, attention, causal (default 10)",
+    )
+    group.addoption(
         "--neuronspec-results",
         default=None,
         help="write every finding of the run to this JSON file",
@@ -81,6 +92,18 @@ def _run_config(config: pytest.Config) -> RunConfig:
             raise pytest.UsageError(str(error)) from None
     if option.batch_size < 1:
         raise pytest.UsageError(f"--batch-size must be at least 1, got {option.batch_size}")
+    if option.top_k < 1:
+        raise pytest.UsageError(f"--top-k must be at least 1, got {option.top_k}")
+    layers = None
+    if option.layers is not None:
+        try:
+            layers = tuple(sorted({int(part) for part in option.layers.split(",") if part.strip()}))
+        except ValueError:
+            raise pytest.UsageError(
+                f"--layers must be comma-separated layer indices such as 0,2,3; got {option.layers!r}"
+            ) from None
+        if not layers:
+            raise pytest.UsageError("--layers is empty; give at least one layer index")
     try:
         corpus = CorpusConfig(
             name=option.corpus,
@@ -101,6 +124,8 @@ def _run_config(config: pytest.Config) -> RunConfig:
         dtype=option.dtype,
         batch_size=option.batch_size,
         fast_scan=not option.no_fast_scan,
+        layers=layers,
+        top_k=option.top_k,
     )
 
 
@@ -164,6 +189,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         )
         return
     params = []
+    run_config = _session(metafunc.config).config
     for model_id in models:
         n_layers = _n_layers(model_id)
         group = pytest.mark.xdist_group(model_id)
@@ -171,9 +197,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             skip = pytest.mark.skip(reason=f"model {model_id!r} is not available offline")
             params.append(pytest.param(model_id, -1, id=f"{model_id}-L?", marks=[group, skip]))
         else:
+            try:
+                layers = run_config.layers_of(n_layers, model=model_id)
+            except NeuronSpecError as error:
+                raise pytest.UsageError(str(error)) from None
             params += [
                 pytest.param(model_id, layer, id=f"{model_id}-L{layer}", marks=group)
-                for layer in range(n_layers)
+                for layer in layers
             ]
     metafunc.parametrize(("model_id", "layer"), params, scope="session")
 

@@ -24,6 +24,7 @@ from neuronspec.data.corpus import (
     build_windows,
     load_corpus_texts,
 )
+from neuronspec.errors import LayerOutOfRangeError
 from neuronspec.findings import to_plain
 from neuronspec.models.registry import (
     DEFAULT_MODELS,
@@ -48,6 +49,24 @@ class RunConfig:
     dtype: str = "float32"
     batch_size: int = 16
     fast_scan: bool = True
+    layers: tuple[int, ...] | None = None  # per-layer analyses run on these (None: all)
+    top_k: int = 10  # neurons reported per ranking (predecessor's --top-k)
+
+    def layers_of(self, n_layers: int, *, model: str = "") -> list[int]:
+        """The layers per-layer analyses run on for a model with ``n_layers`` layers.
+
+        Raises :class:`LayerOutOfRangeError` naming the model and its valid range when
+        ``--layers`` asks for a layer the model does not have.
+        """
+        if self.layers is None:
+            return list(range(n_layers))
+        outside = [layer for layer in self.layers if not 0 <= layer < n_layers]
+        if outside:
+            raise LayerOutOfRangeError(
+                f"--layers asks for layer(s) {outside} but {model or 'the model'} has "
+                f"{n_layers} layers (0..{n_layers - 1}); pass layers in that range"
+            )
+        return list(self.layers)
 
 
 class SpecSession:
@@ -126,6 +145,21 @@ class SpecSession:
         per_analysis["all" if layer is None else str(layer)] = to_plain(
             finding.to_json() if hasattr(finding, "to_json") else finding
         )
+
+    def record_neuron_set(
+        self, model_id: str, kind: str, layer: int, neurons: Any, *, site: str = "mlp"
+    ) -> None:
+        """Record the neurons of one type that an analysis found in a layer (e.g. ``dead``,
+        ``positional``, ``delta_sensitive``, ``knowledge``), for the neuron-type overlap.
+
+        Stored in the results under the analysis ``neuron_sets``: ``{layer: {kind: {"site":
+        site, "neurons": sorted ids}}}``. Any analysis joins the overlap by calling this.
+        """
+        layers = self.findings.setdefault(model_id, {}).setdefault("neuron_sets", {})
+        layers.setdefault(str(layer), {})[kind] = {
+            "site": site,
+            "neurons": sorted(int(n) for n in neurons),
+        }
 
     def results(self) -> dict[str, Any]:
         return {
