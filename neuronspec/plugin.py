@@ -6,6 +6,13 @@ model. Tests of one model share an xdist group (``--dist loadgroup``), so each w
 loads only the models it needs. Models that are not available offline skip with the
 reason; other :class:`~neuronspec.errors.NeuronSpecError` failures are reported as their
 one-line message, not a traceback.
+
+The plugin is installed for every pytest session (entry point ``pytest11``) but acts only in
+a project that opts in with the ini switch ``neuronspec = true`` (this repository's
+pyproject.toml sets it; ``-o neuronspec=true`` works too). Elsewhere it adds no command-line
+option, parametrizes nothing, imports neither torch nor the library, and leaves the
+allocator and torch's threads alone: a foreign project's own ``model_id`` fixture or
+``--device`` option stays its own.
 """
 
 from __future__ import annotations
@@ -13,21 +20,51 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from neuronspec.capture.stats import StatsConfig
-from neuronspec.data.corpus import DEFAULT_CORPUS, DEFAULT_WINDOW, CorpusConfig
 from neuronspec.errors import ModelNotAvailableError, NeuronSpecError
-from neuronspec.heap import keep_malloc_heap
-from neuronspec.models.registry import DEFAULT_MODELS, resolve
-from neuronspec.session import RunConfig, SpecSession, merge_results, write_results
 
-_SESSION_KEY = pytest.StashKey[SpecSession]()
+if TYPE_CHECKING:
+    from neuronspec.session import RunConfig, SpecSession
+
+# Light on import: this module is loaded (entry point pytest11) by every pytest session in
+# the environment, so it imports neither torch nor the library until a project opts in.
+OPT_IN_INI = "neuronspec"
+_SESSION_KEY = pytest.StashKey["SpecSession"]()
 _WORKER_RESULTS: list[dict] = []
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Only the opt-in switch for every project; the options come with it (see below)."""
+    parser.addini(
+        OPT_IN_INI,
+        type="bool",
+        default=False,
+        help="neuronspec: true in a project of neuron specs (parametrizes model_id and "
+        "layer, adds the neuronspec command-line options); off elsewhere",
+    )
+
+
+def is_active(config: pytest.Config) -> bool:
+    """Whether this pytest session is a neuronspec project: ini ``neuronspec = true``
+    (this repo's pyproject sets it; ``-o neuronspec=true`` on the command line)."""
+    return bool(config.getini(OPT_IN_INI))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser) -> None:
+    # the ini file is read by now, the command line not yet parsed: add the options here so
+    # a project that does not opt in never sees them (its own --device stays its own)
+    if is_active(early_config):
+        _add_options(parser)
+
+
+def _add_options(parser: pytest.Parser) -> None:
+    from neuronspec.data.corpus import DEFAULT_CORPUS, DEFAULT_WINDOW
+    from neuronspec.models.registry import DEFAULT_MODELS
+
     group = parser.getgroup("neuronspec", "neuron specs")
     group.addoption(
         "--models",
@@ -81,6 +118,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _run_config(config: pytest.Config) -> RunConfig:
+    from neuronspec.capture.stats import StatsConfig
+    from neuronspec.data.corpus import CorpusConfig
+    from neuronspec.models.registry import resolve
+    from neuronspec.session import RunConfig
+
     option = config.option
     models = tuple(m.strip() for m in option.models.split(",") if m.strip())
     if not models:
@@ -130,6 +172,11 @@ def _run_config(config: pytest.Config) -> RunConfig:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if not is_active(config):
+        return
+    from neuronspec.heap import keep_malloc_heap
+    from neuronspec.session import SpecSession
+
     _share_cores_among_workers()
     keep_malloc_heap()
     config.stash[_SESSION_KEY] = SpecSession(_run_config(config))
@@ -152,11 +199,18 @@ def _share_cores_among_workers() -> None:
 
 
 def _session(config: pytest.Config) -> SpecSession:
+    if _SESSION_KEY not in config.stash:
+        raise pytest.UsageError(
+            "neuronspec fixtures need a neuronspec project: set `neuronspec = true` under "
+            "[tool.pytest.ini_options] (or [pytest]), or pass -o neuronspec=true"
+        )
     return config.stash[_SESSION_KEY]
 
 
 def _n_layers(model_id: str) -> int | None:
     """Layer count from the checkpoint's config.json, without loading weights; None if absent."""
+    from neuronspec.models.registry import resolve
+
     try:
         source = resolve(model_id)
         if source.local_dir is not None:
@@ -178,7 +232,7 @@ def _n_layers(model_id: str) -> int | None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "model_id" not in metafunc.fixturenames:
+    if "model_id" not in metafunc.fixturenames or not is_active(metafunc.config):
         return
     models = _session(metafunc.config).config.models
     if "layer" not in metafunc.fixturenames:
@@ -281,6 +335,8 @@ def findings_snapshot(snapshot):
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
+    if not is_active(item.config):
+        return report
     if call.excinfo is not None and isinstance(call.excinfo.value, NeuronSpecError):
         error = call.excinfo.value
         report.longrepr = f"{item.nodeid}: {type(error).__name__}: {error}"
@@ -290,13 +346,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
     """xdist controller: collect the findings a worker recorded."""
-    payload = getattr(node, "workeroutput", {}).get("neuronspec_results")
+    payload = getattr(node, "workeroutput", {}).get("neuronspec_results")  # None: not active
     if payload:
         _WORKER_RESULTS.append(json.loads(payload))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     config = session.config
+    if _SESSION_KEY not in config.stash:  # not a neuronspec project
+        return
+    from neuronspec.session import merge_results, write_results
+
     spec_session = _session(config)
     results = spec_session.results()
     if hasattr(config, "workeroutput"):  # xdist worker: hand results to the controller

@@ -244,19 +244,20 @@ def test_leftover_temp_file_is_ignored(tmp_path):
     assert compute.calls == 1
 
 
-@pytest.mark.parametrize("fail_in", ["save_file", "replace"])
+@pytest.mark.parametrize("fail_in", ["write", "replace"])
 def test_failed_write_keeps_the_previous_entry_and_no_temp_file(tmp_path, monkeypatch, fail_in):
     cache, path, data = saved_entry(tmp_path)
+    real_write = os.write
 
-    def save_half_then_crash(tensors, filename, metadata):
-        Path(filename).write_bytes(data[: len(data) // 2])
+    def write_half_then_crash(fd, view):
+        real_write(fd, view[: len(view) // 2])
         raise OSError("disk full")
 
     def crash(*args):
         raise OSError("disk full")
 
-    if fail_in == "save_file":
-        monkeypatch.setattr(safetensors.torch, "save_file", save_half_then_crash)
+    if fail_in == "write":
+        monkeypatch.setattr(cache_module, "_write", write_half_then_crash)
     else:
         monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import neuronspec
 from conftest import make_gpt2
 
 pytest_plugins = ["pytester"]
+
+REPO = Path(neuronspec.__file__).resolve().parents[1]
 
 SPEC = """
 import pytest
@@ -48,7 +51,11 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture
 def run(pytester, checkpoint, tmp_path):
     pytester.makepyfile(test_spec=SPEC)
-    env_path = os.pathsep.join(filter(None, [str(pytester.path), os.environ.get("PYTHONPATH")]))
+    pytester.makeini("[pytest]\nneuronspec = true\n")  # a neuronspec project (plugin opt-in)
+    # this checkout's neuronspec in the subprocess (the installed one may be another)
+    env_path = os.pathsep.join(
+        filter(None, [str(pytester.path), str(REPO), os.environ.get("PYTHONPATH")])
+    )
     pytester._monkeypatch.setenv("PYTHONPATH", env_path)
     pytester._monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cache = tmp_path / "cache"
@@ -143,6 +150,9 @@ def test_spec_suite_writes_every_figure_for_both_embedded_models(pytester, tmp_p
     the overlays across models (on a small corpus: figures, not findings, are tested here)."""
     plots = tmp_path / "plots"
     pytester._monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pytester._monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    )
     result = pytester.runpytest_subprocess(
         str(SPECS_DIR / "test_figures.py"),
         "-p",
