@@ -36,17 +36,15 @@ corpus length: nothing ``(tokens, neurons)``-shaped is kept beyond the current b
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import mmap
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from neuronspec.errors import LayerOutOfRangeError, NeuronSpecError, TooFewTokensError
-from neuronspec.native import KernelUnavailableError, load_library
+from neuronspec.native import kernels_available, load_library
 
 FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -951,22 +949,7 @@ def _use_native(backend: str) -> bool:
     if backend == "native":
         load_library()  # raises KernelUnavailableError with the compiler's message
         return True
-    try:
-        load_library()
-    except KernelUnavailableError as error:
-        _warn_no_native(str(error))
-        return False
-    return True
-
-
-@functools.cache
-def _warn_no_native(reason: str) -> None:
-    warnings.warn(
-        f"neuronspec: the native kernels are unavailable ({reason}); statistics use the "
-        "torch form (same definitions, slower)",
-        RuntimeWarning,
-        stacklevel=4,
-    )
+    return kernels_available()  # else the torch form (one warning per process)
 
 
 def _refuse_non_finite(pairs: int) -> None:

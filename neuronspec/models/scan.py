@@ -75,10 +75,8 @@ path does not look for them.
 
 from __future__ import annotations
 
-import functools
 import math
 import types
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +87,7 @@ from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from neuronspec.errors import NeuronSpecError
 from neuronspec.models.kernel import kernel_conv_silu, kernel_scan
-from neuronspec.native import KernelUnavailableError, load_library
+from neuronspec.native import kernels_available, load_library
 
 __all__ = [
     "BACKENDS",
@@ -264,22 +262,7 @@ def _use_kernel(backend: str, needs_grad: bool, device: torch.device) -> bool:
         return True
     if needs_grad or device.type != "cpu":
         return False
-    try:
-        load_library()
-    except KernelUnavailableError as error:
-        _warn_no_kernel(str(error))
-        return False
-    return True
-
-
-@functools.cache
-def _warn_no_kernel(reason: str) -> None:
-    warnings.warn(
-        f"neuronspec: the C scan kernel is unavailable ({reason}); Mamba forwards use the "
-        "chunked torch scan (same results, slower)",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    return kernels_available()  # else the chunked torch scan (one warning per process)
 
 
 class _Buffers:

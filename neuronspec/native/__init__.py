@@ -9,6 +9,11 @@ cached per (sources, flags, compiler, CPU) in ``$NEURONSPEC_KERNEL_DIR`` (defaul
 place, so a crash mid-build never leaves a file that loads; concurrent builders (xdist
 workers) race harmlessly; a library that does not load is rebuilt once.
 
+A failure (no compiler, a failing build, a kernel directory that cannot be created or
+written, a library that does not load) is remembered for the process: the compiler runs
+once, not once per layer and batch, and :func:`kernels_available` warns once, naming the
+cause, before callers fall back to the torch forms.
+
 The kernels parallelise with OpenMP (``-fopenmp``). The library needs libgomp by soname,
 and the dynamic linker resolves that to the libgomp torch has already loaded, so the
 kernels run on torch's own OpenMP thread pool, which is awake after torch's matmuls; a
@@ -19,7 +24,6 @@ spinning workers for the cores. Callers pass ``torch.get_num_threads()``.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import platform
@@ -35,7 +39,7 @@ import torch  # noqa: F401  (loads torch, and its libgomp, before the kernels ne
 
 from neuronspec.errors import NeuronSpecError
 
-__all__ = ["KernelUnavailableError", "load_library"]
+__all__ = ["KernelUnavailableError", "kernels_available", "load_library"]
 
 SOURCES = (Path(__file__).with_name("scan.c"), Path(__file__).with_name("stats.c"))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fopenmp")
@@ -121,8 +125,14 @@ def _build(cc: list[str], key: str) -> Path:
     target = directory / f"neuronspec-{key}.so"
     if target.exists():
         return target
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".neuronspec-{key}-", suffix=".so", dir=directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".neuronspec-{key}-", suffix=".so", dir=directory)
+    except OSError as error:
+        raise KernelUnavailableError(
+            f"the kernel directory {directory} is unusable ({error.strerror or error}); "
+            "set NEURONSPEC_KERNEL_DIR to a writable directory"
+        ) from error
     os.close(fd)
     try:
         result = subprocess.run(
@@ -155,13 +165,61 @@ def _open(path: Path) -> ctypes.CDLL:
     return lib
 
 
-@functools.cache
+_loaded: ctypes.CDLL | None = None
+_failure: KernelUnavailableError | None = None
+_warned = False
+
+
 def load_library() -> ctypes.CDLL:
     """The native library with typed entry points; built on first use.
 
     Raises :class:`KernelUnavailableError` when no compiler is found, the build fails,
-    or the library does not speak this module's calling conventions.
+    the kernel directory is unusable, or the library does not speak this module's calling
+    conventions. Success and failure are both remembered for the process: a failing
+    compiler runs once.
     """
+    global _loaded, _failure
+    if _loaded is not None:
+        return _loaded
+    if _failure is not None:
+        raise KernelUnavailableError(str(_failure))
+    try:
+        _loaded = _load()
+    except KernelUnavailableError as error:
+        _failure = error
+        raise
+    except OSError as error:  # the compiler cannot run, the kernel directory misbehaves
+        _failure = KernelUnavailableError(f"cannot build the native kernels: {error}")
+        raise _failure from error
+    return _loaded
+
+
+def kernels_available() -> bool:
+    """Whether the native kernels load; on the first failure in the process, one
+    RuntimeWarning names the cause (callers then use the torch forms)."""
+    global _warned
+    try:
+        load_library()
+    except KernelUnavailableError as error:
+        if not _warned:
+            _warned = True
+            warnings.warn(
+                f"neuronspec: the native kernels are unavailable ({error}); using the torch "
+                "forms instead (same definitions, slower)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
+    return True
+
+
+def forget() -> None:
+    """Forget the remembered library or failure (tests; after installing a compiler)."""
+    global _loaded, _failure, _warned
+    _loaded, _failure, _warned = None, None, False
+
+
+def _load() -> ctypes.CDLL:
     cc = _compiler()
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=False)
     ident = "\n".join(
