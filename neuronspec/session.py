@@ -122,6 +122,9 @@ class SpecSession:
                 config=self.config.stats,
                 cache_dir=self.config.cache_dir,
                 batch_size=self.config.batch_size,
+                device=self.config.device,
+                fast_scan=self.config.fast_scan,
+                model_type=files.model_type,
             )
             self._stats[model_id] = stats
             self.model_info[model_id] = {

@@ -77,10 +77,49 @@ def collect_stats(
     return stats
 
 
+def computation_path(
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    fast_scan: bool = True,
+    model_type: str | None = None,
+) -> dict[str, str | None]:
+    """How the statistics pass computes, wherever that can change a number (part of the key).
+
+    - ``device``: ``cpu`` or ``cuda`` (``auto`` resolved): other kernels, other rounding;
+    - ``stats``: ``native`` (``stats.c``, float32 on the CPU, when it builds) or ``torch``:
+      float sums differ in rounding and a value at a histogram edge may change bin;
+    - ``scan`` (Mamba only): ``hf`` (``--no-fast-scan``), ``kernel`` (the C scan) or
+      ``chunked`` (torch): a gate value within rounding of the threshold can flip a firing
+      (one firing of tiny-mamba layer 3 over 256 windows differs between ``hf`` and fast).
+
+    It asks whether the native kernels load (building them once per machine), as the pass
+    itself does, so the key names the path the pass takes.
+    """
+    from neuronspec.models.registry import pick_device
+    from neuronspec.native import kernels_available
+
+    kind = pick_device(device).type
+    native = kind == "cpu" and kernels_available()
+    scan = None
+    if model_type == "mamba":
+        scan = "hf" if not fast_scan else ("kernel" if native else "chunked")
+    return {
+        "device": kind,
+        "stats": "native" if native and dtype == torch.float32 else "torch",
+        "scan": scan,
+    }
+
+
 def stats_cache_key(
-    fingerprint: str, dtype: torch.dtype, corpus: TokenWindows, config: StatsConfig
+    fingerprint: str,
+    dtype: torch.dtype,
+    corpus: TokenWindows,
+    config: StatsConfig,
+    path: dict[str, str | None] | None = None,
 ) -> str:
-    """Cache key of a model's statistics: weights hash, dtype, corpus, configuration."""
+    """Cache key of a model's statistics: weights hash, dtype, corpus, configuration, and
+    the :func:`computation_path` (device, stats backend, Mamba scan)."""
     return cache_key(
         {
             "stats_format": STATS_FORMAT,
@@ -88,6 +127,7 @@ def stats_cache_key(
             "dtype": str(dtype),
             "corpus": corpus.fingerprint,
             "config": config.to_json(),
+            "path": path if path is not None else computation_path(dtype=dtype),
         }
     )
 
@@ -101,12 +141,17 @@ def cached_stats(
     config: StatsConfig = StatsConfig(),
     cache_dir: Path | None,
     batch_size: int = 16,
+    device: str = "cpu",
+    fast_scan: bool = True,
+    model_type: str | None = None,
 ) -> NeuronStats:
     """Statistics of a model on the analysis windows of ``corpus``, from the cache if there.
 
-    The key needs only the weights' ``fingerprint`` and ``dtype``; ``load()`` (the model)
-    is called only when the entry must be computed, so a warm run instantiates no model.
-    Workers that ask for the same entry at once compute it once (file lock in the cache).
+    The key needs only the weights' ``fingerprint``, ``dtype`` and how the pass computes
+    (``device``, ``fast_scan`` and the checkpoint's ``model_type``: :func:`computation_path`);
+    ``load()`` (the model, loaded with those settings) is called only when the entry must be
+    computed, so a warm run instantiates no model. Workers that ask for the same entry at
+    once compute it once (file lock in the cache).
     """
 
     def compute():
@@ -121,6 +166,9 @@ def cached_stats(
     if cache_dir is None:
         tensors, meta = compute()
     else:
-        key = stats_cache_key(fingerprint, dtype, corpus, config)
+        path = computation_path(
+            device=device, dtype=dtype, fast_scan=fast_scan, model_type=model_type
+        )
+        key = stats_cache_key(fingerprint, dtype, corpus, config, path)
         tensors, meta = TensorCache(Path(cache_dir)).get_or_compute(key, compute)
     return NeuronStats.from_tensors(tensors, meta)

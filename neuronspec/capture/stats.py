@@ -50,8 +50,9 @@ FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 STATS_BACKENDS = ("auto", "native", "torch")
 """``native``: ``neuronspec/native/stats.c`` (float32 CPU activations); ``torch``: torch
-ops; ``auto``: native where it applies and builds, else torch. Not part of the cache key:
-both compute the same definitions."""
+ops; ``auto``: native where it applies and builds, else torch. Both compute the same
+definitions, but float sums may round differently, so the backend ``auto`` resolves to is
+part of the cache key (:func:`neuronspec.capture.runner.computation_path`)."""
 STATS_FORMAT = "neuronspec-stats-v4"  # part of the cache key: bump when an accumulator changes
 
 
