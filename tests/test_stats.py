@@ -75,19 +75,39 @@ def test_stats_equal_dense_recomputation(random_model, backend):
         np.testing.assert_allclose(layer_stats.pearson_abs_sum.numpy(), expected, rtol=1e-4)
 
 
-def test_trigram_counts_exclude_window_start_and_bos(random_model):
+def test_trigram_counts_exclude_only_bos(random_model):
+    """METHODS §3: every trigram x[k-2..k] with no BOS among its tokens counts, the one
+    ending at window position 2 (its first token the window start) included."""
     windows = _windows(n=4)
+    windows[1, 0] = BOS  # a window that starts with a document start
     stats = _stats(random_model, windows)
     occurrences = dict(zip(*(a.tolist() for a in stats.trigram_occurrences()), strict=True))
     expected: dict[int, int] = {}
     for row in windows.tolist():
-        for k in range(3, len(row)):  # the window start (position 0) is never counted
+        for k in range(2, len(row)):
             if BOS not in row[k - 2 : k + 1]:
                 key = (row[k - 2] * VOCAB + row[k - 1]) * VOCAB + row[k]
                 expected[key] = expected.get(key, 0) + 1
     assert occurrences == expected
-    neuron, key, count = stats.trigram_table(0)
-    assert set(key.tolist()) <= set(expected)
+    first = [(row[0] * VOCAB + row[1]) * VOCAB + row[2] for row in windows.tolist()]
+    assert first[0] in occurrences and first[1] not in expected  # row 1 starts with BOS
+    # firings: a dense recomputation over the same trigrams
+    for layer in range(random_model.n_layers):
+        pre, _ = _dense(random_model, windows, layer)
+        fires = pre > 0  # (n, T, W)
+        dense: dict[tuple[int, int], int] = {}
+        for w, row in enumerate(windows.tolist()):
+            for k in range(2, len(row)):
+                if BOS in row[k - 2 : k + 1]:
+                    continue
+                key = (row[k - 2] * VOCAB + row[k - 1]) * VOCAB + row[k]
+                for n in torch.nonzero(fires[w, k]).flatten().tolist():
+                    dense[n, key] = dense.get((n, key), 0) + 1
+        neuron, key, count = stats.trigram_table(layer)
+        table = dict(
+            zip(zip(neuron.tolist(), key.tolist(), strict=True), count.tolist(), strict=True)
+        )
+        assert table == dense
 
 
 def test_merge_of_halves_equals_whole(random_model):

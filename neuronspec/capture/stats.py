@@ -53,7 +53,7 @@ STATS_BACKENDS = ("auto", "native", "torch")
 ops; ``auto``: native where it applies and builds, else torch. Both compute the same
 definitions, but float sums may round differently, so the backend ``auto`` resolves to is
 part of the cache key (:func:`neuronspec.capture.runner.computation_path`)."""
-STATS_FORMAT = "neuronspec-stats-v4"  # part of the cache key: bump when an accumulator changes
+STATS_FORMAT = "neuronspec-stats-v5"  # v5: trigrams ending at window position 2 count  # part of the cache key: bump when an accumulator changes
 
 
 @dataclass(frozen=True)
@@ -511,6 +511,8 @@ class NeuronStats:
     _buffers: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     # "auto" (native kernel for float32 CPU batches when it builds), "native" or "torch"
     backend: str = dataclasses.field(default="auto", repr=False, compare=False)
+    # the BOS id of the batch add_tokens accounted last (trigram validity in add_layer)
+    _bos_id: int | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(
@@ -601,10 +603,11 @@ class NeuronStats:
                 "collect shards of the corpus separately and merge them"
             )
         self.tokens_by_pos += batch
+        self._bos_id = bos_id
         counted = _counted_positions(input_ids, bos_id)  # (B, T)
         self.token_count += torch.bincount(input_ids[counted].cpu(), minlength=self.vocab_size)
         if self.config.trigrams:
-            keys, valid = _trigram_keys(input_ids, counted, self.vocab_size)
+            keys, valid = _trigram_keys(input_ids, counted, self.vocab_size, bos_id)
             self.tri_occurrences.add(keys[valid])
         return counted
 
@@ -635,7 +638,7 @@ class NeuronStats:
         else:
             fires = self._add_layer_torch(stats, pre, act, input_ids, counted)
         if self.config.trigrams:
-            keys, valid = _trigram_keys(input_ids, counted, self.vocab_size)
+            keys, valid = _trigram_keys(input_ids, counted, self.vocab_size, self._bos_id)
             b, t, n = torch.nonzero(fires & valid[:, :, None], as_tuple=True)
             stats.trigrams.add(n * self.vocab_size**3 + keys[b, t])
 
@@ -970,15 +973,21 @@ def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def _trigram_keys(
-    input_ids: torch.Tensor, counted: torch.Tensor, vocab: int
+    input_ids: torch.Tensor, counted: torch.Tensor, vocab: int, bos_id: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Trigram key ``(t[k-2]·V + t[k-1])·V + t[k]`` per position ``(B, T)``, and where it is valid
-    (all three tokens counted, i.e. in-window and no BOS among them)."""
+    """Trigram key ``(t[k-2]·V + t[k-1])·V + t[k]`` per position ``(B, T)``, and where it is valid.
+
+    Valid (METHODS §3): k is a counted position (not the window start, not BOS) and all three
+    tokens lie in the window with no BOS among them (a trigram across a document boundary
+    is not text). The window start may be the trigram's first token: the trigram ending at
+    position 2 counts; only BOS is excluded, not the window start as a token.
+    """
     ids = input_ids.long()
     keys = torch.zeros_like(ids)
     keys[:, 2:] = (ids[:, :-2] * vocab + ids[:, 1:-1]) * vocab + ids[:, 2:]
+    not_bos = torch.ones_like(counted) if bos_id is None else input_ids != bos_id  # (B, T)
     valid = torch.zeros_like(counted)
-    valid[:, 2:] = counted[:, :-2] & counted[:, 1:-1] & counted[:, 2:]
+    valid[:, 2:] = not_bos[:, :-2] & not_bos[:, 1:-1] & counted[:, 2:]
     return keys, valid
 
 
