@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,12 +86,29 @@ def test_resid_site_is_block_output(family):
 
 
 def test_gpt2_mlp_is_gelu_of_mlp_pre_and_feeds_c_proj():
+    """mlp_pre = c_fc(ln_2(h)) by the weights, mlp = GELU (tanh form, written out here) of
+    it, and c_proj(mlp) is the MLP block's output: the sites are where their names say."""
     model = make_gpt2()
+    assert model.config.activation_function == "gelu_new"
     adapter = adapter_for(model)
-    sites = adapter.capture(_ids(), [("mlp", 0), ("mlp_pre", 0)])
-    act = model.transformer.h[0].mlp.act
-    torch.testing.assert_close(sites[("mlp", 0)], act(sites[("mlp_pre", 0)]))
-    assert sites[("mlp", 0)].shape[-1] == adapter.width("mlp") == 64
+    block = model.transformer.h[1]
+    seen = {}
+    hooks = [
+        block.ln_2.register_forward_hook(lambda m, i, o: seen.__setitem__("ln_2", o)),
+        block.mlp.register_forward_hook(lambda m, i, o: seen.__setitem__("block", o)),
+    ]
+    try:
+        sites = adapter.capture(_ids(), [("mlp", 1), ("mlp_pre", 1)])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    pre, act = sites[("mlp_pre", 1)], sites[("mlp", 1)]  # (B, T, 64) each
+    c_fc, c_proj = block.mlp.c_fc, block.mlp.c_proj  # Conv1D: x @ weight + bias
+    torch.testing.assert_close(pre, seen["ln_2"] @ c_fc.weight + c_fc.bias)
+    gelu = 0.5 * pre * (1 + torch.tanh(math.sqrt(2 / math.pi) * (pre + 0.044715 * pre**3)))
+    torch.testing.assert_close(act, gelu)
+    torch.testing.assert_close(act @ c_proj.weight + c_proj.bias, seen["block"])
+    assert act.shape[-1] == adapter.width("mlp") == 64
 
 
 @pytest.mark.parametrize("site", ["mlp", "mlp_pre"])
