@@ -24,6 +24,10 @@ class LayerOutOfRangeError(NeuronSpecError, IndexError):
     pass
 
 
+class CheckpointError(NeuronSpecError):
+    """A model directory that is not a usable checkpoint (no or a damaged config.json)."""
+
+
 class UnknownSiteError(NeuronSpecError, KeyError):
     def __str__(self) -> str:
         return str(self.args[0])

@@ -155,6 +155,13 @@ def _run_config(config: pytest.Config) -> RunConfig:
         )
     except NeuronSpecError as error:
         raise pytest.UsageError(str(error)) from None
+    for model_id in models:  # checked here, so an error is one line, before collection
+        n_layers = _n_layers(model_id)  # a damaged config.json is a usage error
+        if layers is not None and n_layers is not None:
+            try:
+                RunConfig(layers=layers).layers_of(n_layers, model=model_id)
+            except NeuronSpecError as error:
+                raise pytest.UsageError(str(error)) from None
     cache = option.neuronspec_cache
     return RunConfig(
         models=models,
@@ -208,23 +215,26 @@ def _session(config: pytest.Config) -> SpecSession:
 
 
 def _n_layers(model_id: str) -> int | None:
-    """Layer count from the checkpoint's config.json, without loading weights; None if absent."""
-    from neuronspec.models.registry import resolve
+    """Layer count from the checkpoint's config.json, without loading weights; None if absent.
+    A damaged config.json is a usage error naming the file, not a skip."""
+    from neuronspec.models.registry import read_config, resolve
 
     try:
         source = resolve(model_id)
         if source.local_dir is not None:
-            path = source.local_dir / "config.json"
+            directory = source.local_dir
         else:
             from huggingface_hub import try_to_load_from_cache
 
             found = try_to_load_from_cache(source.repo, "config.json")
             if not isinstance(found, str):
                 return None
-            path = Path(found)
-        config = json.loads(path.read_text())
-    except (OSError, NeuronSpecError, json.JSONDecodeError):
+            directory = Path(found).parent
+        config = read_config(directory)
+    except FileNotFoundError:
         return None
+    except NeuronSpecError as error:
+        raise pytest.UsageError(str(error)) from None
     for key in ("n_layer", "num_hidden_layers"):
         if key in config:
             return int(config[key])

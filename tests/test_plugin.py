@@ -94,7 +94,7 @@ def test_unavailable_real_model_skips_with_reason(run):
 def test_unknown_model_is_a_usage_error(run):
     result = run(models="mamba13m")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*unknown model 'mamba13m'; known: tiny-gpt2, tiny-mamba*"])
+    result.stderr.fnmatch_lines(["*unknown model 'mamba13m'; did you mean 'mamba130m'*"])
 
 
 def test_text_limit_zero_is_a_usage_error(run):

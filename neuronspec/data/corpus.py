@@ -12,6 +12,7 @@ measured on held-out text, never on the windows used to select neurons).
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import os
@@ -42,10 +43,14 @@ class CorpusConfig:
 
     def __post_init__(self) -> None:
         if self.text_limit is not None and self.text_limit < 1:
-            raise CorpusError(f"text limit must be at least 1 document, got {self.text_limit}")
+            raise CorpusError(
+                f"text limit must be at least 1 document, got {self.text_limit}; leave "
+                "--text-limit out to use every document"
+            )
         if self.max_tokens is not None and self.max_tokens < self.window:
             raise CorpusError(
-                f"max tokens ({self.max_tokens}) is less than one window of {self.window} tokens"
+                f"max tokens ({self.max_tokens}) is less than one window of {self.window} "
+                f"tokens; pass --max-tokens {self.window} or more, or a smaller --window"
             )
         if self.window < 2:
             raise CorpusError(f"window length must be at least 2 tokens, got {self.window}")
@@ -105,6 +110,7 @@ def load_texts(name: str, split: str) -> list[str]:
             )
         if split == "heldout":
             return []
+        _check_text_file(path)
         if path.suffix == ".jsonl":
             dataset = datasets.load_dataset("json", data_files=str(path), split="train")
             if "text" not in dataset.column_names:
@@ -114,6 +120,37 @@ def load_texts(name: str, split: str) -> list[str]:
                 "text", data_files=str(path), split="train", sample_by="paragraph"
             )
     return [text for text in dataset["text"] if text and text.strip()]
+
+
+def _check_text_file(path: Path) -> None:
+    """A local corpus must be UTF-8 text: no NUL byte, every byte sequence valid UTF-8.
+    Read in blocks (memory independent of the file's size)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            nul = block.find(b"\0")
+            if nul >= 0:
+                raise CorpusError(
+                    f"corpus file {path} is binary (a NUL byte at offset {offset + nul}); "
+                    "pass a UTF-8 .txt or .jsonl text file to --corpus"
+                )
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as error:
+                raise CorpusError(
+                    f"corpus file {path} is not UTF-8 (byte 0x{block[error.start]:02x} at offset "
+                    f"{offset + error.start}); convert it, e.g. `iconv -f LATIN1 -t UTF-8`, "
+                    "or pass another file to --corpus"
+                ) from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise CorpusError(
+            f"corpus file {path} is not UTF-8 (it ends inside a multi-byte character); "
+            "convert it, e.g. `iconv -f LATIN1 -t UTF-8`, or pass another file to --corpus"
+        ) from None
 
 
 def _tokenize_stream(texts: list[str], tokenizer, bos_id: int | None) -> list[int]:
@@ -166,7 +203,10 @@ def _limited_texts(config: CorpusConfig) -> tuple[list[str], list[str]]:
         texts = texts[: config.text_limit]
         heldout_texts = heldout_texts[: max(1, config.text_limit // 10)]
     if not texts:
-        raise CorpusError(f"corpus {config.name!r} has no non-empty texts")
+        raise CorpusError(
+            f"corpus {config.name!r} has no non-empty texts; give a file with text (.txt: "
+            "documents separated by blank lines; .jsonl: a 'text' field per line)"
+        )
     return texts, heldout_texts
 
 
@@ -297,6 +337,7 @@ def _split_windows(
     if len(analysis) == 0:
         raise CorpusError(
             f"corpus {config.name!r} is too short: fewer than one analysis window of "
-            f"{config.window} tokens after tokenisation; give more or longer texts"
+            f"{config.window} tokens after tokenisation; give more or longer texts, or a "
+            "smaller --window"
         )
     return analysis.contiguous(), heldout.contiguous()

@@ -9,6 +9,7 @@ a skip.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import json
@@ -20,7 +21,12 @@ from pathlib import Path
 import torch
 
 from neuronspec.data.corpus import TokenizerRef
-from neuronspec.errors import ModelNotAvailableError, NeuronSpecError, UnknownModelError
+from neuronspec.errors import (
+    CheckpointError,
+    ModelNotAvailableError,
+    NeuronSpecError,
+    UnknownModelError,
+)
 from neuronspec.models.adapters import SiteAdapter, adapter_for
 
 # Short id → HF repo. Families are read from the checkpoint's config.
@@ -69,13 +75,55 @@ def resolve(model_id: str) -> ModelSource:
         return ModelSource(model_id, repo=HUB_MODELS[model_id])
     path = Path(model_id).expanduser()
     if path.is_dir():
-        return ModelSource(model_id, local_dir=path.resolve())
+        if not (path / "config.json").is_file():
+            missing = "config.json"
+        elif not any((path / name).is_file() for name in _WEIGHT_FILES):
+            missing = f"weights ({' / '.join(_WEIGHT_FILES)})"
+        else:
+            return ModelSource(model_id, local_dir=path.resolve())
+        raise CheckpointError(
+            f"{path.resolve()} is not a checkpoint directory: it has no {missing}; pass "
+            "a directory written by save_pretrained() (config.json, weights, tokenizer)"
+        )
     if model_id in HUB_MODELS.values():
         return ModelSource(model_id, repo=model_id)
+    known = known_model_ids()
+    if os.sep in model_id or model_id.startswith((".", "~")):
+        raise UnknownModelError(
+            f"no directory {model_id!r} (from --models); pass an existing checkpoint "
+            f"directory or a model id: {', '.join(known)}"
+        )
+    close = difflib.get_close_matches(model_id, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     raise UnknownModelError(
-        f"unknown model {model_id!r}; known: {', '.join(known_model_ids())}, "
+        f"unknown model {model_id!r}; {hint}known: {', '.join(known)}, "
         "or a local directory holding an HF checkpoint and tokenizer"
     )
+
+
+def read_config(directory: Path) -> dict:
+    """The checkpoint's config.json as a dict; :class:`CheckpointError` naming the file if
+    it is damaged (not JSON, not an object); FileNotFoundError if absent."""
+    path = directory / "config.json"
+    text = path.read_bytes()
+    try:
+        config = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = (
+            f"{error.msg} at line {error.lineno} column {error.colno}"
+            if isinstance(error, json.JSONDecodeError)
+            else "not UTF-8"
+        )
+        raise CheckpointError(
+            f"{path} is not valid JSON ({reason}); the checkpoint is damaged: write it again "
+            "with save_pretrained() or download the model again"
+        ) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{path} holds a JSON {type(config).__name__}, not an object; the checkpoint is "
+            "damaged: write it again with save_pretrained() or download the model again"
+        )
+    return config
 
 
 def _local_files(source: ModelSource) -> Path:
@@ -224,8 +272,7 @@ class ModelFiles:
     @property
     def model_type(self) -> str:
         """``model_type`` of the checkpoint's config.json (e.g. "gpt2", "mamba")."""
-        config = json.loads((self.directory / "config.json").read_text())
-        return str(config.get("model_type", "unknown"))
+        return str(read_config(self.directory).get("model_type", "unknown"))
 
 
 def open_model(model_id: str) -> ModelFiles:
@@ -237,6 +284,7 @@ def open_model(model_id: str) -> ModelFiles:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     source = resolve(model_id)
     directory = _local_files(source)
+    read_config(directory)  # a damaged config.json is an error naming the file, early
     return ModelFiles(
         model_id=model_id,
         directory=directory,
