@@ -197,6 +197,52 @@ class FindingsSnapshotExtension(JSONSnapshotExtension):
         return received
 
 
+def stable_ranking(
+    ids: list[int],
+    values: list[float],
+    k: int,
+    *,
+    rel_tol: float = FindingsSnapshotExtension.rel_tol,
+    abs_tol: float = FindingsSnapshotExtension.abs_tol,
+) -> list[dict[str, Any]]:
+    """The top ``k`` of a ranking in a form a snapshot can hold without pinning noise.
+
+    ``ids`` and ``values`` are ranked (``values`` descending); give more than ``k`` where
+    there are, so the ``k``-th entry's lower neighbour is known. Neighbours whose values are
+    close within the snapshot's tolerance (``|a - b| <= max(rel_tol·max(|a|, |b|),
+    abs_tol)``) are chained into one tie group: their order is rounding noise (tiny-mamba
+    layer 0's top positional neurons lie within 2e-7 of each other). Returns one entry per
+    group: ``{"neurons": sorted ids, "values": the values in rank order}`` (values are then
+    compared with tolerance); ``"neurons"`` is None for a group that continues past rank
+    ``k``, whose members within the top ``k`` are not determined.
+    """
+    if len(ids) != len(values):
+        raise ValueError(f"stable_ranking: {len(ids)} ids but {len(values)} values")
+    groups: list[list[int]] = []  # positions, consecutive
+    for position in range(min(k, len(values))):
+        if groups and math.isclose(
+            values[position - 1], values[position], rel_tol=rel_tol, abs_tol=abs_tol
+        ):
+            groups[-1].append(position)
+        else:
+            groups.append([position])
+    out = []
+    for group in groups:
+        last = group[-1]
+        open_ended = (
+            last + 1 < len(values)
+            and last + 1 >= k
+            and math.isclose(values[last], values[last + 1], rel_tol=rel_tol, abs_tol=abs_tol)
+        )
+        out.append(
+            {
+                "neurons": None if open_ended else sorted(int(ids[i]) for i in group),
+                "values": [float(values[i]) for i in group],
+            }
+        )
+    return out
+
+
 def _parse_pair(received: Any, stored: Any) -> tuple[Any, Any] | None:
     """Both sides parsed as JSON, or None when either is not a JSON string."""
     if not isinstance(received, str) or not isinstance(stored, str):

@@ -19,8 +19,10 @@ def test_dead_neurons_per_layer_snapshot(model_id, dead_findings, findings_snaps
     assert summary == findings_snapshot
 
 
-def test_most_neurons_fire(model_id, layer, neuron_stats):
-    """Hypothesis: with SiLU/GELU gates (firing = gate pre-activation > 0), fewer than half of
-    a layer's neurons are dead, unlike the ReLU OPT models of Voita et al."""
+def test_few_neurons_are_dead(model_id, layer, neuron_stats):
+    """Hypothesis: with SiLU/GELU gates (firing = gate pre-activation > 0), fewer than 5% of a
+    layer's neurons are dead (the README's example spec), unlike the ReLU OPT models of Voita
+    et al., where early layers lose most of theirs. Measured on the toy world: at most 1.6%
+    (tiny-gpt2 layer 1: 8 of 512), tiny-mamba none."""
     finding = dead_neurons(neuron_stats, layer)
-    assert finding.dead_fraction < 0.5, finding
+    assert finding.dead_fraction < 0.05, (finding.n_dead, finding.n_neurons)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import pytest
 
+from neuronspec.snapshot import stable_ranking
+
 pytestmark = pytest.mark.positional
 
 
 def test_positional_neurons_snapshot(model_id, positional_findings, findings_snapshot):
-    """Number of positional neurons per layer and the strongest ones must not drift."""
+    """Number of positional neurons per layer and the strongest ones must not drift: the top
+    5 mutual informations, with the neurons' ids where their rank is not within tolerance of
+    a neighbour's (:func:`~neuronspec.snapshot.stable_ranking`)."""
     layers = [
         {
             "layer": f.layer,
             "n_positional": f.n_positional,
-            "top_neurons": f.top_neurons[:5],
-            "top_mutual_information": f.top_mutual_information[:5],
+            "top": stable_ranking(f.top_neurons, f.top_mutual_information, 5),
         }
         for f in positional_findings
     ]
