@@ -249,7 +249,12 @@ def gpt2_attention(model: torch.nn.Module, input_ids: torch.Tensor) -> list[torc
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            out = model(input_ids=input_ids, output_attentions=True, use_cache=False)
+            out = model(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                output_attentions=True,
+                use_cache=False,
+            )
     finally:
         model.set_attn_implementation(previous)
     return [a.mean(1) for a in out.attentions]  # L × (B, L, L)

@@ -31,6 +31,7 @@ class ScanInputs:
     z: torch.Tensor  # (B, L, d_inner) gate
     A: torch.Tensor  # (d_inner, N), negative
     D: torch.Tensor  # (d_inner,)
+    out: torch.Tensor  # (B, L, d_model) the mixer's output, as the forward computed it
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -68,6 +69,10 @@ def capture_scan_inputs(
                 seen[layer]["B"] = out[..., rank : rank + n].detach()  # (B, L, N)
                 seen[layer]["C"] = out[..., rank + n :].detach()  # (B, L, N)
 
+            def on_mixer(module, args, out, layer=layer):
+                seen[layer]["out"] = out.detach()  # (B, L, D)
+
+            handles.append(mixer.register_forward_hook(on_mixer))
             handles.append(mixer.in_proj.register_forward_hook(on_in_proj))
             handles.append(mixer.x_proj.register_forward_hook(on_x_proj))
         with torch.no_grad():
@@ -80,7 +85,7 @@ def capture_scan_inputs(
         mixer = mixers[layer].mixer
         dtype = seen[layer]["x"].dtype
         result[layer] = ScanInputs(
-            **{name: seen[layer][name].contiguous() for name in ("x", "delta", "B", "C", "z")},
+            **{name: seen[layer][name].contiguous() for name in ("x", "delta", "B", "C", "z", "out")},
             # as MambaMixer.forward: A and D pass through float32 on every path
             A=-torch.exp(mixer.A_log.detach().float()).to(dtype),
             D=mixer.D.detach().float().to(dtype),
