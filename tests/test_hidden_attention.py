@@ -12,6 +12,7 @@ from conftest import VOCAB
 from neuronspec.analyses.hidden_attention import (
     alpha_gradient,
     channel_chunk,
+    channel_mean_attention,
     gradient_attention,
     hidden_attention,
     iter_hidden_attention,
@@ -129,12 +130,20 @@ def test_chunking_changes_nothing_and_respects_the_bound():
     b, length, d, n = s.shape
     one = channel_chunk(b, length, n, 8, memory_bytes=1)
     assert one == 1
-    budget = 3 * b * length * (length + n) * 8
+    budget = 3 * b * length * (length + 3 * n) * 8
     assert channel_chunk(b, length, n, 8, budget) == 3
     chunks = list(iter_hidden_attention(s, memory_bytes=budget))
     assert [c.numel() for c, _ in chunks] == [3] * (d // 3) + ([d % 3] if d % 3 else [])
     whole = torch.cat([a for _, a in chunks], 1)
     torch.testing.assert_close(whole, hidden_attention(s), rtol=0, atol=0)
+    att = layer_attention(s, memory_bytes=budget)
+    torch.testing.assert_close(att.mean, whole.mean(1), rtol=0, atol=1e-15)
+    torch.testing.assert_close(att.abs_mean, whole.abs().mean(1), rtol=0, atol=1e-15)
+    torch.testing.assert_close(channel_mean_attention(s, memory_bytes=budget), att.mean)
+    torch.testing.assert_close(channel_mean_attention(s, absolute=True), att.abs_mean)
+    weighted = (whole * s.x.transpose(1, 2)[:, :, None, :]).abs().sum(-1).mean(-1)  # (B, d)
+    torch.testing.assert_close(att.weighted, weighted)
+    torch.testing.assert_close(att.column_mass, whole.abs().sum(2))
 
 
 def test_rollout_by_hand():

@@ -15,8 +15,8 @@ state ``M_i[c, j, n] = Π_{t=j+1..i} Ā_t[c, n] · Δ_j[c] B_j[n]`` (``M_i = Ā_
 the columns j < i, ``M_i[:, i] = Δ_i B_i``), and ``α̃_c[i, j] = Σ_n C_i[n] M_i[c, j, n]``: no
 ``exp`` beyond the L·d·N decays, every factor ≤ 1 (nothing overflows), and the whole Ā
 product (the official code's row shortcut misses one Ā factor; not copied). Channels are
-processed in chunks of k so that one chunk's ``M`` ``(B, k, L, N)`` and rows ``(B, k, L, L)``
-stay within ``memory_bytes`` (:func:`channel_chunk`; default :data:`DEFAULT_MEMORY_BYTES`);
+processed in chunks of k so that one chunk's rows ``(B, k, L, L)`` and its ``(B, k, L, N)``
+state, decays and inputs stay within ``memory_bytes`` (:func:`channel_chunk`; default :data:`DEFAULT_MEMORY_BYTES`);
 the naive ``[B, d, L, L, N]`` temporary is never formed.
 
 **Rollout** (Abnar & Zuidema 2020): ``Â_l = row-normalise(I + Ā_l)``, ``R = Â_{L-1} ⋯ Â_0``;
@@ -55,8 +55,9 @@ AGGREGATES = ("abs", "mean")
 def channel_chunk(
     batch: int, length: int, n_state: int, itemsize: int, memory_bytes: int = DEFAULT_MEMORY_BYTES
 ) -> int:
-    """Channels per chunk: one channel costs ``B·L·(L + N)`` numbers (rows α̃ and state M)."""
-    per_channel = batch * length * (length + n_state) * itemsize
+    """Channels per chunk: one channel costs ``B·L·(L + 3N)`` numbers (rows α̃; state M,
+    decays Ā and inputs ΔB, each ``(B, L, N)``)."""
+    per_channel = batch * length * (length + 3 * n_state) * itemsize
     return max(1, memory_bytes // per_channel)
 
 
@@ -101,6 +102,17 @@ def hidden_attention(
     return torch.cat([alpha for _, alpha in iter_hidden_attention(inputs, channels=channels)], 1)
 
 
+def channel_mean_attention(
+    inputs: ScanInputs, *, absolute: bool = False, memory_bytes: int = DEFAULT_MEMORY_BYTES
+) -> torch.Tensor:
+    """Mean over channels of α̃ (or of |α̃|), ``(B, L, L)``, chunked within ``memory_bytes``."""
+    b, length, d, _ = inputs.shape
+    total = inputs.x.new_zeros(b, length, length)  # (B, L, L)
+    for _, alpha in iter_hidden_attention(inputs, memory_bytes=memory_bytes):
+        total += (alpha.abs_() if absolute else alpha).sum(1)
+    return total / d
+
+
 @dataclass(frozen=True)
 class LayerAttention:
     """Channel aggregates of one layer's α̃, from one sweep over the channel chunks."""
@@ -126,7 +138,8 @@ def layer_attention(
     column_mass = x.new_empty(b, d, length)  # (B, d, L)
     above = 0.0
     upper = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)  # (L, L)
-    for chunk, alpha in iter_hidden_attention(inputs, memory_bytes=memory_bytes):
+    # alpha, |alpha| and alpha·x are alive at once: a third of the budget each
+    for chunk, alpha in iter_hidden_attention(inputs, memory_bytes=memory_bytes // 3):
         xc = x[:, :, chunk].transpose(1, 2)  # (B, k, L)
         total += alpha.sum(1)
         magnitude = alpha.abs()  # (B, k, L, L)
