@@ -85,11 +85,15 @@ def test_attention_figures(model_id, attention_run, loaded_model, plots_dir):
 
     ids = attention_run.prompts[0].tolist()
     tokenizer = loaded_model.tokenizer
-    tokens = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else [str(i) for i in ids]
+    tokens = (
+        tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else [str(i) for i in ids]
+    )
     kind = "channel-mean α̃" if attention_run.family == "mamba" else "mean-over-heads attention"
     written = [
         plot_hidden_attention(
-            attention, tokens, plot_path(plots_dir, f"hidden_attention_layer{layer}", model_id),
+            attention,
+            tokens,
+            plot_path(plots_dir, f"hidden_attention_layer{layer}", model_id),
             title=f"{model_id} layer {layer}: {kind}, prompt 0",
         )  # fmt: skip
         for layer, attention in attention_run.mean_attention.items()
@@ -105,5 +109,7 @@ def test_attention_figures(model_id, attention_run, loaded_model, plots_dir):
     for finding in attention_run.neuron_findings:
         scores = attention_run.scores[finding.method, finding.layer]
         name = f"attention_neurons_{finding.method}_layer{finding.layer}"
-        written.append(plot_attention_neurons(scores, finding, plot_path(plots_dir, name, model_id)))
+        written.append(
+            plot_attention_neurons(scores, finding, plot_path(plots_dir, name, model_id))
+        )
     assert all(path.stat().st_size > 0 for path in written)

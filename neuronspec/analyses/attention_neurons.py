@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from neuronspec.analyses.delta_sensitive import top_channels
 from neuronspec.analyses.hidden_attention import (
     DEFAULT_MEMORY_BYTES,
     HiddenAttentionLayerFinding,
@@ -43,7 +44,6 @@ from neuronspec.analyses.hidden_attention import (
     layer_attention,
     rollout,
 )
-from neuronspec.analyses.delta_sensitive import top_channels
 from neuronspec.errors import NeuronSpecError
 from neuronspec.findings import Finding
 from neuronspec.models.mamba_internals import capture_scan_inputs
@@ -184,11 +184,15 @@ def mamba_relevance(
     layers = list(range(loaded.n_layers))
     inputs = capture_scan_inputs(loaded.model, prompts.to(loaded.device), layers)
     grads, acts, _ = mlp_gradients(loaded, prompts, layers)
-    attention = {layer: layer_attention(inputs[layer], memory_bytes=memory_bytes) for layer in layers}
+    attention = {
+        layer: layer_attention(inputs[layer], memory_bytes=memory_bytes) for layer in layers
+    }
     plain = rollout([attention[layer].abs_mean for layer in layers])  # (P, L, L)
     guided = rollout(
         [
-            gradient_rollout_layer(attention[layer].mean, gradient_attention(inputs[layer], grads[layer]))
+            gradient_rollout_layer(
+                attention[layer].mean, gradient_attention(inputs[layer], grads[layer])
+            )
             for layer in layers
         ]
     )  # (P, L, L)
@@ -251,8 +255,12 @@ def _rollout_mass(column_mass: torch.Tensor, relevant: torch.Tensor) -> torch.Te
 
 def _layer_finding(model, layer, s, att, loaded) -> HiddenAttentionLayerFinding:
     scan = selective_scan(
-        s.x.transpose(1, 2), s.delta.transpose(1, 2), s.A, s.B.transpose(1, 2),
-        s.C.transpose(1, 2), delta_softplus=False,
+        s.x.transpose(1, 2),
+        s.delta.transpose(1, 2),
+        s.A,
+        s.B.transpose(1, 2),
+        s.C.transpose(1, 2),
+        delta_softplus=False,
     ).transpose(1, 2)  # (P, L, d) fmt: skip
     mixer = loaded.model.backbone.layers[layer].mixer
     with torch.no_grad():

@@ -85,7 +85,10 @@ def capture_scan_inputs(
         mixer = mixers[layer].mixer
         dtype = seen[layer]["x"].dtype
         result[layer] = ScanInputs(
-            **{name: seen[layer][name].contiguous() for name in ("x", "delta", "B", "C", "z", "out")},
+            **{
+                name: seen[layer][name].contiguous()
+                for name in ("x", "delta", "B", "C", "z", "out")
+            },
             # as MambaMixer.forward: A and D pass through float32 on every path
             A=-torch.exp(mixer.A_log.detach().float()).to(dtype),
             D=mixer.D.detach().float().to(dtype),
