@@ -82,7 +82,7 @@ def _alpha_chunk(inputs: ScanInputs, chunk: torch.Tensor) -> torch.Tensor:
     """α̃ of the channels ``chunk`` (k,): ``(B, k, L, L)``, by the row recurrence."""
     b, length, _, n = inputs.shape
     delta = inputs.delta[:, :, chunk].transpose(1, 2)  # (B, k, L)
-    decay = torch.exp(delta[..., None] * inputs.A[chunk][None, :, None, :])  # (B, k, L, N)
+    decay = (delta[..., None] * inputs.A[chunk][None, :, None, :]).exp_()  # (B, k, L, N)
     u = delta[..., None] * inputs.B[:, None, :, :]  # (B, k, L, N): Δ_j B_j
     C = inputs.C[:, None, :, :, None]  # (B, 1, L, N, 1)
     state = torch.zeros_like(u)  # (B, k, L, N): M_i
