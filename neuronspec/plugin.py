@@ -101,7 +101,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _attention_methods(text: str) -> tuple[str, ...]:
-    from neuronspec.analyses.attention_neurons import parse_methods
+    from neuronspec.analyses.attention_options import parse_methods
 
     try:
         return parse_methods(text)

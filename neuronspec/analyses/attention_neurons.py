@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from neuronspec.analyses.attention_options import METHODS, parse_methods  # noqa: F401
 from neuronspec.analyses.delta_sensitive import top_channels
 from neuronspec.analyses.hidden_attention import (
     DEFAULT_MEMORY_BYTES,
@@ -50,7 +51,6 @@ from neuronspec.models.mamba_internals import capture_scan_inputs
 from neuronspec.models.registry import LoadedModel
 from neuronspec.models.scan import selective_scan
 
-METHODS = ("attention_weighted", "gradient_guided", "rollout")
 GPT2_METHODS = ("gradient_guided",)  # the methods that exist without per-channel attention
 DEFAULT_PROMPTS = 4  # corpus windows the attention analyses run on (--attention-prompts)
 
@@ -97,18 +97,6 @@ class AttentionRun:
     mean_attention: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (L, L), prompt 0
     relevance: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (P, L)
     fact_relevance: list[FactRelevanceFinding] = field(default_factory=list)  # filled by callers
-
-
-def parse_methods(text: str) -> tuple[str, ...]:
-    """``"a,b"`` → ``("a", "b")``; a clear error for an empty list or an unknown method."""
-    methods = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise NeuronSpecError(
-            f"attention methods {text!r}: unknown {unknown or 'none given'}; choose from "
-            f"{', '.join(METHODS)}"
-        )
-    return methods
 
 
 def diversity(importance: np.ndarray) -> float:
