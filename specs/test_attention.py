@@ -55,7 +55,9 @@ def test_rollout_rows_are_distributions(model_id, attention_run):
         assert abs(relevance.sum(-1) - 1).max() < 1e-4, method
 
 
-def test_attention_neuron_summaries_snapshot(model_id, attention_run, findings_snapshot, neuronspec_session):
+def test_attention_neuron_summaries_snapshot(
+    model_id, attention_run, findings_snapshot, neuronspec_session
+):
     """Per (method, layer): neurons analysed, top neurons, diversity, must not drift."""
     if neuronspec_session.config.layers is not None:
         pytest.skip("the snapshot holds every layer; run without --layers to compare it")
