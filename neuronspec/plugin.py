@@ -17,6 +17,7 @@ allocator and torch's threads alone: a foreign project's own ``model_id`` fixtur
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -111,10 +112,44 @@ def _add_options(parser: pytest.Parser) -> None:
         help="neurons reported per ranking: top delta-sensitive, attention, causal (default 10)",
     )
     group.addoption(
+        "--attention-methods",
+        default="attention_weighted,gradient_guided,rollout",
+        type=_attention_methods,
+        help="attention-neuron methods: comma-separated attention_weighted, gradient_guided, "
+        "rollout (default all three)",
+    )
+    group.addoption(
+        "--attention-prompts",
+        type=_positive_int,
+        default=4,
+        help="corpus windows the hidden-attention analyses run on (default 4)",
+    )
+    group.addoption(
+        "--delta-prompts",
+        type=_positive_int,
+        default=8,
+        help="corpus windows of the delta-sensitivity perturbation score (default 8)",
+    )
+    group.addoption(
         "--neuronspec-results",
         default=None,
         help="write every finding of the run to this JSON file",
     )
+
+
+def _attention_methods(text: str) -> tuple[str, ...]:
+    from neuronspec.analyses.attention_options import parse_methods
+
+    try:
+        return parse_methods(text)
+    except NeuronSpecError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def _run_config(config: pytest.Config) -> RunConfig:

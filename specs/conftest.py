@@ -43,3 +43,102 @@ def positional_findings(neuronspec_session, model_id, neuron_stats):
         for layer in range(neuron_stats.n_layers)
     ]
     return _record(neuronspec_session, model_id, "positional", findings)
+
+
+# -- hidden attention, attention neurons, delta-sensitive neurons (METHODS §5, §7) ----------------
+
+
+@pytest.fixture(scope="session")
+def attention_run(neuronspec_session, model_id, loaded_model, corpus, request):
+    """Hidden attention (Mamba), rollouts and attention neurons on the first
+    ``--attention-prompts`` corpus windows, plus rollout relevance on the toy-world fact
+    prompts: an :class:`~neuronspec.analyses.attention_neurons.AttentionRun` whose
+    ``fact_relevance`` attribute holds the fact findings. Recorded under ``hidden_attention``
+    (per layer; ``all``: rollouts and fact relevance) and ``attention_neurons`` (per layer)."""
+    from neuronspec.analyses.attention_neurons import analyse_attention, fact_relevance
+    from neuronspec.data.toyworld import load_facts
+
+    option = request.config.option
+    layers = neuronspec_session.config.layers_of(loaded_model.n_layers, model=model_id)
+    methods = option.attention_methods
+    prompts = corpus.analysis[: option.attention_prompts]
+    run = analyse_attention(
+        loaded_model,
+        prompts,
+        model=model_id,
+        layers=layers,
+        methods=methods,
+        top_k=neuronspec_session.config.top_k,
+    )
+    run.fact_relevance = fact_relevance(loaded_model, load_facts(), model=model_id)
+    record = neuronspec_session.record
+    for finding in run.layer_findings:
+        record(model_id, "hidden_attention", finding, layer=finding.layer)
+    record(
+        model_id,
+        "hidden_attention",
+        {
+            "rollout": {f.method: f.to_json() for f in run.rollout_findings},
+            "fact_relevance": {f.method: f.to_json() for f in run.fact_relevance},
+        },
+    )
+    for layer in layers:
+        per_method = {f.method: f.to_json() for f in run.neuron_findings if f.layer == layer}
+        if per_method:
+            record(model_id, "attention_neurons", per_method, layer=layer)
+            first = next(f for f in run.neuron_findings if f.layer == layer)
+            neuronspec_session.record_neuron_set(
+                model_id, "attention", layer, first.top_neurons, site="mlp"
+            )
+    return run
+
+
+@pytest.fixture(scope="session")
+def delta_run(neuronspec_session, model_id, neuron_stats, loaded_model, corpus, request):
+    """Delta-sensitive (Mamba ``dt``) or high-variance (GPT-2 ``mlp``) channels per layer:
+    ``{"findings": [DeltaSensitiveFinding], "variance": {layer: (W,)}, "perturbation":
+    {layer: (W,)}}``; recorded under ``delta_sensitive`` and as neuron sets."""
+    from neuronspec.analyses.delta_sensitive import (
+        DEFAULT_SEED,
+        DEFAULT_SUBSTITUTIONS,
+        delta_sensitive_layer,
+        delta_sensitive_sets,
+        perturbation_scores,
+        variance_scores,
+    )
+
+    config = neuronspec_session.config
+    layers = config.layers_of(neuron_stats.n_layers, model=model_id)
+    sets = delta_sensitive_sets(neuron_stats, top_k=config.top_k, layers=layers)
+    prompts = corpus.analysis[: request.config.option.delta_prompts]
+    perturbation = perturbation_scores(
+        loaded_model,
+        prompts,
+        site=sets.site,
+        layers=layers,
+        substitutions=DEFAULT_SUBSTITUTIONS,
+        seed=DEFAULT_SEED,
+        vocab_size=min(corpus.vocab_size, int(loaded_model.model.config.vocab_size)),
+    )
+    findings = []
+    for layer in layers:
+        finding = delta_sensitive_layer(
+            neuron_stats,
+            perturbation[layer],
+            layer,
+            model=model_id,
+            top_k=config.top_k,
+            n_prompts=len(prompts),
+            substitutions=DEFAULT_SUBSTITUTIONS,
+            seed=DEFAULT_SEED,
+        )
+        findings.append(finding)
+        neuronspec_session.record(model_id, "delta_sensitive", finding, layer=layer)
+        neuronspec_session.record_neuron_set(
+            model_id, sets.kind, layer, sets.by_layer[layer], site=sets.site
+        )
+    return {
+        "findings": findings,
+        "variance": {layer: variance_scores(neuron_stats, layer, sets.site) for layer in layers},
+        "perturbation": perturbation,
+    }

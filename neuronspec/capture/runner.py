@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from neuronspec.capture.cache import TensorCache, cache_key
-from neuronspec.capture.stats import STATS_FORMAT, NeuronStats, StatsConfig
+from neuronspec.capture.stats import STATS_FORMAT, WINDOW_MEAN_SITES, NeuronStats, StatsConfig
 from neuronspec.data.corpus import TokenWindows
 from neuronspec.models.registry import LoadedModel
 
@@ -47,14 +47,27 @@ def collect_stats(
     vocab_size = model_vocab_size(loaded)
     if token_frequency is None:
         token_frequency = torch.bincount(windows.flatten(), minlength=vocab_size)  # (V,)
+    # window-mean moments (delta-sensitive / high-variance neurons): mlp, and dt for Mamba
+    moment_sites = tuple(site for site in WINDOW_MEAN_SITES if site in adapter.sites)
     stats = NeuronStats.empty(
-        widths, windows.shape[1], vocab_size, config, token_frequency, backend=backend
+        widths,
+        windows.shape[1],
+        vocab_size,
+        config,
+        token_frequency,
+        backend=backend,
+        window_mean_sites=moment_sites,
     )
     targets = [(site, layer) for layer in range(adapter.n_layers) for site in ("mlp_pre", "mlp")]
+    targets += [("dt", layer) for layer in range(adapter.n_layers) if "dt" in moment_sites]
     pending: dict[int, torch.Tensor] = {}
     batch_state: dict[str, torch.Tensor] = {}
 
     def on_site(site: str, layer: int, value: torch.Tensor) -> None:
+        if site in moment_sites:
+            stats.add_window_means(site, layer, value)
+        if site == "dt":
+            return
         if site == "mlp_pre":
             pending[layer] = value
             return

@@ -28,6 +28,12 @@ Shared by all layers: ``tokens_by_pos (T,)`` (its entry 0 is the number of windo
 ``token_count (V,)`` (occurrences at counted positions), ``tri_occ_key/count`` (trigram
 occurrences).
 
+Window-mean moments (a separate block, METHODS §5; :class:`WindowMeanMoments`): per site in
+``WINDOW_MEAN_SITES`` that the model has (``mlp``; ``dt`` for Mamba) and layer,
+``{site}_wmean_sum (W,) float64`` = Σ over windows of the window-mean activation and
+``{site}_wmean_sumsq`` = Σ of its square. A text is a corpus window; the variance across texts
+and the corpus mean (equal-length windows: mean of window means = mean over tokens) follow.
+
 Every field merges by addition (``act_absmax`` by maximum, sparse tables by key union),
 so shards of a corpus give the same statistics as the whole. Memory is independent of
 corpus length: nothing ``(tokens, neurons)``-shaped is kept beyond the current batch.
@@ -53,7 +59,7 @@ STATS_BACKENDS = ("auto", "native", "torch")
 ops; ``auto``: native where it applies and builds, else torch. Both compute the same
 definitions, but float sums may round differently, so the backend ``auto`` resolves to is
 part of the cache key (:func:`neuronspec.capture.runner.computation_path`)."""
-STATS_FORMAT = "neuronspec-stats-v5"  # v5: trigrams ending at window position 2 count  # part of the cache key: bump when an accumulator changes
+STATS_FORMAT = "neuronspec-stats-v6"  # v5: trigrams ending at window position 2 count; v6: window-mean moments, sparsity sketch  # part of the cache key: bump when an accumulator changes
 
 
 @dataclass(frozen=True)
@@ -513,6 +519,8 @@ class NeuronStats:
     backend: str = dataclasses.field(default="auto", repr=False, compare=False)
     # the BOS id of the batch add_tokens accounted last (trigram validity in add_layer)
     _bos_id: int | None = dataclasses.field(default=None, repr=False, compare=False)
+    # window-mean moments per (site, layer): delta-sensitive / high-variance neurons
+    window_means: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def empty(
@@ -524,6 +532,7 @@ class NeuronStats:
         token_frequency: torch.Tensor | None = None,
         *,
         backend: str = "auto",
+        window_mean_sites: tuple[str, ...] = (),
     ):
         """Empty accumulators. ``token_frequency (V,)`` (optional) picks the tokens whose
         unigram counts are kept densely; it changes speed and memory, never the counts.
@@ -559,6 +568,11 @@ class NeuronStats:
             token_count=torch.zeros(vocab_size, dtype=torch.long),
             tri_occurrences=_SparseCounter(),
             backend=backend,
+            window_means={
+                (site, layer): WindowMeanMoments.empty(width)
+                for site in window_mean_sites
+                for layer, width in enumerate(widths)
+            },
         )
 
     # -- derived counts --------------------------------------------------------------------
@@ -745,6 +759,38 @@ class NeuronStats:
             buffer = self._buffers[name] = torch.empty(size, dtype=dtype)
         return buffer[:size]
 
+    # -- window-mean moments (METHODS §5) --------------------------------------------------------
+    def add_window_means(self, site: str, layer: int, values: torch.Tensor) -> None:
+        """Accumulate one batch ``(B, T, W)`` of ``site`` at ``layer``: each row is a window."""
+        self._window_moments(site, layer).add(values)
+
+    def window_mean_variance(self, site: str, layer: int) -> torch.Tensor:
+        """(W,) float64: variance across windows of the window-mean activation (population
+        variance, ddof 0)."""
+        moments = self._window_moments(site, layer)
+        n = self._windows_for_moments()
+        mean = moments.sum / n
+        return (moments.sumsq / n - mean * mean).clamp_min(0.0)
+
+    def site_mean(self, site: str, layer: int) -> torch.Tensor:
+        """(W,) float64: corpus mean of ``site`` (mean of the equal-length windows' means)."""
+        return self._window_moments(site, layer).sum / self._windows_for_moments()
+
+    def _windows_for_moments(self) -> int:
+        if self.n_windows == 0:
+            raise TooFewTokensError("these statistics cover no windows")
+        return self.n_windows
+
+    def _window_moments(self, site: str, layer: int) -> WindowMeanMoments:
+        self.layer(layer)  # range check
+        if (site, layer) not in self.window_means:
+            have = sorted({s for s, _ in self.window_means}) or "none"
+            raise NeuronSpecError(
+                f"these statistics hold no window-mean moments of site {site!r} (sites: {have}); "
+                "collect them with window_mean_sites (the runner does for mlp and dt)"
+            )
+        return self.window_means[site, layer]
+
     # -- merging and serialisation ------------------------------------------------------------
     def merge(self, other: NeuronStats) -> NeuronStats:
         """Statistics of the union of both corpora (new object; inputs unchanged)."""
@@ -754,6 +800,8 @@ class NeuronStats:
             other.window,
         ) or [s.width for s in self.layers] != [s.width for s in other.layers]:
             raise NeuronSpecError("cannot merge statistics of different models or configs")
+        if set(self.window_means) != set(other.window_means):
+            raise NeuronSpecError("cannot merge statistics with different window-mean sites")
         if self.n_tokens + other.n_tokens >= 2**31:
             raise NeuronSpecError(
                 "merged statistics would cover 2^31 tokens or more (int32 counts); keep the "
@@ -771,6 +819,7 @@ class NeuronStats:
             "vocab_size": self.vocab_size,
             "window": self.window,
             "widths": [s.width for s in self.layers],
+            "window_mean_sites": sorted({site for site, _ in self.window_means}),
         }
 
     def to_tensors(self, *, table_only: bool = False) -> dict[str, torch.Tensor]:
@@ -798,6 +847,9 @@ class NeuronStats:
                 tensors[f"layer{index}.{name}"] = tensor
             tensors[f"layer{index}.tri_key"] = stats.trigrams.keys
             tensors[f"layer{index}.tri_count"] = stats.trigrams.counts
+        for (site, index), moments in self.window_means.items():
+            tensors[f"layer{index}.{site}_wmean_sum"] = moments.sum
+            tensors[f"layer{index}.{site}_wmean_sumsq"] = moments.sumsq
         return {name: tensor.contiguous() for name, tensor in tensors.items()}
 
     @classmethod
@@ -834,6 +886,14 @@ class NeuronStats:
             tokens_by_pos=tensors["tokens_by_pos"],
             token_count=tensors["token_count"],
             tri_occurrences=_SparseCounter(tensors["tri_occ_key"], tensors["tri_occ_count"]),
+            window_means={
+                (site, index): WindowMeanMoments(
+                    tensors[f"layer{index}.{site}_wmean_sum"],
+                    tensors[f"layer{index}.{site}_wmean_sumsq"],
+                )
+                for site in meta.get("window_mean_sites", ())
+                for index in range(len(meta["widths"]))
+            },
         )
 
     # -- views for analyses ----------------------------------------------------------------------
@@ -865,6 +925,28 @@ class NeuronStats:
         keys = table.keys.numpy()
         cube = self.vocab_size**3
         return keys // cube, keys % cube, table.counts.numpy()
+
+
+WINDOW_MEAN_SITES = ("mlp", "dt")
+"""Sites whose window-mean moments the pass collects, where the model has them."""
+
+
+@dataclass
+class WindowMeanMoments:
+    """Σ over windows of the window-mean activation ``m_w = (1/T) Σ_t a_t`` and of ``m_w²``,
+    per channel ``(W,)`` float64; merges by addition (window count: ``tokens_by_pos[0]``)."""
+
+    sum: torch.Tensor  # (W,)
+    sumsq: torch.Tensor  # (W,)
+
+    @classmethod
+    def empty(cls, width: int) -> WindowMeanMoments:
+        return cls(torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
+
+    def add(self, values: torch.Tensor) -> None:
+        means = values.sum(1, dtype=torch.float64) / values.shape[1]  # (B, W)
+        self.sum += means.sum(0).cpu()
+        self.sumsq += (means * means).sum(0).cpu()
 
 
 _DENSE_FIELDS = (

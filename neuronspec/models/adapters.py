@@ -10,13 +10,21 @@ mlp        output of ``transformer.h[l].mlp.act``      input of ``backbone.layer
            (post-GELU, width 4·d)                      (y + D·x) ⊙ SiLU(z), width d_inner
 mlp_pre    output of ``transformer.h[l].mlp.c_fc``     gate z: second half of ``mixer.in_proj`` output
 dt         —                                           Δ = softplus(W_dt · dt_low + b_dt), rebuilt from
-                                                       the ``mixer.x_proj`` output (read only)
+                                                       the ``mixer.x_proj`` output; patchable on the
+                                                       fast scan path only (:func:`patch_delta`)
 resid      output of block ``transformer.h[l]``        output of block ``backbone.layers[l]``
 =========  ==========================================  ==================================================
 
 In transformers 5.x Mamba, ``conv1d``, ``act`` and ``dt_proj`` are not called as
 modules, so only ``in_proj``, ``x_proj`` and ``out_proj`` (and the blocks) are hooked.
 Hooks are removed when the context exits, also on error.
+
+Patching ``dt``: Δ is not the output of any module, so a patch is not a hook. It is a
+function kept on the mixer (:data:`DT_PATCHES`) that :func:`mamba_delta` applies after the
+softplus; neuronspec's fast scan (:mod:`neuronspec.models.scan`) takes Δ from
+:func:`mamba_delta` whenever a patch is active, and a read of ``dt`` inside the patch sees
+the patched Δ. transformers' reference scan computes Δ inside its own loop, so patching
+``dt`` there raises :class:`~neuronspec.errors.NeuronSpecError` (use the fast scan).
 """
 
 from __future__ import annotations
@@ -225,6 +233,17 @@ class MambaAdapter(SiteAdapter):
         self.check(site, 0)
         raise AssertionError("unreachable")
 
+    @contextmanager
+    def patch(self, site: str, layer: int, fn: PatchFn) -> Iterator[None]:
+        """As :meth:`SiteAdapter.patch`; ``dt`` is patched in the fast scan (:func:`patch_delta`)."""
+        if site != "dt":
+            with super().patch(site, layer, fn):
+                yield
+            return
+        self.check(site, layer)
+        with patch_delta(self.model.backbone.layers[layer].mixer, fn):
+            yield
+
     def _hook(self, site: str, layer: int) -> _Hook:
         block = self.model.backbone.layers[layer]
         mixer = block.mixer
@@ -245,14 +264,61 @@ class MambaAdapter(SiteAdapter):
         return _Hook(block, False, identity, replace)
 
 
+DT_PATCHES = "_neuronspec_dt_patches"
+"""Attribute of a ``MambaMixer``: the list of active Δ patches, applied in order."""
+
+
 def mamba_delta(mixer: nn.Module, x_proj_out: torch.Tensor) -> torch.Tensor:
     """Δ = softplus(W_dt · dt_low + b_dt) from the ``x_proj`` output ``(B, L, R + 2N)``.
 
-    Returns ``(B, L, d_inner)``, in the same arithmetic as HF's scan (bias added in fp32).
+    Returns ``(B, L, d_inner)``, in the same arithmetic as HF's scan (bias added in fp32),
+    with the mixer's active Δ patches (:func:`patch_delta`) applied.
     """
     dt_low = x_proj_out[..., : mixer.time_step_rank]  # (B, L, R)
     dt = dt_low @ mixer.dt_proj.weight.t()  # (B, L, d_inner)
-    return F.softplus(dt + mixer.dt_proj.bias.float())
+    delta = F.softplus(dt + mixer.dt_proj.bias.float())  # (B, L, d_inner)
+    for fn in getattr(mixer, DT_PATCHES, ()):
+        new = fn(delta)
+        if new.shape != delta.shape:
+            raise NeuronSpecError(
+                f"patch of site 'dt' returned shape {tuple(new.shape)}, expected {tuple(delta.shape)}"
+            )
+        delta = new
+    return delta
+
+
+@contextmanager
+def patch_delta(mixer: nn.Module, fn: PatchFn) -> Iterator[None]:
+    """Replace Δ ``(B, L, d_inner)`` of one mixer by ``fn(Δ)`` in every forward in the block.
+
+    Needs neuronspec's fast scan on the mixer (it consumes the patched Δ); on transformers'
+    reference scan the patch would be silently ignored, so it raises instead, also when the
+    fast scan is switched off inside the block.
+    """
+    from neuronspec.models.scan import is_fast_mixer
+
+    def refuse() -> NeuronSpecError:
+        return NeuronSpecError(
+            "site 'dt' can be read but not patched on transformers' reference Mamba scan "
+            "(Δ is computed inside its loop); patching Δ needs neuronspec's fast scan: call "
+            "neuronspec.models.scan.use_fast_scan(model) or run without --no-fast-scan"
+        )
+
+    if not is_fast_mixer(mixer):
+        raise refuse()
+
+    def guard(module, args):
+        if not is_fast_mixer(mixer):
+            raise refuse()
+
+    patches = mixer.__dict__.setdefault(DT_PATCHES, [])
+    patches.append(fn)
+    handle = mixer.register_forward_pre_hook(guard)
+    try:
+        yield
+    finally:
+        handle.remove()
+        patches.remove(fn)
 
 
 def adapter_for(model: nn.Module) -> SiteAdapter:

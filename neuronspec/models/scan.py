@@ -86,6 +86,7 @@ from transformers.models.mamba import modeling_mamba
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from neuronspec.errors import NeuronSpecError
+from neuronspec.models.adapters import DT_PATCHES, mamba_delta
 from neuronspec.models.kernel import kernel_conv_silu, kernel_scan
 from neuronspec.native import kernels_available, load_library
 
@@ -93,6 +94,7 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_CHUNK",
     "UnsupportedScanInputError",
+    "is_fast_mixer",
     "is_fast_scan_enabled",
     "selective_scan",
     "use_fast_scan",
@@ -408,6 +410,11 @@ def _fast_mixer_forward(
     single-token steps (generation) run the class's own ``forward``.
     """
     if cache_params is not None and hidden_states.shape[1] == 1:
+        if getattr(self, DT_PATCHES, None):
+            raise NeuronSpecError(
+                "a patch of site 'dt' is active but this is a single-token generation step, "
+                "which runs transformers' own forward; patch Δ on full-sequence forwards only"
+            )
         return type(self).forward(
             self, hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs
         )
@@ -443,13 +450,19 @@ def _fast_full_sequence(self: MambaMixer, hidden_states, cache_params, attention
         x = x.transpose(1, 2)  # (B, L, d)
     x = mm.apply_mask_to_padding_states(x, attention_mask)  # (B, L, d)
     x = x.contiguous()  # (B, L, d); the reference hands x_proj a transposed view, same values
+    projected_x = self.x_proj(x)  # (B, L, R + 2N)
     time_step, B, C = torch.split(
-        self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
+        projected_x, [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
     )  # (B, L, R), (B, L, N), (B, L, N)
     # The reference computes dt_proj.weight @ time_stepᵀ, (B, d, L); the same products
     # batch-major, so nothing needs transposing back.
     time_step = time_step @ self.dt_proj.weight.t()  # (B, L, d)
     time_proj_bias = self.dt_proj.bias.float() if self.dt_proj.bias is not None else None
+    delta_softplus = True
+    if getattr(self, DT_PATCHES, None):
+        # a patch of site dt is active: the scan takes the patched Δ itself (adapters.py)
+        time_step = mamba_delta(self, projected_x)  # (B, L, d), softplus and patches applied
+        time_proj_bias, delta_softplus = None, False
     D = self.D.float()  # (d,)
     z = gate.transpose(1, 2)  # (B, L, d)
     dtype_scan = _check_inputs(
@@ -457,8 +470,9 @@ def _fast_full_sequence(self: MambaMixer, hidden_states, cache_params, attention
         D, gate, time_proj_bias,
     )  # fmt: skip
     scan_output, final_state = _scan_bl(
-        x, time_step, A, B, C, D, z, time_proj_bias, True, DEFAULT_CHUNK, dtype_scan, "auto"
-    )  # (B, L, d), (B, d, N)
+        x, time_step, A, B, C, D, z, time_proj_bias, delta_softplus, DEFAULT_CHUNK, dtype_scan,
+        "auto",
+    )  # fmt: skip  # (B, L, d), (B, d, N)
     if cache_params is not None:
         cache_params.update_recurrent_state(final_state.contiguous(), self.layer_idx)
     return self.out_proj(scan_output.to(dtype))  # (B, L, D)
@@ -482,6 +496,11 @@ def _use_conv_kernel(mixer: MambaMixer, cache_params, projected: torch.Tensor) -
 def _is_fast(mixer: MambaMixer) -> bool:
     fwd = mixer.__dict__.get("forward")
     return getattr(fwd, "__func__", None) is _fast_mixer_forward
+
+
+def is_fast_mixer(mixer: nn.Module) -> bool:
+    """True when this ``MambaMixer`` runs neuronspec's fast scan (:func:`use_fast_scan`)."""
+    return _is_fast(mixer)
 
 
 def use_fast_scan(model: nn.Module, enabled: bool = True) -> nn.Module:

@@ -1,0 +1,273 @@
+"""Mamba's hidden attention α̃ and its rollout (METHODS.md §7).
+
+Ali, Zimerman, Wolf (2024), "The Hidden Attention of Mamba Models", eq. 9-12. Per layer
+and channel c, with ``S = cumsum`` over positions of Δ_c::
+
+    α̃_c[i, j] = Σ_n C_i[n] · exp(A[c, n]·(S_i − S_j)) · Δ_j[c] · B_j[n]   for j ≤ i,  0 for j > i
+
+so that the scan output before the D skip and the gate is ``y_i[c] = Σ_j α̃_c[i, j] x_j[c]``
+and the mixer's output is ``out_proj(((α̃x) + D ⊙ x) ⊙ SiLU(z))`` (both exact; the tests check
+them in float64 to 1e-10). Shapes: per layer α̃ is ``(B, d_inner, L, L)``.
+
+**Computation** (:func:`iter_hidden_attention`). ``exp(A(S_i − S_j)) = Π_{t=j+1..i} Ā_t`` with
+``Ā_t = exp(Δ_t A)``, so the rows are built by a recurrence over the query position i on a
+state ``M_i[c, j, n] = Π_{t=j+1..i} Ā_t[c, n] · Δ_j[c] B_j[n]`` (``M_i = Ā_i ⊙ M_{i−1}`` on
+the columns j < i, ``M_i[:, i] = Δ_i B_i``), and ``α̃_c[i, j] = Σ_n C_i[n] M_i[c, j, n]``: no
+``exp`` beyond the L·d·N decays, every factor ≤ 1 (nothing overflows), and the whole Ā
+product (the official code's row shortcut misses one Ā factor; not copied). Channels are
+processed in chunks of k so that one chunk's rows ``(B, k, L, L)`` and its ``(B, k, L, N)``
+state, decays and inputs stay within ``memory_bytes`` (:func:`channel_chunk`; default :data:`DEFAULT_MEMORY_BYTES`);
+the naive ``[B, d, L, L, N]`` temporary is never formed.
+
+**Rollout** (Abnar & Zuidema 2020): ``Â_l = row-normalise(I + Ā_l)``, ``R = Â_{L-1} ⋯ Â_0``;
+the last row of R is the relevance of each input token for the last position. Where METHODS
+is silent: the per-layer matrix is the channel mean of **|α̃|** (``aggregate="abs"``, the
+default): α̃ can be negative (C·B products have either sign), and a signed row of I + mean α̃
+can sum to ≤ 0, where normalising is undefined; ``aggregate="mean"`` uses the signed mean
+and raises if a row sum is not positive. GPT-2's counterpart uses its real attention
+probabilities, mean over heads (:func:`gpt2_attention`).
+
+**Gradient-guided rollout** (Mamba-Attr flavour, METHODS §7): with ŷ the gated output (the
+``mlp`` site) and g = ∂logit_target/∂ŷ, the gradient of the logit with respect to α̃ is
+exactly ``∇_c[i, j] = g_i[c] · SiLU(z_i[c]) · x_j[c]`` (ŷ is linear in α̃), so
+``E_c[∇] = (g ⊙ SiLU(z)) xᵀ / d`` is one matmul per layer, and
+``Â_l = row-normalise(I + (E_c[∇] ⊙ E_c[α̃])⁺)`` with the signed channel mean of α̃. The
+target is the model's top-1 prediction at the last position (where METHODS is silent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from neuronspec.errors import NeuronSpecError
+from neuronspec.findings import Finding
+from neuronspec.models.mamba_internals import ScanInputs
+
+DEFAULT_MEMORY_BYTES = 256 * 2**20
+"""Bound on one channel chunk's working set (state ``M`` and rows α̃): 256 MiB."""
+
+AGGREGATES = ("abs", "mean")
+
+
+def channel_chunk(
+    batch: int, length: int, n_state: int, itemsize: int, memory_bytes: int = DEFAULT_MEMORY_BYTES
+) -> int:
+    """Channels per chunk: one channel costs ``B·L·(L + 3N)`` numbers (rows α̃; state M,
+    decays Ā and inputs ΔB, each ``(B, L, N)``)."""
+    per_channel = batch * length * (length + 3 * n_state) * itemsize
+    return max(1, memory_bytes // per_channel)
+
+
+def iter_hidden_attention(
+    inputs: ScanInputs,
+    *,
+    channels: Sequence[int] | torch.Tensor | None = None,
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(channel ids (k,), α̃ (B, k, L, L))`` chunk by chunk over ``channels`` (all)."""
+    b, length, d, n = inputs.shape
+    index = torch.arange(d) if channels is None else torch.as_tensor(channels, dtype=torch.long)
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= d):
+        raise NeuronSpecError(f"channel index out of range for d_inner = {d}")
+    k = channel_chunk(b, length, n, inputs.x.element_size(), memory_bytes)
+    for start in range(0, index.numel(), k):
+        chunk = index[start : start + k]
+        yield chunk, _alpha_chunk(inputs, chunk.to(inputs.x.device))
+
+
+def _alpha_chunk(inputs: ScanInputs, chunk: torch.Tensor) -> torch.Tensor:
+    """α̃ of the channels ``chunk`` (k,): ``(B, k, L, L)``, by the row recurrence."""
+    b, length, _, n = inputs.shape
+    delta = inputs.delta[:, :, chunk].transpose(1, 2)  # (B, k, L)
+    decay = (delta[..., None] * inputs.A[chunk][None, :, None, :]).exp_()  # (B, k, L, N)
+    u = delta[..., None] * inputs.B[:, None, :, :]  # (B, k, L, N): Δ_j B_j
+    C = inputs.C[:, None, :, :, None]  # (B, 1, L, N, 1)
+    state = torch.zeros_like(u)  # (B, k, L, N): M_i
+    alpha = u.new_zeros(b, chunk.numel(), length, length)  # (B, k, L, L)
+    for i in range(length):
+        if i:
+            state[:, :, :i] *= decay[:, :, i, None, :]  # (B, k, i, N)
+        state[:, :, i] = u[:, :, i]  # (B, k, N)
+        alpha[:, :, i, : i + 1] = torch.matmul(state[:, :, : i + 1], C[:, :, i]).squeeze(-1)
+    return alpha
+
+
+def hidden_attention(
+    inputs: ScanInputs, channels: Sequence[int] | torch.Tensor | None = None
+) -> torch.Tensor:
+    """α̃ of the chosen channels (default all), ``(B, k, L, L)``: small inputs and tests only."""
+    return torch.cat([alpha for _, alpha in iter_hidden_attention(inputs, channels=channels)], 1)
+
+
+def channel_mean_attention(
+    inputs: ScanInputs, *, absolute: bool = False, memory_bytes: int = DEFAULT_MEMORY_BYTES
+) -> torch.Tensor:
+    """Mean over channels of α̃ (or of |α̃|), ``(B, L, L)``, chunked within ``memory_bytes``."""
+    b, length, d, _ = inputs.shape
+    total = inputs.x.new_zeros(b, length, length)  # (B, L, L)
+    for _, alpha in iter_hidden_attention(inputs, memory_bytes=memory_bytes):
+        total += (alpha.abs_() if absolute else alpha).sum(1)
+    return total / d
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """Channel aggregates of one layer's α̃, from one sweep over the channel chunks."""
+
+    mean: torch.Tensor  # (B, L, L) channel mean of α̃
+    abs_mean: torch.Tensor  # (B, L, L) channel mean of |α̃|
+    y: torch.Tensor  # (B, L, d) Σ_j α̃_c[i, j] x_j[c]: the scan output before skip and gate
+    weighted: torch.Tensor  # (B, d) mean_i Σ_j |α̃_c[i, j] x_j[c]| (attention_weighted)
+    column_mass: torch.Tensor  # (B, d, L) Σ_i |α̃_c[i, j]|: attention mass on each token j
+    above_diagonal_max: float  # max |α̃_c[i, j]| over j > i (0 for a causal α̃)
+
+
+def layer_attention(
+    inputs: ScanInputs, *, memory_bytes: int = DEFAULT_MEMORY_BYTES
+) -> LayerAttention:
+    """All channel aggregates of one layer in one chunked sweep (module docstring)."""
+    b, length, d, _ = inputs.shape
+    x = inputs.x  # (B, L, d)
+    total = x.new_zeros(b, length, length)  # (B, L, L)
+    total_abs = x.new_zeros(b, length, length)  # (B, L, L)
+    y = torch.empty_like(x)  # (B, L, d)
+    weighted = x.new_empty(b, d)  # (B, d)
+    column_mass = x.new_empty(b, d, length)  # (B, d, L)
+    above = 0.0
+    upper = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)  # (L, L)
+    # alpha, |alpha| and alpha·x are alive at once: a third of the budget each
+    for chunk, alpha in iter_hidden_attention(inputs, memory_bytes=memory_bytes // 3):
+        xc = x[:, :, chunk].transpose(1, 2)  # (B, k, L)
+        total += alpha.sum(1)
+        magnitude = alpha.abs()  # (B, k, L, L)
+        total_abs += magnitude.sum(1)
+        contribution = alpha * xc[:, :, None, :]  # (B, k, L, L): α̃_c[i, j] x_j[c]
+        y[:, :, chunk] = contribution.sum(-1).transpose(1, 2)  # (B, L, k)
+        weighted[:, chunk] = contribution.abs_().sum(-1).mean(-1)  # (B, k)
+        column_mass[:, chunk] = magnitude.sum(2)  # (B, k, L)
+        above = max(above, float(magnitude[..., upper].max()) if length > 1 else 0.0)
+    return LayerAttention(
+        mean=total / d,
+        abs_mean=total_abs / d,
+        y=y,
+        weighted=weighted,
+        column_mass=column_mass,
+        above_diagonal_max=above,
+    )
+
+
+# -- rollout -------------------------------------------------------------------------------------
+
+
+def rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """R = Â_{L-1} ⋯ Â_0 with Â_l = row-normalise(I + A_l); ``attentions`` are ``(B, L, L)``
+    in layer order. Returns ``(B, L, L)``; ``R[:, -1]`` is the last token's relevance."""
+    if not attentions:
+        raise NeuronSpecError("rollout needs at least one layer's attention")
+    b, length, _ = attentions[0].shape
+    eye = torch.eye(length, dtype=attentions[0].dtype, device=attentions[0].device)  # (L, L)
+    result = eye.expand(b, length, length)
+    for layer, attention in enumerate(attentions):
+        mixed = eye + attention  # (B, L, L)
+        rows = mixed.sum(-1, keepdim=True)  # (B, L, 1)
+        if not bool((rows > 0).all()):
+            raise NeuronSpecError(
+                f"rollout: a row of I + A at layer {layer} sums to {float(rows.min()):.3g} <= 0; "
+                "roll out a non-negative aggregate (aggregate='abs')"
+            )
+        result = torch.matmul(mixed / rows, result)  # (B, L, L)
+    return result
+
+
+def gradient_attention(inputs: ScanInputs, grad_out: torch.Tensor) -> torch.Tensor:
+    """E_c[∇] ``(B, L, L)``: channel mean of ∂logit/∂α̃_c[i, j] = g_i[c] SiLU(z_i[c]) x_j[c],
+    with ``grad_out`` = g = ∂logit/∂ŷ ``(B, L, d)`` (the ``mlp`` site's gradient), causal."""
+    d = inputs.x.shape[-1]
+    weighted = grad_out.to(inputs.x.dtype) * torch.nn.functional.silu(inputs.z)  # (B, L, d)
+    mean = torch.matmul(weighted, inputs.x.transpose(1, 2)) / d  # (B, L, L)
+    return mean.tril()
+
+
+def alpha_gradient(
+    inputs: ScanInputs, grad_out: torch.Tensor, channels: Sequence[int]
+) -> torch.Tensor:
+    """∂logit/∂α̃_c[i, j] per chosen channel, ``(B, k, L, L)`` (for tests and figures)."""
+    index = torch.as_tensor(channels, dtype=torch.long)
+    weighted = grad_out.to(inputs.x.dtype) * torch.nn.functional.silu(inputs.z)  # (B, L, d)
+    g = weighted[:, :, index].transpose(1, 2)  # (B, k, L)
+    x = inputs.x[:, :, index].transpose(1, 2)  # (B, k, L)
+    return (g[..., :, None] * x[..., None, :]).tril()  # (B, k, L, L)
+
+
+def gradient_rollout_layer(mean_alpha: torch.Tensor, grad_attention: torch.Tensor) -> torch.Tensor:
+    """The gradient-guided layer matrix before ``I +`` and normalising: (E_c[∇] ⊙ E_c[α̃])⁺."""
+    return (grad_attention * mean_alpha).clamp_min(0)
+
+
+# -- findings ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HiddenAttentionLayerFinding(Finding):
+    """One layer's α̃ on the run's prompts (``hidden_attention``, per layer)."""
+
+    model: str
+    layer: int
+    n_prompts: int
+    length: int
+    n_channels: int
+    above_diagonal_max: float  # max |α̃| above the diagonal: 0 for a causal α̃
+    identity_rel_error: float  # max |Σ_j α̃ x − scan| / max |scan| (scan before skip and gate)
+    mixer_rel_error: float  # max |out_proj(((α̃x) + D⊙x) ⊙ SiLU(z)) − mixer| / max |mixer|
+    diagonal_share: float  # share of the channel-mean |α̃| mass on the diagonal (i = j)
+    mean_distance: float  # mean |i − j| under the row-normalised channel-mean |α̃|
+
+
+@dataclass(frozen=True)
+class RolloutFinding(Finding):
+    """Last-token rollout relevance over prompts (``hidden_attention``, layer ``rollout``)."""
+
+    model: str
+    method: str  # "rollout" or "gradient_rollout"
+    n_prompts: int
+    length: int
+    relevance_first_prompt: tuple[float, ...]  # (L,) last token's relevance, first prompt
+    last_token_share: float  # mean relevance the last token keeps for itself
+    first_token_share: float  # mean relevance of the first token
+
+
+def attention_distance(abs_mean: torch.Tensor) -> tuple[float, float]:
+    """(share of mass on the diagonal, mean |i − j|) of a channel-mean |α̃| ``(B, L, L)``."""
+    length = abs_mean.shape[-1]
+    rows = abs_mean / abs_mean.sum(-1, keepdim=True).clamp_min(torch.finfo(abs_mean.dtype).tiny)
+    position = torch.arange(length, dtype=abs_mean.dtype, device=abs_mean.device)
+    distance = (position[:, None] - position[None, :]).abs()  # (L, L)
+    diagonal = rows.diagonal(dim1=-2, dim2=-1).mean()
+    return float(diagonal), float((rows * distance).sum(-1).mean())
+
+
+# -- GPT-2 ---------------------------------------------------------------------------------------
+
+
+def gpt2_attention(model: torch.nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """GPT-2's attention probabilities per layer, mean over heads: ``[(B, L, L)]``.
+
+    Runs one eager-attention forward (sdpa returns no probabilities); the model's attention
+    implementation is restored afterwards.
+    """
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                output_attentions=True,
+                use_cache=False,
+            )
+    finally:
+        model.set_attn_implementation(previous)
+    return [a.mean(1) for a in out.attentions]  # L × (B, L, L)

@@ -1,0 +1,119 @@
+"""Mamba's hidden attention, rollouts and attention neurons (METHODS §7; Ali, Zimerman, Wolf
+2024), with GPT-2's real attention as the counterpart."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.attention
+
+# Where the rollout hypothesis does not hold on an embedded model: measured numbers (mean over
+# the 182 toy-world fact prompts of the per-token relevance, subject vs other template tokens).
+SUBJECT_RELEVANCE_XFAIL = {
+    ("tiny-mamba", "rollout"): "measured: subject 0.0994 < template 0.1091 per token; "
+    "subject higher on 41% of prompts",
+    ("tiny-mamba", "gradient_rollout"): "measured: subject 1.05e-4 < template 1.31e-4 per "
+    "token; subject higher on 35% of prompts",
+}
+
+
+def _layer_finding(run, layer):
+    return next(f for f in run.layer_findings if f.layer == layer)
+
+
+def test_hidden_attention_is_causal_and_exact(model_id, layer, model_files, attention_run):
+    """α̃ is zero above the diagonal, Σ_j α̃ x equals the scan output before the skip and the
+    gate, and out_proj(((α̃x) + D⊙x) ⊙ SiLU(z)) equals the mixer output, on the run's model
+    and prompts (float32 runs: to 1e-5 relative; the float64 identity is a unit test)."""
+    if model_files.model_type != "mamba":
+        pytest.skip("hidden attention is Mamba's; GPT-2 attention is causal by its mask")
+    finding = _layer_finding(attention_run, layer)
+    assert finding.above_diagonal_max == 0.0, finding
+    assert finding.identity_rel_error < 1e-5, finding
+    assert finding.mixer_rel_error < 1e-5, finding
+
+
+@pytest.mark.parametrize("method", ["rollout", "gradient_rollout"])
+def test_rollout_prefers_subject_tokens_on_fact_prompts(
+    model_id, model_files, attention_run, method, request
+):
+    """On toy-world fact prompts ("The capital of Velmora is"), the last token's rollout
+    relevance per token is higher on the subject's tokens than on the template's other tokens
+    (BOS and the last token excluded)."""
+    if method == "gradient_rollout" and model_files.model_type != "mamba":
+        pytest.skip("the gradient-guided rollout is defined on Mamba's hidden attention")
+    reason = SUBJECT_RELEVANCE_XFAIL.get((model_id, method))
+    if reason:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+    finding = next(f for f in attention_run.fact_relevance if f.method == method)
+    assert finding.mean_subject > finding.mean_template, finding
+
+
+def test_rollout_rows_are_distributions(model_id, attention_run):
+    """Each rollout's last-token relevance sums to 1 over the prompt (row-stochastic product)."""
+    for method, relevance in attention_run.relevance.items():
+        assert abs(relevance.sum(-1) - 1).max() < 1e-4, method
+
+
+def test_attention_neuron_summaries_snapshot(
+    model_id, attention_run, findings_snapshot, neuronspec_session
+):
+    """Per (method, layer): neurons analysed, top neurons, diversity, must not drift."""
+    if neuronspec_session.config.layers is not None:
+        pytest.skip("the snapshot holds every layer; run without --layers to compare it")
+    summary = [
+        {
+            "method": f.method,
+            "layer": f.layer,
+            "n_neurons": f.n_neurons,
+            "top_neurons": list(f.top_neurons[:5]),
+            "top_importances": list(f.top_importances[:5]),
+            "diversity": f.diversity,
+            "mean_activation": f.mean_activation,
+        }
+        for f in attention_run.neuron_findings
+    ]
+    assert summary == findings_snapshot
+
+
+def test_attention_figures(model_id, attention_run, loaded_model, plots_dir):
+    """α̃ heatmap per layer, rollout relevance, six-panel attention-neuron figures."""
+    if plots_dir is None:
+        pytest.skip("no --plots-dir given")
+    from neuronspec.plots.attention import (
+        plot_attention_neurons,
+        plot_hidden_attention,
+        plot_rollout_relevance,
+    )
+    from neuronspec.plots.figure import plot_path
+
+    ids = attention_run.prompts[0].tolist()
+    tokenizer = loaded_model.tokenizer
+    tokens = (
+        tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else [str(i) for i in ids]
+    )
+    kind = "channel-mean α̃" if attention_run.family == "mamba" else "mean-over-heads attention"
+    written = [
+        plot_hidden_attention(
+            attention,
+            tokens,
+            plot_path(plots_dir, f"hidden_attention_layer{layer}", model_id),
+            title=f"{model_id} layer {layer}: {kind}, prompt 0",
+        )  # fmt: skip
+        for layer, attention in attention_run.mean_attention.items()
+    ]
+    written.append(
+        plot_rollout_relevance(
+            {method: values[0] for method, values in attention_run.relevance.items()},
+            tokens,
+            plot_path(plots_dir, "rollout_relevance", model_id),
+            title=f"{model_id}: last-token rollout relevance, prompt 0",
+        )
+    )
+    for finding in attention_run.neuron_findings:
+        scores = attention_run.scores[finding.method, finding.layer]
+        name = f"attention_neurons_{finding.method}_layer{finding.layer}"
+        written.append(
+            plot_attention_neurons(scores, finding, plot_path(plots_dir, name, model_id))
+        )
+    assert all(path.stat().st_size > 0 for path in written)

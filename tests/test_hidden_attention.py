@@ -1,0 +1,212 @@
+"""Mamba hidden attention α̃ (METHODS §7): exact identities in float64, a brute-force Ā
+product, the memory bound, rollout and the gradient against finite differences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import MambaConfig, MambaForCausalLM
+
+from conftest import VOCAB
+from neuronspec.analyses.hidden_attention import (
+    alpha_gradient,
+    channel_chunk,
+    channel_mean_attention,
+    gradient_attention,
+    hidden_attention,
+    iter_hidden_attention,
+    layer_attention,
+    rollout,
+)
+from neuronspec.errors import NeuronSpecError
+from neuronspec.models.adapters import adapter_for
+from neuronspec.models.mamba_internals import capture_scan_inputs
+from neuronspec.models.scan import selective_scan, use_fast_scan
+
+pytestmark = pytest.mark.attention
+
+# several random tiny configs: (hidden, state, rank, conv, layers)
+CONFIGS = [(16, 4, 2, 4, 2), (24, 8, 3, 3, 3), (32, 16, 4, 4, 2)]
+
+
+def _mamba(hidden, state, rank, conv, layers, seed=0) -> MambaForCausalLM:
+    torch.manual_seed(seed)
+    config = MambaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        state_size=state,
+        num_hidden_layers=layers,
+        expand=2,
+        conv_kernel=conv,
+        time_step_rank=rank,
+        residual_in_fp32=False,  # keep the residual stream in float64 (finite differences)
+    )
+    model = MambaForCausalLM(config).double().eval()
+    with torch.no_grad():  # larger Δ and varied A make decays matter over a short prompt
+        for block in model.backbone.layers:
+            block.mixer.dt_proj.bias.add_(1.0)
+            block.mixer.A_log.normal_(0.0, 0.7)
+    return use_fast_scan(model)
+
+
+def _ids(batch=2, length=11, seed=3):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _mixer_outputs(model, ids):
+    outputs = {}
+    handles = [
+        block.mixer.register_forward_hook(lambda m, a, out, i=i: outputs.update({i: out}))
+        for i, block in enumerate(model.backbone.layers)
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def _check_identities(model, ids, atol):
+    layers = range(len(model.backbone.layers))
+    inputs = capture_scan_inputs(model, ids, layers)
+    mixer_out = _mixer_outputs(model, ids)
+    for layer in layers:
+        s = inputs[layer]
+        att = layer_attention(s)
+        scan = selective_scan(
+            s.x.transpose(1, 2), s.delta.transpose(1, 2), s.A,
+            s.B.transpose(1, 2), s.C.transpose(1, 2), delta_softplus=False,
+        ).transpose(1, 2)  # fmt: skip
+        torch.testing.assert_close(att.y, scan, rtol=0, atol=atol)
+        mixer = model.backbone.layers[layer].mixer
+        rebuilt = mixer.out_proj((att.y + s.D * s.x) * F.silu(s.z))
+        torch.testing.assert_close(rebuilt, mixer_out[layer], rtol=0, atol=atol)
+        assert att.above_diagonal_max == 0.0
+
+
+@pytest.mark.parametrize("shape", CONFIGS, ids=lambda c: "h{}-N{}-R{}-K{}-L{}".format(*c))
+def test_identities_float64_random_configs(shape):
+    """Σ_j α̃ x = scan before skip and gate; out_proj(((α̃x) + D⊙x) ⊙ SiLU(z)) = mixer."""
+    _check_identities(_mamba(*shape), _ids(), atol=1e-10)
+
+
+def test_identities_float64_tiny_mamba():
+    from neuronspec.models.registry import load_model
+
+    loaded = load_model("tiny-mamba", dtype="float64")
+    ids = torch.randint(1, 200, (1, 24), generator=torch.Generator().manual_seed(0))
+    _check_identities(loaded.model, ids, atol=1e-10)
+
+
+def _brute_force(s, b, c):
+    """α̃_c[i, j] = C_i · (Π_{t=j+1..i} Ā_t) Δ_j B_j with explicit Ā matrices (diagonal N×N)."""
+    length = s.x.shape[1]
+    out = torch.zeros(length, length, dtype=s.x.dtype)
+    for i in range(length):
+        for j in range(i + 1):
+            product = torch.eye(s.A.shape[1], dtype=s.x.dtype)
+            for t in range(j + 1, i + 1):
+                product = torch.diag(torch.exp(s.delta[b, t, c] * s.A[c])) @ product
+            out[i, j] = s.C[b, i] @ product @ (s.delta[b, j, c] * s.B[b, j])
+    return out
+
+
+def test_brute_force_abar_product():
+    model = _mamba(*CONFIGS[1])
+    s = capture_scan_inputs(model, _ids(length=7), [1])[1]
+    channels = [0, 5, 17, 47]
+    fast = hidden_attention(s, channels)  # (B, 4, L, L)
+    for b in range(2):
+        for k, c in enumerate(channels):
+            torch.testing.assert_close(fast[b, k], _brute_force(s, b, c), rtol=0, atol=1e-12)
+
+
+def test_chunking_changes_nothing_and_respects_the_bound():
+    model = _mamba(*CONFIGS[0])
+    s = capture_scan_inputs(model, _ids(), [0])[0]
+    b, length, d, n = s.shape
+    one = channel_chunk(b, length, n, 8, memory_bytes=1)
+    assert one == 1
+    budget = 3 * b * length * (length + 3 * n) * 8
+    assert channel_chunk(b, length, n, 8, budget) == 3
+    chunks = list(iter_hidden_attention(s, memory_bytes=budget))
+    assert [c.numel() for c, _ in chunks] == [3] * (d // 3) + ([d % 3] if d % 3 else [])
+    whole = torch.cat([a for _, a in chunks], 1)
+    torch.testing.assert_close(whole, hidden_attention(s), rtol=0, atol=0)
+    att = layer_attention(s, memory_bytes=budget)
+    torch.testing.assert_close(att.mean, whole.mean(1), rtol=0, atol=1e-15)
+    torch.testing.assert_close(att.abs_mean, whole.abs().mean(1), rtol=0, atol=1e-15)
+    torch.testing.assert_close(channel_mean_attention(s, memory_bytes=budget), att.mean)
+    torch.testing.assert_close(channel_mean_attention(s, absolute=True), att.abs_mean)
+    weighted = (whole * s.x.transpose(1, 2)[:, :, None, :]).abs().sum(-1).mean(-1)  # (B, d)
+    torch.testing.assert_close(att.weighted, weighted)
+    torch.testing.assert_close(att.column_mass, whole.abs().sum(2))
+
+
+def test_rollout_by_hand():
+    a0 = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])
+    a1 = torch.tensor([[[2.0, 0.0], [0.0, 3.0]]])
+    r = rollout([a0, a1])
+    n0 = torch.tensor([[1.0, 0.0], [1 / 3, 2 / 3]])
+    n1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    torch.testing.assert_close(r[0], n1 @ n0)
+    torch.testing.assert_close(r.sum(-1), torch.ones(1, 2))
+    with pytest.raises(NeuronSpecError, match="aggregate='abs'"):
+        rollout([torch.tensor([[[-2.0, 0.0], [0.0, 0.0]]])])
+
+
+def test_gradient_guided_agrees_with_finite_differences():
+    """∂logit/∂ŷ from one backward and ∂logit/∂α̃_c[i, j] = g_i SiLU(z_i) x_j, checked by
+    central differences of the logit with the mlp site patched."""
+    model = _mamba(*CONFIGS[0])
+    adapter = adapter_for(model)
+    ids = _ids(batch=1, length=6)
+    layer = 0
+    s = capture_scan_inputs(model, ids, [layer])[layer]
+    kept = {}
+
+    def keep(site, lay, value):
+        value.retain_grad()
+        kept["y"] = value
+
+    with adapter.read([("mlp", layer)], keep):
+        logits = model(input_ids=ids, use_cache=False).logits
+    target = int(logits[0, -1].argmax())
+    logits[0, -1, target].backward()
+    grad = kept["y"].grad  # (1, L, d)
+    # HF's MambaRMSNorm computes in float32 even in a float64 model, so the logit carries
+    # float32 rounding (~1e-7): a step of 1e-3 keeps that noise below 1e-4 of the gradient.
+    eps = 1e-3
+
+    def logit_with(fn):
+        with torch.no_grad(), adapter.patch("mlp", layer, fn):
+            return float(model(input_ids=ids, use_cache=False).logits[0, -1, target])
+
+    for i, c in [(5, 3), (2, 11), (0, 0)]:
+
+        def bump(value, sign, i=i, c=c):
+            value = value.clone()
+            value[0, i, c] += sign * eps
+            return value
+
+        numeric = (logit_with(lambda v: bump(v, 1)) - logit_with(lambda v: bump(v, -1))) / (2 * eps)
+        assert numeric == pytest.approx(float(grad[0, i, c]), rel=1e-3, abs=1e-4)
+    alpha_grad = alpha_gradient(s, grad, [7])[0, 0]  # (L, L)
+    silu = F.silu(s.z)
+    for i, j in [(5, 1), (3, 3), (4, 0)]:
+        c = 7
+
+        def bump_alpha(value, sign, i=i, j=j, c=c):
+            value = value.clone()  # α̃_c[i, j] += ε changes ŷ_i[c] by ε x_j[c] SiLU(z_i[c])
+            value[0, i, c] += sign * eps * s.x[0, j, c] * silu[0, i, c]
+            return value
+
+        numeric = (
+            logit_with(lambda v: bump_alpha(v, 1)) - logit_with(lambda v: bump_alpha(v, -1))
+        ) / (2 * eps)
+        assert numeric == pytest.approx(float(alpha_grad[i, j]), rel=1e-3, abs=1e-4)
+    full = alpha_gradient(s, grad, range(s.x.shape[-1])).mean(1)  # (1, L, L)
+    torch.testing.assert_close(gradient_attention(s, grad), full, rtol=0, atol=1e-12)
