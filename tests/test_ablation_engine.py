@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from neuronspec.errors import NeuronSpecError
 from neuronspec.interventions.ablation import (
     AblationEngine,
     AblationError,
@@ -18,7 +19,7 @@ from neuronspec.interventions.ablation import (
     random_condition,
 )
 from neuronspec.interventions.perplexity import condition_perplexities, next_token_nll
-from tests.conftest import VOCAB
+from tests.conftest import VOCAB, make_mamba, wrap
 
 
 def _windows(n: int = 6, length: int = 16, seed: int = 1) -> torch.Tensor:
@@ -177,3 +178,32 @@ def test_clear_errors(random_model):
         AblationEngine(random_model).check([Condition("a", "mlp", {0: (10_000,)})])
     with pytest.raises(AblationError, match="unknown ablation method"):
         AblationEngine(random_model, method="scramble")
+
+
+def _dt_patchable(adapter) -> bool:
+    try:
+        with adapter.patch("dt", 0, lambda value: value):
+            return True
+    except NeuronSpecError:
+        return False
+
+
+def test_dt_site_batched_equals_one_forward_each():
+    """The engine on Mamba's Δ site (delta-sensitive channels): runs once the site adapter
+    can patch ``dt``; until then the adapter refuses with a clear error."""
+    loaded = wrap(make_mamba(), "random-mamba")
+    if not _dt_patchable(loaded.adapter):
+        with pytest.raises(NeuronSpecError, match="can be read but not patched"):
+            AblationEngine(loaded).forward(_windows(n=2), [Condition("d", "dt", {0: (1,)})])
+        pytest.skip("the dt site is not patchable in this adapter yet")
+    width = loaded.adapter.width("dt")
+    means = {("dt", layer): torch.full((width,), 0.1) for layer in range(2)}
+    conditions = [baseline_condition(), Condition("d", "dt", {0: (1, 4), 1: (7,)})]
+    windows = _windows(n=4)
+    for method in ("zero", "mean", "resample"):
+        batched = AblationEngine(loaded, method=method, means=means, max_rows=64)
+        alone = AblationEngine(loaded, method=method, means=means, max_rows=4)
+        together = condition_perplexities(batched, windows, conditions, seed=2)
+        each = [condition_perplexities(alone, windows, [c], seed=2)[0] for c in conditions]
+        assert [p.ppl for p in together] == pytest.approx([p.ppl for p in each], rel=1e-6)
+        assert together[0].ppl != together[1].ppl
