@@ -207,3 +207,21 @@ def test_dt_site_batched_equals_one_forward_each():
         each = [condition_perplexities(alone, windows, [c], seed=2)[0] for c in conditions]
         assert [p.ppl for p in together] == pytest.approx([p.ppl for p in each], rel=1e-6)
         assert together[0].ppl != together[1].ppl
+
+
+@pytest.mark.parametrize("method", ["zero", "mean"])
+def test_weight_edit_identity_on_the_fast_mamba_scan(method):
+    """The embedded models run Mamba with neuronspec's fast scan: the identity holds there too."""
+    from neuronspec.models.scan import is_fast_scan_enabled, use_fast_scan
+
+    loaded = wrap(use_fast_scan(make_mamba()), "random-mamba-fast")
+    means = _means(loaded) if method == "mean" else None
+    windows = _windows()
+    logits = AblationEngine(loaded, method=method, means=means).forward(
+        windows, [Condition("planted", "mlp", NEURONS)]
+    )[0]
+    edited = _weight_edited(loaded, NEURONS, means)
+    assert is_fast_scan_enabled(loaded.model) and is_fast_scan_enabled(edited)
+    with torch.no_grad():
+        expected = edited(input_ids=windows, use_cache=False).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
