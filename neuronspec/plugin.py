@@ -131,6 +131,12 @@ def _add_options(parser: pytest.Parser) -> None:
         help="corpus windows of the delta-sensitivity perturbation score (default 8)",
     )
     group.addoption(
+        "--pruning-ratio",
+        type=float,
+        default=0.15,
+        help="fraction of each layer's mlp neurons the pruning study removes (default 0.15)",
+    )
+    group.addoption(
         "--neuronspec-results",
         default=None,
         help="write every finding of the run to this JSON file",
@@ -171,6 +177,8 @@ def _run_config(config: pytest.Config) -> RunConfig:
         raise pytest.UsageError(f"--batch-size must be at least 1, got {option.batch_size}")
     if option.top_k < 1:
         raise pytest.UsageError(f"--top-k must be at least 1, got {option.top_k}")
+    if not 0.0 < option.pruning_ratio < 1.0:
+        raise pytest.UsageError(f"--pruning-ratio must lie in (0, 1), got {option.pruning_ratio}")
     layers = None
     if option.layers is not None:
         try:
@@ -210,6 +218,7 @@ def _run_config(config: pytest.Config) -> RunConfig:
         fast_scan=not option.no_fast_scan,
         layers=layers,
         top_k=option.top_k,
+        pruning_ratio=option.pruning_ratio,
     )
 
 

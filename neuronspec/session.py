@@ -51,6 +51,7 @@ class RunConfig:
     fast_scan: bool = True
     layers: tuple[int, ...] | None = None  # per-layer analyses run on these (None: all)
     top_k: int = 10  # neurons reported per ranking (predecessor's --top-k)
+    pruning_ratio: float = 0.15  # fraction of each layer pruned (predecessor's --pruning_ratio)
 
     def layers_of(self, n_layers: int, *, model: str = "") -> list[int]:
         """The layers per-layer analyses run on for a model with ``n_layers`` layers.

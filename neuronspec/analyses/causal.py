@@ -1,0 +1,254 @@
+"""Causal neurons: single-neuron interventions, their KL impact, inter- and cross-layer
+impact (METHODS.md §6).
+
+For one neuron (l, n) at the site it was identified on (``mlp`` by default), set it to 0
+(``zero``) or its corpus mean μ_n (``mean``) at every position of P prompts ``(P, T)``.
+
+- **Impact** = KL(p_base ‖ p_mod) of the next-token distribution, averaged over the P·T
+  positions: (1/PT) Σ_{b,p} Σ_v p_base(v) [ln p_base(v) − ln p_mod(v)] (natural log).
+- **Inter-layer impact** of (l, n) on layer t: ‖a'_t − a_t‖_F / ‖a_t‖_F over the
+  ``(P, T, W)`` block of the site at layer t, a = unablated, a' = with the intervention.
+  Reported for every later layer t > l.
+- **Cross-layer matrix** M[s, t] (source layer × target layer): the mean inter-layer
+  impact over the candidates of source layer s, measured for *every* t. Baseline
+  subtracted: a_t is the baseline group of the same forward, so any change is the
+  intervention's. An upstream layer cannot be affected, so M[s, t] = 0 exactly for
+  t < s: the value is measured, not set, so a leak shows (tested). At t = s the site is
+  read with the intervention in place: the diagonal is the relative size of the
+  intervention itself.
+
+Where METHODS is silent: the **candidates** of a layer are its ``top_k`` neurons by
+intervention size E[(a − v)²] (:func:`neuronspec.analyses.ablation.intervention_size`,
+from the cached statistics of the analysis windows); they are then ranked by KL. The
+**random control**: ``top_k`` other neurons of the same layer (not candidates), drawn
+with ``torch.Generator(seed)``, measured the same way (KL and the control matrix). A
+candidate is recorded as a *causal neuron* when its KL > control mean + 2 std (sample
+std). Prompts are held-out windows (default 8, P·T = 512 positions at T = 64).
+
+Batching: one forward holds the baseline group and up to ``max_rows // P − 1`` single-
+neuron interventions, one group of P rows each (:class:`AblationEngine`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from neuronspec.analyses.ablation import intervention_size
+from neuronspec.capture.stats import NeuronStats
+from neuronspec.findings import Finding
+from neuronspec.interventions.ablation import (
+    DEFAULT_MAX_ROWS,
+    AblationEngine,
+    AblationError,
+    Condition,
+    baseline_condition,
+)
+from neuronspec.models.registry import LoadedModel
+
+DEFAULT_METHOD = "zero"  # METHODS §6: "zero (or mean) it at all positions"
+DEFAULT_N_PROMPTS = 8  # held-out windows: 512 positions at T = 64
+CONTROL_STDS = 2.0
+
+
+@dataclass(frozen=True)
+class CausalNeuron(Finding):
+    layer: int
+    neuron: int
+    kl: float  # mean KL(p_base ‖ p_mod) per position, nats
+    intervention_size: float  # E[(a − v)²] on the analysis windows
+    downstream: dict[int, float]  # later layer t → ‖a'_t − a_t‖ / ‖a_t‖
+
+
+@dataclass(frozen=True)
+class CausalLayerFinding(Finding):
+    layer: int
+    candidates: list[CausalNeuron]  # ranked by descending KL
+    control_neurons: list[int]
+    control_kl: list[float]
+    control_kl_mean: float
+    control_kl_std: float
+    causal_neurons: list[int]  # candidates with KL > control mean + 2 std
+
+
+@dataclass(frozen=True)
+class CausalFinding(Finding):
+    model: str
+    site: str
+    method: str
+    n_prompts: int
+    n_positions: int
+    top_k: int
+    layers: list[CausalLayerFinding]
+    source_layers: list[int]
+    cross_layer: list[list[float]]  # [source index][target layer], baseline subtracted
+    control_cross_layer: list[list[float]]  # the same for the random control neurons
+
+
+def causal_candidates(stats: NeuronStats, layer: int, *, method: str, top_k: int) -> list[int]:
+    """The ``top_k`` neurons of ``layer`` with the largest intervention size."""
+    size = intervention_size(stats, layer, method)  # (W,)
+    order = torch.argsort(-size, stable=True)
+    return [int(n) for n in order[:top_k]]
+
+
+def _control_neurons(width: int, exclude: Sequence[int], k: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.tensor([n for n in range(width) if n not in set(exclude)], dtype=torch.long)
+    return [int(n) for n in pool[torch.randperm(len(pool), generator=generator)[:k]]]
+
+
+def single_neuron_sweep(
+    engine: AblationEngine,
+    prompts: torch.Tensor,
+    neurons: Sequence[tuple[int, int]],
+    *,
+    site: str = "mlp",
+) -> tuple[list[float], list[list[float]]]:
+    """KL impact and relative change at every layer for each single-neuron intervention
+    ``(layer, neuron)`` on ``prompts`` ``(P, T)``: ``(kl[i], change[i][t])``."""
+    n_prompts = prompts.shape[0]
+    per_forward = engine.max_rows // n_prompts - 1  # interventions besides the baseline group
+    if per_forward < 1:
+        raise AblationError(
+            f"{n_prompts} prompts need max_rows >= {2 * n_prompts} (baseline + one intervention)"
+        )
+    n_layers = engine.adapter.n_layers
+    kls: list[float] = []
+    changes: list[list[float]] = []
+    for first in range(0, len(neurons), per_forward):
+        part = neurons[first : first + per_forward]
+        conditions = [
+            baseline_condition(),
+            *(Condition(f"L{layer}N{n}", site, {layer: (n,)}) for layer, n in part),
+        ]
+        groups = len(conditions)
+        diff_sq = torch.zeros(groups, n_layers, dtype=torch.float64)
+        base_sq = torch.zeros(n_layers, dtype=torch.float64)
+
+        def on_read(
+            _site: str,
+            layer: int,
+            value: torch.Tensor,
+            groups: int = groups,
+            diff_sq: torch.Tensor = diff_sq,
+            base_sq: torch.Tensor = base_sq,
+        ) -> None:
+            value = value.double().view(groups, n_prompts, *value.shape[1:])  # (G, P, T, W)
+            base = value[0]  # (P, T, W)
+            base_sq[layer] = base.square().sum()
+            diff_sq[:, layer] = (value - base).square().flatten(1).sum(1)  # (G,)
+
+        logits = engine.forward(
+            prompts,
+            conditions,
+            read=[(site, t) for t in range(n_layers)],
+            on_read=on_read,
+        )  # (G, P, T, V)
+        log_probs = torch.log_softmax(logits.double(), dim=-1)  # (G, P, T, V)
+        base = log_probs[0]  # (P, T, V)
+        kl = (base.exp() * (base - log_probs[1:])).sum(-1).mean((1, 2))  # (G-1,)
+        kls += [float(v) for v in kl]
+        relative = (diff_sq[1:] / base_sq).sqrt()  # (G-1, L)
+        changes += relative.tolist()
+    return kls, changes
+
+
+def causal_neurons(
+    loaded: LoadedModel,
+    prompts: torch.Tensor,
+    stats: NeuronStats,
+    *,
+    layers: Sequence[int] | None = None,
+    top_k: int = 10,
+    method: str = DEFAULT_METHOD,
+    means: Mapping | None = None,
+    seed: int = 0,
+    max_rows: int = DEFAULT_MAX_ROWS,
+) -> CausalFinding:
+    """Candidates and random controls of each layer, swept on ``prompts`` (module docstring)."""
+    if method not in ("zero", "mean"):
+        raise AblationError(
+            f"causal interventions are 'zero' or 'mean' (METHODS §6), got {method!r}"
+        )
+    if top_k < 1:
+        raise AblationError(f"top_k must be at least 1, got {top_k}")
+    site = "mlp"
+    engine = AblationEngine(loaded, method=method, means=means, max_rows=max_rows)
+    n_layers = loaded.adapter.n_layers
+    width = loaded.adapter.width(site)
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    plan: list[tuple[int, int]] = []
+    chosen: dict[int, tuple[list[int], list[int]]] = {}
+    for layer in layers:
+        candidates = causal_candidates(stats, layer, method=method, top_k=top_k)
+        control = _control_neurons(
+            width, candidates, min(top_k, width - len(candidates)), seed + layer
+        )
+        chosen[layer] = (candidates, control)
+        plan += [(layer, n) for n in candidates + control]
+    kls, changes = single_neuron_sweep(engine, prompts, plan, site=site)
+    result = {key: (kl, change) for key, kl, change in zip(plan, kls, changes, strict=True)}
+    findings = []
+    matrix, control_matrix = [], []
+    for layer in layers:
+        candidates, control = chosen[layer]
+        size = intervention_size(stats, layer, method)
+        measured = [
+            CausalNeuron(
+                layer=layer,
+                neuron=n,
+                kl=result[(layer, n)][0],
+                intervention_size=float(size[n]),
+                downstream={t: result[(layer, n)][1][t] for t in range(layer + 1, n_layers)},
+            )
+            for n in candidates
+        ]
+        measured.sort(key=lambda c: (-c.kl, c.neuron))
+        control_kl = [result[(layer, n)][0] for n in control]
+        mean = statistics.fmean(control_kl) if control_kl else 0.0
+        std = statistics.stdev(control_kl) if len(control_kl) > 1 else 0.0
+        findings.append(
+            CausalLayerFinding(
+                layer=layer,
+                candidates=measured,
+                control_neurons=control,
+                control_kl=control_kl,
+                control_kl_mean=mean,
+                control_kl_std=std,
+                causal_neurons=[c.neuron for c in measured if c.kl > mean + CONTROL_STDS * std],
+            )
+        )
+        matrix.append(_mean_rows([result[(layer, n)][1] for n in candidates], n_layers))
+        control_matrix.append(_mean_rows([result[(layer, n)][1] for n in control], n_layers))
+    return CausalFinding(
+        model=loaded.model_id,
+        site=site,
+        method=method,
+        n_prompts=prompts.shape[0],
+        n_positions=prompts.numel(),
+        top_k=top_k,
+        layers=findings,
+        source_layers=layers,
+        cross_layer=matrix,
+        control_cross_layer=control_matrix,
+    )
+
+
+def _mean_rows(rows: list[list[float]], n_layers: int) -> list[float]:
+    if not rows:
+        return [0.0] * n_layers
+    return [statistics.fmean(row[t] for row in rows) for t in range(n_layers)]
+
+
+def upstream_leaks(finding: CausalFinding) -> list[tuple[int, int, float]]:
+    """Entries (source, target, value) of the cross-layer matrices with target < source and
+    a value other than exactly 0: an upstream layer changed, which cannot happen."""
+    leaks = []
+    for matrix in (finding.cross_layer, finding.control_cross_layer):
+        for source, row in zip(finding.source_layers, matrix, strict=True):
+            leaks += [(source, t, v) for t, v in enumerate(row) if t < source and v != 0.0]
+    return leaks

@@ -1,0 +1,83 @@
+"""Perplexity on held-out windows, unablated and under ablation conditions (METHODS.md §10).
+
+PPL = exp(token-weighted mean next-token NLL): every window ``(T,)`` contributes its T − 1
+predictions (position p predicts token p + 1; the first token of a window is never a
+target), each weighted equally, so PPL = exp(Σ NLL / Σ (T − 1)). This is exactly the loss
+HF computes with ``labels=input_ids`` (shifted cross-entropy, mean over all targets),
+tested. Targets that are a BOS (document start inside a window) count like any other
+token, as they do in HF's loss.
+
+Use it on the *held-out* windows of the corpus (``TokenWindows.heldout``), never on the
+analysis windows the neurons were selected on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from neuronspec.findings import Finding
+from neuronspec.interventions.ablation import AblationEngine, Condition, derangement
+
+
+@dataclass(frozen=True)
+class Perplexity(Finding):
+    nll_sum: float  # Σ next-token NLL (nats) over all targets
+    n_targets: int  # number of predicted tokens: n_windows · (T − 1)
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.n_targets
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.mean_nll)
+
+
+def next_token_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Σ over positions of the next-token NLL per window: logits ``(..., T, V)`` and
+    windows ``(..., T)`` → ``(...,)`` float64 (T − 1 targets per window)."""
+    log_probs = torch.log_softmax(logits[..., :-1, :].double(), dim=-1)  # (..., T-1, V)
+    targets = windows[..., 1:].to(logits.device)  # (..., T-1)
+    targets = targets.expand(*logits.shape[:-2], targets.shape[-1])  # broadcast over groups
+    picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (..., T-1)
+    return -picked.sum(-1)
+
+
+def condition_perplexities(
+    engine: AblationEngine,
+    windows: torch.Tensor,
+    conditions: Sequence[Condition],
+    *,
+    seed: int = 0,
+) -> list[Perplexity]:
+    """Perplexity of each condition on ``windows`` ``(N, T)``, several conditions per forward.
+
+    Conditions are evaluated in groups of at most ``engine.max_rows`` rows per forward
+    (``g`` conditions × ``max_rows // g`` windows). ``seed``: the donor derangement of
+    resample ablation (over all N windows, see :mod:`neuronspec.interventions.ablation`).
+    """
+    conditions = list(conditions)
+    engine.check(conditions)
+    n_windows = windows.shape[0]
+    if n_windows == 0:
+        raise ValueError("no windows to measure perplexity on")
+    group = min(len(conditions), engine.max_rows)
+    per_chunk = max(1, engine.max_rows // group)
+    nll = torch.zeros(len(conditions), dtype=torch.float64)
+    donor_of = derangement(n_windows, seed) if engine.method == "resample" else None
+    sites = engine.sites_of(conditions)
+    for start in range(0, n_windows, per_chunk):
+        chunk = windows[start : start + per_chunk]  # (n, T)
+        donors = None
+        if donor_of is not None and sites:
+            donors = engine.clean_sites(windows[donor_of[start : start + per_chunk]], sites)
+        for first in range(0, len(conditions), group):
+            part = conditions[first : first + group]
+            logits = engine.forward(chunk, part, donors=donors)  # (g, n, T, V)
+            nll[first : first + len(part)] += next_token_nll(logits, chunk).sum(-1).cpu()
+    n_targets = n_windows * (windows.shape[1] - 1)
+    return [Perplexity(float(value), n_targets) for value in nll]

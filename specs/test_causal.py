@@ -1,0 +1,77 @@
+"""Causal neurons (METHODS.md §6): single-neuron zero interventions on the ``top_k``
+candidates of each layer (``--top-k``, ``--layers``), KL impact next to random neurons,
+and the cross-layer matrix on 8 held-out windows."""
+
+from __future__ import annotations
+
+import pytest
+
+from neuronspec.analyses.causal import DEFAULT_N_PROMPTS, causal_neurons, upstream_leaks
+from neuronspec.plots.ablation import plot_causal_neurons, plot_cross_layer
+from neuronspec.plots.figure import plot_path
+
+pytestmark = pytest.mark.causal
+
+
+@pytest.fixture(scope="session")
+def causal_finding(neuronspec_session, model_id, loaded_model, corpus, neuron_stats):
+    config = neuronspec_session.config
+    finding = causal_neurons(
+        loaded_model,
+        corpus.heldout[:DEFAULT_N_PROMPTS],
+        neuron_stats,
+        layers=config.layers_of(neuron_stats.n_layers, model=model_id),
+        top_k=config.top_k,
+    )
+    neuronspec_session.record(model_id, "causal", finding)
+    for layer in finding.layers:
+        neuronspec_session.record_neuron_set(model_id, "causal", layer.layer, layer.causal_neurons)
+    return finding
+
+
+def test_no_layer_upstream_of_an_intervention_changes(model_id, causal_finding):
+    """Cross-layer matrix: every target layer before the source is exactly unchanged."""
+    assert upstream_leaks(causal_finding) == []
+
+
+STRONGEST_MEASURED = {
+    "tiny-gpt2": "measured: layer 0's strongest candidate (by E[a^2]) has KL 3.28e-05 per "
+    "position; 10 random layer-0 neurons 4.37e-05 +- 8.74e-05 (mean + 2 std = 2.18e-04); "
+    "layers 1-3 hold",
+}
+
+
+def test_strongest_candidate_of_each_layer_beats_random(request, model_id, causal_finding):
+    """In every layer, the candidate with the largest KL impact exceeds random single neurons
+    of the same layer: KL > control mean + 2 std."""
+    if model_id in STRONGEST_MEASURED:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=STRONGEST_MEASURED[model_id]))
+    weak = [
+        (layer.layer, layer.candidates[0].kl, layer.control_kl_mean, layer.control_kl_std)
+        for layer in causal_finding.layers
+        if not layer.candidates[0].kl > layer.control_kl_mean + 2 * layer.control_kl_std
+    ]
+    assert weak == []
+
+
+def test_top_causal_neurons_snapshot(model_id, causal_finding, findings_snapshot):
+    top = [
+        {
+            "layer": layer.layer,
+            "neurons": [c.neuron for c in layer.candidates[:5]],
+            "kl": [c.kl for c in layer.candidates[:5]],
+            "n_causal": len(layer.causal_neurons),
+        }
+        for layer in causal_finding.layers
+    ]
+    assert {"top": top, "cross_layer": causal_finding.cross_layer} == findings_snapshot
+
+
+def test_causal_figures(model_id, causal_finding, plots_dir):
+    if plots_dir is None:
+        pytest.skip("no --plots-dir given")
+    written = [
+        plot_causal_neurons(causal_finding, plot_path(plots_dir, "causal_neurons", model_id)),
+        plot_cross_layer(causal_finding, plot_path(plots_dir, "cross_layer", model_id)),
+    ]
+    assert all(path.stat().st_size > 0 for path in written)

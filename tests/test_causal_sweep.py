@@ -1,0 +1,108 @@
+"""Causal neurons: KL and inter-layer impact against a weight-edited peer, batching, and the
+cross-layer matrix's causality (exactly zero upstream, with a planted leak caught)."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neuronspec.analyses.causal import causal_neurons, single_neuron_sweep, upstream_leaks
+from neuronspec.capture.runner import collect_stats
+from neuronspec.interventions.ablation import AblationEngine
+from neuronspec.models.adapters import adapter_for
+from tests.conftest import VOCAB, make_gpt2, make_mamba, wrap
+
+
+def _windows(n: int, length: int = 16, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, length), generator=generator)
+
+
+@pytest.fixture
+def three_layers(family):
+    model = make_gpt2(n_layer=3) if family == "gpt2" else make_mamba(n_layer=3)
+    return wrap(model, f"random-{family}-3")
+
+
+def _zero_out_weight(loaded, layer: int, neuron: int):
+    model = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        if loaded.family == "gpt2":
+            model.transformer.h[layer].mlp.c_proj.weight[neuron] = 0.0
+        else:
+            model.backbone.layers[layer].mixer.out_proj.weight[:, neuron] = 0.0
+    return model
+
+
+def test_kl_and_inter_layer_change_match_a_weight_edited_peer(three_layers):
+    prompts = _windows(3)
+    engine = AblationEngine(three_layers, method="zero", max_rows=64)
+    plan = [(0, 5), (1, 17), (2, 3)]
+    kls, changes = single_neuron_sweep(engine, prompts, plan)
+    targets = [("mlp", t) for t in range(3)]
+    clean = three_layers.adapter.capture(prompts, targets)
+    with torch.no_grad():
+        base_logp = torch.log_softmax(three_layers.model(input_ids=prompts).logits.double(), -1)
+    for (layer, neuron), kl, change in zip(plan, kls, changes, strict=True):
+        edited = _zero_out_weight(three_layers, layer, neuron)
+        with torch.no_grad():
+            logp = torch.log_softmax(edited(input_ids=prompts).logits.double(), -1)
+        expected_kl = F.kl_div(logp, base_logp, log_target=True, reduction="none").sum(-1).mean()
+        assert kl == pytest.approx(float(expected_kl), rel=1e-4, abs=1e-9)
+        after = adapter_for(edited).capture(prompts, targets)
+        for t in range(layer + 1, 3):  # downstream: the edit and the patch agree
+            a, b = clean[("mlp", t)].double(), after[("mlp", t)].double()
+            assert change[t] == pytest.approx(float((b - a).norm() / a.norm()), rel=1e-4)
+        a = clean[("mlp", layer)].double()  # the source layer: the intervention itself
+        assert change[layer] == pytest.approx(float(a[..., neuron].norm() / a.norm()), rel=1e-6)
+        assert all(change[t] == 0.0 for t in range(layer))
+
+
+def test_sweep_batched_equals_one_intervention_per_forward(three_layers):
+    prompts = _windows(2)
+    plan = [(0, 1), (0, 2), (1, 3), (2, 4), (2, 9)]
+    batched = single_neuron_sweep(AblationEngine(three_layers, max_rows=64), prompts, plan)
+    alone = single_neuron_sweep(AblationEngine(three_layers, max_rows=4), prompts, plan)
+    assert batched[0] == pytest.approx(alone[0], rel=1e-5, abs=1e-10)
+    for a, b in zip(batched[1], alone[1], strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-10)
+
+
+@pytest.fixture
+def finding(three_layers):
+    stats = collect_stats(three_layers, _windows(8, seed=9), bos_id=None, batch_size=8)
+    return causal_neurons(three_layers, _windows(3), stats, top_k=3, max_rows=32)
+
+
+def test_cross_layer_matrix_is_exactly_zero_upstream(finding):
+    assert finding.source_layers == [0, 1, 2]
+    assert upstream_leaks(finding) == []
+    for source, row in zip(finding.source_layers, finding.cross_layer, strict=True):
+        assert all(row[t] == 0.0 for t in range(source))
+        assert all(row[t] > 0.0 for t in range(source, 3))  # the check is not vacuous
+    layer0 = finding.layers[0]
+    assert [c.kl for c in layer0.candidates] == sorted(
+        (c.kl for c in layer0.candidates), reverse=True
+    )
+    assert set(layer0.control_neurons).isdisjoint(c.neuron for c in layer0.candidates)
+
+
+def test_a_leak_upstream_is_caught(three_layers, monkeypatch):
+    """Plant a leak: the adapter patches one layer too early. The matrix then has non-zero
+    entries upstream of the source, and upstream_leaks reports them."""
+    adapter = three_layers.adapter
+    patch = adapter.patch
+
+    @contextmanager
+    def early(site, layer, fn):
+        with patch(site, max(layer - 1, 0), fn):
+            yield
+
+    monkeypatch.setattr(adapter, "patch", early)
+    stats = collect_stats(three_layers, _windows(8, seed=9), bos_id=None, batch_size=8)
+    leaky = causal_neurons(three_layers, _windows(3), stats, top_k=2, max_rows=32)
+    assert {(s, t) for s, t, _ in upstream_leaks(leaky)} >= {(1, 0), (2, 1)}
