@@ -80,12 +80,28 @@ def test_attributions_equal_captum(make):
 
 
 def test_mamba_gradients_run_through_the_fast_scan_path():
+    """Full-sequence rows: the gradient goes through the chunked torch scan; the HF
+    reference scan gives the same attributions."""
     model = tiny_mamba()
     assert is_fast_scan_enabled(model)
-    result = integrated_gradients(model, adapter_for(model), PROMPT, TARGET, steps=4)
-    use_fast_scan(model, False)  # HF reference scan: the same attributions
-    reference = integrated_gradients(model, adapter_for(model), PROMPT, TARGET, steps=4)
+    kwargs = dict(steps=4, share_prefix=False)
+    result = integrated_gradients(model, adapter_for(model), PROMPT, TARGET, **kwargs)
+    use_fast_scan(model, False)
+    reference = integrated_gradients(model, adapter_for(model), PROMPT, TARGET, **kwargs)
     torch.testing.assert_close(result.attributions, reference.attributions, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("length", [1, 2, 6])
+def test_shared_prefix_equals_full_sequence_rows(length):
+    model = tiny_gpt2()
+    adapter = adapter_for(model)
+    prompt = PROMPT[:, :length]
+    shared = integrated_gradients(model, adapter, prompt, TARGET, steps=5, with_zero=True)
+    full = integrated_gradients(
+        model, adapter, prompt, TARGET, steps=5, with_zero=True, share_prefix=False
+    )
+    torch.testing.assert_close(shared.attributions, full.attributions, rtol=1e-7, atol=1e-12)
+    assert shared.prob_at_zero == pytest.approx(full.prob_at_zero, rel=1e-9)
 
 
 def _completeness(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +140,7 @@ def test_batched_equals_per_layer_loop_and_row_bound_does_not_change_results():
     model = tiny_gpt2()
     adapter = adapter_for(model)
     batched = integrated_gradients(model, adapter, PROMPT, TARGET, steps=10)
-    loop = integrated_gradients_per_layer(model, adapter, PROMPT, TARGET, steps=10)
+    loop = integrated_gradients_per_layer(model, adapter, PROMPT, TARGET, steps=10)  # full rows
     bounded = integrated_gradients(model, adapter, PROMPT, TARGET, steps=10, max_rows=7)
     torch.testing.assert_close(batched.attributions, loop.attributions, rtol=1e-9, atol=1e-14)
     torch.testing.assert_close(batched.attributions, bounded.attributions, rtol=1e-9, atol=1e-14)
@@ -157,5 +173,8 @@ def test_clear_errors():
         integrated_gradients(model, adapter, PROMPT.expand(2, -1), TARGET)
     with pytest.raises(IntegratedGradientsError, match="vocabulary"):
         integrated_gradients(model, adapter, PROMPT, VOCAB)
+    with pytest.raises(IntegratedGradientsError, match="key/value cache"):
+        mamba = tiny_mamba()
+        integrated_gradients(mamba, adapter_for(mamba), PROMPT, TARGET, share_prefix=True)
     with pytest.raises(IntegratedGradientsError, match="with_zero"):
         integrated_gradients(model, adapter, PROMPT, TARGET, steps=2).completeness_error()

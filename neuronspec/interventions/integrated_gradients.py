@@ -18,14 +18,25 @@ forward/backward (memory grows with it: about rows × positions × the model's a
 rows beyond it go into further passes. Rows with k = 0 (P with the layer zeroed) are
 added when ``with_zero`` is set, for the completeness check and the per-layer P(0).
 
-Mamba: the gradient flows through neuronspec's chunked torch scan (the fast-scan path
-switches to it whenever a gradient is needed; :mod:`neuronspec.models.scan`).
+Shared prefix (``share_prefix``; default: on for models whose forward takes
+``past_key_values``, i.e. GPT-2). A patch at the last position cannot change any earlier
+position (the models are causal), so the prompt's first T − 1 tokens are run once, without
+gradients, into the model's key/value cache, which is copied to every row; the rows then run
+only the last token, through all layers, forward and backward. This is exact (the tests
+compare it with full-sequence rows) and costs about 1/T of the full-sequence work per row.
+Mamba rows run the whole prompt, and the gradient flows through neuronspec's chunked torch
+scan (the fast-scan path switches to it whenever a gradient is needed;
+:mod:`neuronspec.models.scan`): transformers' one-token Mamba step updates its cached SSM
+state in place after saving it for backward, which autograd rejects in float32, so a
+shared prefix is not offered there.
 
 Shapes: ``input_ids`` ``(1, T)``; attributions ``(n_layers_asked, width)`` float64.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -80,6 +91,38 @@ def _last_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits[:, -1, :]
 
 
+def _takes_key_value_cache(model: nn.Module) -> bool:
+    return "past_key_values" in inspect.signature(model.forward).parameters
+
+
+@torch.no_grad()
+def _prefix_cache(model: nn.Module, input_ids: torch.Tensor):
+    """The model's cache after the first T − 1 tokens of ``input_ids`` ``(1, T)``."""
+    out = model(input_ids=input_ids[:, :-1], use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        raise IntegratedGradientsError(
+            f"{type(model).__name__} returned no cache; pass share_prefix=False"
+        )
+    return cache
+
+
+def _rows_logits(model: nn.Module, input_ids: torch.Tensor, n_rows: int, cache) -> torch.Tensor:
+    """Last-position logits ``(R, V)`` of ``n_rows`` copies of the prompt: the whole prompt,
+    or only its last token after a copy of the shared prefix's cache."""
+    if cache is None:
+        return _last_logits(model, input_ids.expand(n_rows, -1))
+    rows_cache = copy.deepcopy(cache)  # the step appends to / updates the cache in place
+    rows_cache.reorder_cache(torch.zeros(n_rows, dtype=torch.long, device=input_ids.device))
+    out = model(
+        input_ids=input_ids[:, -1:].expand(n_rows, 1),
+        use_cache=True,
+        logits_to_keep=1,
+        past_key_values=rows_cache,
+    )
+    return out.logits[:, -1, :]
+
+
 def _check(input_ids: torch.Tensor, steps: int, max_rows: int, target: int, vocab: int) -> None:
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
         raise IntegratedGradientsError(
@@ -106,10 +149,12 @@ def integrated_gradients(
     site: str = "mlp",
     max_rows: int = DEFAULT_MAX_ROWS,
     with_zero: bool = False,
+    share_prefix: bool | None = None,
 ) -> LayerAttributions:
     """IG of P(``target``) w.r.t. ``site`` at the last position of ``input_ids`` ``(1, T)``,
     for every layer in ``layers`` (default all), all (layer, step) rows batched together in
-    passes of at most ``max_rows`` rows. Definition in the module docstring."""
+    passes of at most ``max_rows`` rows; ``share_prefix``: run the first T − 1 tokens once
+    (None: where the model takes a key/value cache). Definition in the module docstring."""
     layers = tuple(range(adapter.n_layers)) if layers is None else tuple(layers)
     if not layers:
         raise IntegratedGradientsError("no layers to attribute: pass at least one layer")
@@ -125,6 +170,14 @@ def integrated_gradients(
         captured = adapter.capture(input_ids, [(site, layer) for layer in layers])
         prob = float(gold_probability(_last_logits(model, input_ids), target)[0])
     w_bar = torch.stack([captured[(site, layer)][0, -1] for layer in layers])  # (nL, W)
+    if share_prefix is None:
+        share_prefix = _takes_key_value_cache(model)
+    elif share_prefix and not _takes_key_value_cache(model):
+        raise IntegratedGradientsError(
+            f"share_prefix needs a key/value cache, which {type(model).__name__} does not take "
+            "(Mamba rows run the whole prompt); pass share_prefix=False or leave it None"
+        )
+    cache = _prefix_cache(model, input_ids) if share_prefix and input_ids.shape[1] > 1 else None
 
     first_step = 0 if with_zero else 1
     rows = [(j, k) for j in range(len(layers)) for k in range(first_step, steps + 1)]
@@ -133,7 +186,7 @@ def integrated_gradients(
     for start in range(0, len(rows), max_rows):
         chunk = rows[start : start + max_rows]
         grads, probs = _batch_gradients(
-            model, adapter, input_ids, target, site, layers, w_bar, chunk, steps
+            model, adapter, input_ids, target, site, layers, w_bar, chunk, steps, cache
         )  # (R, W), (R,)
         for (j, k), grad, p in zip(chunk, grads, probs.tolist(), strict=True):
             if k == 0:
@@ -161,6 +214,7 @@ def _batch_gradients(
     w_bar: torch.Tensor,
     rows: list[tuple[int, int]],
     steps: int,
+    cache,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward/backward over ``rows`` = [(layer index j, step k)]: ∂P_r/∂x_r per row
     ``(R, W)`` and P_r ``(R,)``, where x_r = k/m · w̄ is row r's patched vector."""
@@ -175,13 +229,13 @@ def _batch_gradients(
             leaves.append(leaf)
 
             def put(value: torch.Tensor, mine=mine, leaf=leaf) -> torch.Tensor:
-                # value (R, T, W): rows of this layer get the leaf at the last position
+                # value (R, T, W), T = 1 after a shared prefix: this layer's rows get the leaf
+                # at the last position
                 last = torch.full_like(mine, value.shape[1] - 1)
                 return value.index_put((mine, last), leaf.to(value.dtype))
 
             stack.enter_context(adapter.patch(site, layers[j], put))
-        ids = input_ids.expand(n_rows, -1)  # (R, T)
-        probs = gold_probability(_last_logits(model, ids), target)  # (R,)
+        probs = gold_probability(_rows_logits(model, input_ids, n_rows, cache), target)  # (R,)
     grads = torch.autograd.grad(probs.sum(), leaves)
     by_row = torch.empty((n_rows, w_bar.shape[1]), dtype=w_bar.dtype, device=w_bar.device)
     for j, grad in zip(sorted(set(row_layer.tolist())), grads, strict=True):
@@ -198,14 +252,17 @@ def integrated_gradients_per_layer(
     layers: list[int] | tuple[int, ...] | None = None,
     steps: int = DEFAULT_STEPS,
     site: str = "mlp",
+    share_prefix: bool = False,
 ) -> LayerAttributions:
-    """The same attributions by a loop over layers, one pass of ``steps`` rows per layer
-    (the reference the batched form is checked and benchmarked against)."""
+    """The same attributions by a loop over layers, one pass of ``steps`` rows per layer,
+    each row the whole prompt unless ``share_prefix`` (the straightforward method; the
+    reference the batched form is checked and benchmarked against)."""
     layers = tuple(range(adapter.n_layers)) if layers is None else tuple(layers)
     parts = [
         integrated_gradients(
             model, adapter, input_ids, target, layers=[layer], steps=steps, site=site,
             max_rows=steps,
+            share_prefix=share_prefix,
         )
         for layer in layers
     ]  # fmt: skip
