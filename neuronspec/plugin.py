@@ -137,6 +137,30 @@ def _add_options(parser: pytest.Parser) -> None:
         help="fraction of each layer's mlp neurons the pruning study removes (default 0.15)",
     )
     group.addoption(
+        "--ig-steps",
+        type=int,
+        default=20,
+        help="Riemann steps m of integrated gradients for knowledge neurons (default 20)",
+    )
+    group.addoption(
+        "--facts",
+        default=None,
+        help="knowledge-neuron facts: a JSON/JSONL file (subject, relation, object, prompts); "
+        "default: the toy world for embedded models, the shipped English set otherwise",
+    )
+    group.addoption(
+        "--knowledge-facts-per-relation",
+        type=int,
+        default=3,
+        help="facts per relation used for knowledge neurons (default 3; 0: all)",
+    )
+    group.addoption(
+        "--knowledge-templates",
+        default="train",
+        choices=("train", "heldout", "all"),
+        help="toy-world prompt templates for knowledge neurons (default train)",
+    )
+    group.addoption(
         "--neuronspec-results",
         default=None,
         help="write every finding of the run to this JSON file",
