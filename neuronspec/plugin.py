@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from neuronspec.analyses.neuron_overlap import add_neuron_overlap
 from neuronspec.capture.stats import StatsConfig
 from neuronspec.data.corpus import DEFAULT_CORPUS, DEFAULT_WINDOW, CorpusConfig
 from neuronspec.errors import ModelNotAvailableError, NeuronSpecError
@@ -302,11 +303,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     if hasattr(config, "workeroutput"):  # xdist worker: hand results to the controller
         config.workeroutput["neuronspec_results"] = json.dumps(results)
         return
-    results = merge_results([results, *_WORKER_RESULTS])
+    results = add_neuron_overlap(merge_results([results, *_WORKER_RESULTS]))
     path = config.option.neuronspec_results
     if path:
         write_results(results, Path(path))
     if spec_session.config.plots_dir is not None and results["models"]:
         from neuronspec.plots.overlays import write_overlays
+        from neuronspec.plots.sparsity import write_overlap_figures
 
         write_overlays(results, spec_session.config.plots_dir)
+        write_overlap_figures(results, spec_session.config.plots_dir)
