@@ -11,9 +11,9 @@ FLOPs are analytic, per family, 2 per multiply-add, for one token of the full LM
   out_proj with E = d_inner, R = dt rank, N = state size; LM head).
 - ``other_flops_per_token``: the rest, at window length T: GPT-2 attention scores and
   weighted sum, ``L·4·d·(T + 1)/2`` (causal: (T+1)/2 keys per query on average);
-  Mamba the depthwise conv ``L·2·E·K`` and the selective scan ``L·E·N·7`` (per state:
-  exp(Δ·A) 2, Δ·B·x 2, h = dA·h + dBx 2... counted as 7 with the C readout's multiply-add).
-  An estimate of the elementwise work, not checked against a counter.
+  Mamba the depthwise conv ``L·2·E·K`` and the selective scan ``L·8·E·N`` (per state and
+  token: exp(Δ·A) 2, Δ·B·x 2, h = dA·h + dBx 2, y += C·h 2). An estimate of the
+  elementwise work (exp counted as one FLOP), not checked against a counter.
 
 The fraction firing per token is the mean over tokens of (neurons with ``mlp_pre`` > 0)/W,
 which equals Σ firings / (tokens · W) from the streamed counts.
@@ -71,7 +71,7 @@ def flops_per_token(config, window: int) -> tuple[int, int]:
         per_layer = 2 * d * 2 * inner + 2 * inner * (rank + 2 * n) + 2 * rank * inner
         per_layer += 2 * inner * d
         matmul = layers * per_layer + 2 * d * vocab
-        other = layers * (2 * inner * int(config.conv_kernel) + 7 * inner * n)
+        other = layers * (2 * inner * int(config.conv_kernel) + 8 * inner * n)
         return matmul, other
     raise NeuronSpecError(
         f"no analytic FLOPs for model_type {config.model_type!r}; known: gpt2, mamba"
