@@ -8,7 +8,6 @@ from pathlib import Path
 
 from neuronspec.plots.figure import new_figure, plot_path, save_figure
 
-
 LOG_SCALE = ("tau", "P50", "optimal_threshold")  # values of |a| spanning decades
 
 
