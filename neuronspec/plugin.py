@@ -433,6 +433,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     config = session.config
     if _SESSION_KEY not in config.stash:  # not a neuronspec project
         return
+    from neuronspec.analyses.neuron_overlap import add_neuron_overlap
     from neuronspec.session import merge_results, write_results
 
     spec_session = _session(config)
@@ -440,11 +441,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     if hasattr(config, "workeroutput"):  # xdist worker: hand results to the controller
         config.workeroutput["neuronspec_results"] = json.dumps(results)
         return
-    results = merge_results([results, *_WORKER_RESULTS])
+    results = add_neuron_overlap(merge_results([results, *_WORKER_RESULTS]))
     path = config.option.neuronspec_results
     if path:
         write_results(results, Path(path))
     if spec_session.config.plots_dir is not None and results["models"]:
         from neuronspec.plots.overlays import write_overlays
+        from neuronspec.plots.sparsity import write_overlap_figures
 
         write_overlays(results, spec_session.config.plots_dir)
+        write_overlap_figures(results, spec_session.config.plots_dir)

@@ -188,7 +188,12 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
             target = merged["models"].setdefault(model_id, {"info": {}, "analyses": {}})
             target["info"].update(entry.get("info", {}))
             for analysis, layers in entry.get("analyses", {}).items():
-                target["analyses"].setdefault(analysis, {}).update(layers)
+                merged_layers = target["analyses"].setdefault(analysis, {})
+                if analysis == "neuron_sets":  # kinds of one layer may come from several workers
+                    for layer, kinds in layers.items():
+                        merged_layers.setdefault(layer, {}).update(kinds)
+                else:
+                    merged_layers.update(layers)
     return merged
 
 

@@ -13,6 +13,11 @@ act_absmax          (W,) float64           max |a|                              
 abs_hist            (n_bins + 2,) int64    histogram of |a| over all (token, neuron), fixed
                                            log-spaced edges; first/last bin = under/overflow
 pearson_abs_sum     (W,) float64           Σ over windows of |Pearson r(a, position)|
+abs_sketch          (n_sketch + 2,) int64  |a| over all (token, neuron) in finer log-spaced
+                                           bins (quantiles within 1%, METHODS §9; below
+                                           sketch_min / at or above sketch_max at the ends)
+token_sparsity      (4,) float64           over tokens whose |a| row is not all zero: count,
+                                           Σ normalised entropy, Σ Gini, Σ Hoyer (METHODS §9)
 pair_dense_token    (D,) int64             unigram firings at counted positions (not window
 pair_dense          (D, W) uint16          start, not BOS), for frequent tokens: row r counts
                                            token pair_dense_token[r] (distinct, any order)
@@ -72,6 +77,12 @@ class StatsConfig:
     hist_max: float = 1e6
     unigrams: bool = True  # sparse (neuron, token) firing counts for METHODS §3
     trigrams: bool = False  # sparse (neuron, trigram) counts: large, opt-in
+    # |a| quantile sketch (METHODS §9): 116 bins per decade, bin ratio γ = 10^(1/116), so a
+    # bin's representative 2·lo·γ/(γ+1) is within (γ-1)/(γ+1) = 0.99% of every value in it;
+    # every decade is a bin edge (thresholds 1e-5, 0.01 count exactly)
+    sketch_per_decade: int = 116
+    sketch_min: float = 1e-12
+    sketch_max: float = 1e6
 
     def __post_init__(self) -> None:
         if not 1 <= self.hist_bins <= 254:  # bin indices (with under/overflow) fit in uint8
@@ -85,6 +96,16 @@ class StatsConfig:
     def hist_edges(self) -> np.ndarray:
         """The ``hist_bins + 1`` bin edges of ``abs_hist`` (bin 0 is < hist_min)."""
         return np.logspace(math.log10(self.hist_min), math.log10(self.hist_max), self.hist_bins + 1)
+
+    @property
+    def sketch_bins(self) -> int:
+        """Bins of ``abs_sketch`` between ``sketch_min`` and ``sketch_max`` (plus 2 ends)."""
+        return round(self.sketch_per_decade * math.log10(self.sketch_max / self.sketch_min))
+
+    def sketch_edges(self) -> np.ndarray:
+        """The ``sketch_bins + 1`` edges of ``abs_sketch`` (bin 0 is < sketch_min)."""
+        lo, hi = math.log10(self.sketch_min), math.log10(self.sketch_max)
+        return np.logspace(lo, hi, self.sketch_bins + 1)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -467,6 +488,8 @@ class LayerStats:
     act_absmax: torch.Tensor
     abs_hist: torch.Tensor
     pearson_abs_sum: torch.Tensor
+    abs_sketch: torch.Tensor
+    token_sparsity: torch.Tensor
     pairs: _UnigramCounter
     trigrams: _SparseCounter
 
@@ -487,6 +510,8 @@ class LayerStats:
             act_absmax=torch.zeros(width, dtype=torch.float64),
             abs_hist=torch.zeros(config.hist_bins + 2, dtype=torch.long),
             pearson_abs_sum=torch.zeros(width, dtype=torch.float64),
+            abs_sketch=torch.zeros(config.sketch_bins + 2, dtype=torch.long),
+            token_sparsity=torch.zeros(4, dtype=torch.float64),
             pairs=_UnigramCounter(width, vocab_size, dense_tokens, native),
             trigrams=_SparseCounter(),
         )
@@ -651,6 +676,7 @@ class NeuronStats:
             fires = self._add_layer_native(stats, pre, act, input_ids, counted)
         else:
             fires = self._add_layer_torch(stats, pre, act, input_ids, counted)
+        _add_token_sparsity(stats, act, self.config, self.backend)
         if self.config.trigrams:
             keys, valid = _trigram_keys(input_ids, counted, self.vocab_size, self._bos_id)
             b, t, n = torch.nonzero(fires & valid[:, :, None], as_tuple=True)
@@ -956,6 +982,8 @@ _DENSE_FIELDS = (
     "act_absmax",
     "abs_hist",
     "pearson_abs_sum",
+    "abs_sketch",
+    "token_sparsity",
 )
 
 
@@ -1115,3 +1143,72 @@ def _abs_pearson_with_position(
     constant = variance <= PEARSON_CONSTANT_VARIANCE * mean_square
     r = torch.where(constant, torch.zeros_like(cov), cov / variance.sqrt().clamp_min(1e-300))
     return r.abs().sum(0)
+
+
+# -- sparsity accumulators (METHODS §9) -------------------------------------------------------
+
+
+def _sketch_scale(config: StatsConfig) -> tuple[float, float]:
+    """``(per_log2, offset)``: bin index = floor(log2|a| · per_log2 + offset) inside the range."""
+    per_log2 = config.sketch_per_decade / math.log2(10)
+    return per_log2, 1 - math.log2(config.sketch_min) * per_log2
+
+
+def _add_token_sparsity(
+    stats: LayerStats, act: torch.Tensor, config: StatsConfig, backend: str
+) -> None:
+    """Add one batch ``act (B, T, W)`` into ``abs_sketch`` and ``token_sparsity``: by
+    ``neuronspec/native/sparsity.c`` for float32 CPU activations where it builds, else by
+    :func:`token_sparsity_torch` (same definitions)."""
+    batch, window, width = act.shape
+    if width < 2:
+        raise NeuronSpecError("sparsity over neurons needs a site of at least 2 neurons")
+    native = act.device.type == "cpu" and act.dtype == torch.float32 and _use_native(backend)
+    if not native:
+        sketch, sums = token_sparsity_torch(act, config)
+        stats.abs_sketch += sketch
+        stats.token_sparsity += sums
+        return
+    act = _unit_channel_stride(act)
+    threads = torch.get_num_threads()
+    sketch = torch.zeros(threads, config.sketch_bins + 2, dtype=torch.long)
+    sums = torch.zeros(threads, 4, dtype=torch.float64)
+    per_log2, offset = _sketch_scale(config)
+    status = load_library().neuronspec_token_sparsity_f32(
+        threads, batch, window, width, act.data_ptr(), act.stride(0), act.stride(1),
+        sketch.data_ptr(), config.sketch_bins, config.sketch_min, config.sketch_max,
+        per_log2, offset, sums.data_ptr(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("sparsity kernel: cannot allocate its scratch memory")
+    stats.abs_sketch += sketch.sum(0)
+    stats.token_sparsity += sums.sum(0)
+
+
+def token_sparsity_torch(
+    act: torch.Tensor, config: StatsConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sketch counts ``(sketch_bins + 2,)`` and per-token sums ``(4,)`` of ``act (B, T, W)``.
+
+    Per token row, m = |a| over the W neurons, S = Σ m (rows with S = 0 are skipped: no
+    distribution over neurons): normalised entropy (ln S − Σ m ln m / S) / ln W, i.e.
+    −Σ p ln p / ln W with p = m / S; Gini Σ_k (2k − W − 1) m_(k) / (W·S) with m_(k)
+    ascending (Hurley & Rickard 2009); Hoyer (√W − S/‖m‖₂) / (√W − 1) (Hoyer 2004).
+    Sums: ``[rows measured, Σ entropy, Σ Gini, Σ Hoyer]``. Computed in float64."""
+    width = act.shape[-1]
+    m = act.detach().reshape(-1, width).double().abs()  # (B·T, W)
+    per_log2, offset = _sketch_scale(config)
+    index = torch.floor(torch.log2(m) * per_log2 + offset).clamp(1, config.sketch_bins)
+    index[m < config.sketch_min] = 0
+    index[m >= config.sketch_max] = config.sketch_bins + 1
+    sketch = torch.bincount(index.long().flatten(), minlength=config.sketch_bins + 2).cpu()
+    s1 = m.sum(1)  # (B·T,)
+    rows = s1 > 0
+    m, s1 = m[rows], s1[rows]
+    entropy = (torch.log(s1) - torch.xlogy(m, m).sum(1) / s1) / math.log(width)
+    ranks = torch.arange(1, width + 1, dtype=torch.float64, device=m.device)  # (W,)
+    gini = (torch.sort(m, dim=1).values @ (2 * ranks - width - 1)) / (width * s1)
+    root = math.sqrt(width)
+    hoyer = (root - s1 / m.square().sum(1).sqrt()) / (root - 1)
+    sums = torch.stack([rows.sum().double(), entropy.sum(), gini.sum(), hoyer.sum()]).cpu()
+    return sketch, sums

@@ -41,9 +41,9 @@ from neuronspec.errors import NeuronSpecError
 
 __all__ = ["KernelUnavailableError", "kernels_available", "load_library"]
 
-SOURCES = (Path(__file__).with_name("scan.c"), Path(__file__).with_name("stats.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("scan.c", "stats.c", "sparsity.c"))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fopenmp")
-ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 8}
+ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 8, "neuronspec_sparsity_abi": 1}
 
 _i64, _ptr, _f32, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
 _SCAN_ARGS = (
@@ -73,6 +73,8 @@ _SORT_ARGS = [_i64, _ptr, _ptr, _i64]  # n, keys, scratch, max_key
 _RUNS_ARGS = [_i64] + [_ptr] * 3  # n, keys, out_keys, out_counts
 _MERGE_ARGS = ([_i64] + [_ptr] * 2) * 2 + [_ptr] * 2  # na, a.., nb, b.., out..
 _CONV_ARGS = [_i64] * 5 + [_ptr, _i64, _i64] + [_ptr] * 3  # threads, B, L, d, K, x.., wt, b, out
+# threads, B, T, W, act (+ strides), sketch, n_bins, lo, hi, per_log2, offset, sums
+_SPARSITY_ARGS = [_i64] * 4 + [_ptr, _i64, _i64] + [_ptr, _i64] + [_f32] * 4 + [_ptr]
 ENTRY_POINTS = {
     "neuronspec_conv_silu_f32": (_CONV_ARGS, ctypes.c_int),
     "neuronspec_conv_silu_f64": (_CONV_ARGS, ctypes.c_int),
@@ -84,6 +86,7 @@ ENTRY_POINTS = {
     "neuronspec_sort_keys": (_SORT_ARGS, _i64),
     "neuronspec_run_lengths": (_RUNS_ARGS, None),
     "neuronspec_merge_counts": (_MERGE_ARGS, _i64),
+    "neuronspec_token_sparsity_f32": (_SPARSITY_ARGS, ctypes.c_int),
 }
 
 
