@@ -52,3 +52,12 @@ def test_rounds_alternate_order_and_start_after_a_warm_up():
     assert all(len(t.rounds) == 3 for t in timings.values())
     with pytest.raises(ValueError, match="repeats"):
         time_side_by_side({"a": lambda: None}, 0)
+
+
+def test_scale_measure_reports_a_pass_over_a_real_shape():
+    from neuronspec.bench.scale import WINDOW, measure
+
+    result = measure("mamba130m", 2 * WINDOW, layers=1)
+    assert result["tokens"] == 2 * WINDOW and result["neurons"] == 1536
+    assert 0 < result["pairs"] <= result["neurons"] * result["distinct_tokens"]
+    assert result["peak_rss"] >= result["rss_before_pass"] > 0 and result["entry_bytes"] > 0

@@ -9,7 +9,7 @@ import os
 from neuronspec.bench import print_table
 from neuronspec.heap import keep_malloc_heap
 
-SECTIONS = ["scan", "capture", "suite", "attention", "ablation", "ig"]
+SECTIONS = ["scan", "capture", "suite", "attention", "ablation", "ig", "scale"]
 
 
 def main(argv: list[str] | None = None) -> None:

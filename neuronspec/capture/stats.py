@@ -1017,21 +1017,44 @@ def _mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(memory, dtype=dtype).view(shape)
 
 
+def merge_rules(names: list[str]) -> dict[str, str]:
+    """How each tensor of :meth:`NeuronStats.to_tensors` ``(table_only=True)`` merges
+    across shards: ``"sum"`` (counts, sums, histograms: the default for any new field),
+    ``"max"`` (``act_absmax``), ``"keys"`` / ``"counts"`` (a sparse table ``X_key`` /
+    ``X_count``: union of keys, counts summed) or ``"empty"`` (the dense unigram rows,
+    empty in the table-only form). The one place merge semantics live: :func:`NeuronStats.merge`
+    and the distributed merge (:mod:`neuronspec.capture.collect`) both follow it."""
+    present = set(names)
+    rules: dict[str, str] = {}
+    for name in names:
+        if name.endswith(_DENSE_PAIR_FIELDS):
+            rules[name] = "empty"
+        elif name.endswith("_key") and name[: -len("_key")] + "_count" in present:
+            rules[name] = "keys"
+        elif name.endswith("_count") and name[: -len("_count")] + "_key" in present:
+            rules[name] = "counts"
+        elif name.endswith("act_absmax"):
+            rules[name] = "max"
+        else:
+            rules[name] = "sum"
+    return rules
+
+
 def _merge_tensor_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
     merged: dict[str, torch.Tensor] = {}
-    for name in a:
-        if name.endswith("_key"):
-            continue
-        if name.endswith(_DENSE_PAIR_FIELDS):  # table_only forms: every count is in the table
+    for name, rule in merge_rules(list(a)).items():
+        if rule == "keys":
+            continue  # merged with its counts
+        if rule == "empty":  # table_only forms: every count is in the table
             if a[name].numel() or b[name].numel():
                 raise NeuronSpecError("merge the table_only forms of the statistics")
             merged[name] = a[name]
-        elif name.endswith("_count") and name.replace("_count", "_key") in a:
-            key = name.replace("_count", "_key")
+        elif rule == "counts":
+            key = name[: -len("_count")] + "_key"
             keys, counts = _merge_sparse(torch.cat([a[key], b[key]]), torch.cat([a[name], b[name]]))
             # same dtypes as the inputs: keys keep their range; counts fit (< 2^31 tokens)
             merged[key], merged[name] = keys.to(a[key].dtype), counts.to(a[name].dtype)
-        elif name.endswith("act_absmax"):
+        elif rule == "max":
             merged[name] = torch.maximum(a[name], b[name])
         else:
             merged[name] = a[name] + b[name]

@@ -15,9 +15,10 @@ from __future__ import annotations
 import codecs
 import functools
 import hashlib
+import itertools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -104,9 +105,10 @@ def load_texts(name: str, split: str) -> list[str]:
         path = Path(name).expanduser()
         if not path.is_file():
             raise CorpusError(
-                f"unknown corpus {name!r}: use 'toyworld', 'wikitext2', or a path to a local "
+                f"unknown corpus {name!r}: use 'toyworld', 'wikitext2', a path to a local "
                 ".txt (one document per blank-line-separated paragraph) or .jsonl file with a "
-                "'text' field"
+                "'text' field, or a directory: a `datasets` save_to_disk dataset or a folder of "
+                ".parquet / .jsonl files with a 'text' column"
             )
         if split == "heldout":
             return []
@@ -151,6 +153,9 @@ def _check_text_file(path: Path) -> None:
             f"corpus file {path} is not UTF-8 (it ends inside a multi-byte character); "
             "convert it, e.g. `iconv -f LATIN1 -t UTF-8`, or pass another file to --corpus"
         ) from None
+def is_streamed_corpus(name: str) -> bool:
+    """Whether ``--corpus`` names a directory (read as a stream, windows stored in chunks)."""
+    return name not in ("toyworld", "wikitext2", "wikitext-2") and Path(name).expanduser().is_dir()
 
 
 def _tokenize_stream(texts: list[str], tokenizer, bos_id: int | None) -> list[int]:
@@ -178,9 +183,16 @@ class CorpusTexts:
     other corpora the texts are loaded at once and the digest is their content's sha256.
     """
 
-    def __init__(self, digest: str, load: Callable[[], tuple[list[str], list[str]]]):
+    def __init__(
+        self,
+        digest: str,
+        load: Callable[[], tuple[list[str], list[str]]],
+        *,
+        stream: Callable[[], Iterator[str]] | None = None,
+    ):
         self.digest = digest
         self._load = load
+        self.stream = stream  # for directory corpora: the analysis texts one by one
 
     @functools.cached_property
     def _texts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -211,7 +223,25 @@ def _limited_texts(config: CorpusConfig) -> tuple[list[str], list[str]]:
 
 
 def load_corpus_texts(config: CorpusConfig) -> CorpusTexts:
-    """Analysis and held-out documents of ``config.name``, limited by ``config.text_limit``."""
+    """Analysis and held-out documents of ``config.name``, limited by ``config.text_limit``.
+
+    A directory (a ``datasets`` ``save_to_disk`` dataset, or a folder of ``.parquet`` /
+    ``.jsonl`` files) is named by its files' content and read as a stream
+    (:attr:`CorpusTexts.stream`); its texts are never loaded together."""
+    if is_streamed_corpus(config.name):
+        from neuronspec.data.stream import directory_digest, iter_directory_texts
+
+        path = Path(config.name).expanduser()
+        digest = hashlib.sha256(b"directory corpus|")
+        digest.update(f"{directory_digest(path)}|limit {config.text_limit}".encode())
+
+        def stream():
+            texts = iter_directory_texts(path)
+            return (
+                texts if config.text_limit is None else itertools.islice(texts, config.text_limit)
+            )
+
+        return CorpusTexts(digest.hexdigest(), lambda: (list(stream()), []), stream=stream)
     if config.name == "toyworld":
         from neuronspec.data import toyworld
 
@@ -279,6 +309,10 @@ def build_windows(
     if not isinstance(tokenizer, TokenizerRef):
         loaded = tokenizer
         tokenizer = TokenizerRef(tokenizer_fingerprint(loaded), lambda: loaded)
+    if texts.stream is not None:
+        from neuronspec.data.stream import streamed_windows
+
+        return streamed_windows(tokenizer, config, texts, cache_dir)
 
     def compute():
         loaded = tokenizer.load()

@@ -1,0 +1,245 @@
+"""``python -m neuronspec collect``: fill the statistics cache, on one process or many.
+
+Takes the pytest plugin's own options (``--models``, ``--corpus``, ``--text-limit``,
+``--max-tokens``, ``--window``, ``--neuronspec-cache``, ``--device``, ``--dtype``,
+``--batch-size``, ``--no-fast-scan``, …: the parser is filled by
+:func:`neuronspec.plugin.pytest_addoption` and read by the plugin's ``_run_config``), and
+writes each model's entry under the key :func:`~neuronspec.capture.runner.stats_cache_key`
+gives for them, the key ``pytest specs/`` looks up: a later ``pytest specs/`` with the same
+options runs warm. Options that only specs read (``--plots-dir``, ``--layers``, …) are
+accepted and ignored.
+
+Data-parallel on torch.distributed::
+
+    torchrun --standalone --nproc-per-node N -m neuronspec collect --models gpt2 ...
+
+Rank r streams the r-th of N contiguous shards of the analysis windows through its own
+copy of the model (:func:`~neuronspec.capture.runner.collect_stats`). The shards'
+accumulators are then merged by the rules of :func:`~neuronspec.capture.stats.merge_rules`
+(the rules of :meth:`NeuronStats.merge`): dense fields (counts, sums, histograms, maxima)
+by one all-reduce each, sparse ``(key, count)`` tables (neuron × token, trigrams) gathered
+on rank 0 and merged there by key. Rank 0 writes the entry, atomically
+(:meth:`TensorCache.save`). gloo on CPU, NCCL when ``--device`` is CUDA (rank r on
+``cuda:LOCAL_RANK``). Without torchrun the same code runs as a group of one process.
+
+The entry holds the merged statistics in their canonical table-only form (each layer's
+(neuron, token) counts as one sorted table; see ``NeuronStats.to_tensors``), which loads
+into the same :class:`~neuronspec.capture.stats.NeuronStats` as the form a pytest run
+writes. Integer counts equal a single process's exactly; float sums differ by rounding
+(summation order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from neuronspec.capture.cache import TensorCache
+from neuronspec.capture.runner import collect_stats, stats_cache_key
+from neuronspec.capture.stats import NeuronStats, merge_rules
+from neuronspec.errors import CacheCorruptError, NeuronSpecError
+from neuronspec.models.registry import pick_dtype
+from neuronspec.session import RunConfig, SpecSession
+
+
+class _OptionGroup:
+    """What ``pytest_addoption`` calls (``parser.getgroup(...).addoption(...)``), onto argparse."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        self._parser = parser
+
+    def getgroup(self, *args, **kwargs) -> _OptionGroup:
+        return self
+
+    def addoption(self, *names: str, **kwargs) -> None:
+        self._parser.add_argument(*names, **kwargs)
+
+
+def parse_run_config(argv: list[str]) -> RunConfig:
+    """The :class:`RunConfig` a ``pytest specs/`` run with these options would use.
+
+    Raises :class:`NeuronSpecError` with the plugin's message for a bad option value."""
+    import pytest
+
+    from neuronspec import plugin
+
+    parser = argparse.ArgumentParser(
+        prog="python -m neuronspec collect",
+        description="Fill the statistics cache for --models on --corpus (the options of "
+        "`pytest specs/`), on one process or data-parallel under torchrun.",
+    )
+    plugin.pytest_addoption(_OptionGroup(parser))
+    args = parser.parse_args(argv)
+    try:
+        return plugin._run_config(SimpleNamespace(option=args))
+    except pytest.UsageError as error:
+        raise NeuronSpecError(str(error)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """This process's place in the process group and where collectives run."""
+
+    rank: int
+    world_size: int
+    comm_device: torch.device  # tensors go here for a collective (CUDA for NCCL)
+
+
+def init_group(device: str) -> tuple[Group, bool]:
+    """Join torchrun's process group (env://), or make a group of one without torchrun.
+
+    Returns the group and whether this call created it (and should destroy it)."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    backend = "nccl" if cuda else "gloo"
+    created = not dist.is_initialized()
+    if created:
+        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend)
+        else:  # no torchrun: the same code path, a group of one
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    comm_device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        comm_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(comm_device)
+    return Group(dist.get_rank(), dist.get_world_size(), comm_device), created
+
+
+def shard_of(windows: torch.Tensor, group: Group) -> torch.Tensor:
+    """Rank r's windows: the r-th of ``world_size`` contiguous, near-equal parts."""
+    return torch.tensor_split(windows, group.world_size)[group.rank]
+
+
+def merge_across_ranks(stats: NeuronStats, group: Group) -> dict[str, torch.Tensor] | None:
+    """The union of every rank's statistics as tensors (table-only form) on rank 0, None
+    elsewhere. Generic over the fields: each merges by its :func:`merge_rules` rule."""
+    tensors = stats.to_tensors(table_only=True)
+    rules = merge_rules(list(tensors))
+    merged: dict[str, torch.Tensor] = {}
+    for name, rule in rules.items():
+        if rule in ("sum", "max"):
+            op = dist.ReduceOp.SUM if rule == "sum" else dist.ReduceOp.MAX
+            merged[name] = _all_reduce(tensors[name], op, group)
+        elif rule == "empty":
+            merged[name] = tensors[name]
+        elif rule == "counts":
+            key = name[: -len("_count")] + "_key"
+            keys = _gather(tensors[key], group)
+            counts = _gather(tensors[name], group)
+            if group.rank == 0:
+                merged[key], merged[name] = _merge_tables(keys, counts)
+    return merged if group.rank == 0 else None
+
+
+def _all_reduce(tensor: torch.Tensor, op, group: Group) -> torch.Tensor:
+    work = tensor.to(group.comm_device, copy=True)
+    dist.all_reduce(work, op=op)
+    return work.cpu()
+
+
+def _gather(tensor: torch.Tensor, group: Group) -> list[torch.Tensor] | None:
+    """Every rank's 1-d ``tensor`` (lengths may differ) on rank 0, in rank order."""
+    length = torch.tensor([tensor.numel()], dtype=torch.long, device=group.comm_device)
+    lengths = [torch.zeros_like(length) for _ in range(group.world_size)]
+    dist.all_gather(lengths, length)
+    longest = max(int(n) for n in lengths)
+    padded = torch.zeros(longest, dtype=tensor.dtype, device=group.comm_device)
+    padded[: tensor.numel()] = tensor
+    parts = None
+    if group.rank == 0:
+        parts = [torch.empty_like(padded) for _ in range(group.world_size)]
+    dist.gather(padded, parts, dst=0)
+    if parts is None:
+        return None
+    return [part[: int(n)].cpu() for part, n in zip(parts, lengths, strict=True)]
+
+
+def _merge_tables(
+    keys: list[torch.Tensor], counts: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks' sorted ``(key, count)`` tables merged by :meth:`NeuronStats.merge`'s rule (key
+    union, counts summed), keeping the input dtypes."""
+    from neuronspec.capture.stats import _merge_sparse
+
+    merged_keys, merged_counts = _merge_sparse(torch.cat(keys), torch.cat(counts))
+    return merged_keys.to(keys[0].dtype), merged_counts.to(counts[0].dtype)
+
+
+def collect_model(session: SpecSession, model_id: str, group: Group) -> dict:
+    """Fill the cache entry of ``model_id`` (all ranks call this together); a summary."""
+    run = session.config
+    files, corpus = session.files(model_id), session.corpus(model_id)
+    key = stats_cache_key(files.fingerprint, pick_dtype(run.dtype), corpus, run.stats)
+    cache = TensorCache(run.cache_dir)
+    present = torch.zeros(1, dtype=torch.long)
+    if group.rank == 0:
+        try:
+            present[0] = int(cache.load(key) is not None)
+        except CacheCorruptError as error:
+            print(f"{model_id}: recomputing a corrupt entry ({error})", file=sys.stderr)
+    present = _all_reduce(present, dist.ReduceOp.SUM, group)
+    summary = {"model": model_id, "key": key, "entry": str(cache.path_for(key))}
+    if int(present[0]):
+        return {**summary, "computed": False}
+    start = time.perf_counter()
+    loaded = session.model(model_id)
+    shard = shard_of(corpus.analysis, group)  # (n / N, T)
+    stats = collect_stats(
+        loaded, shard, bos_id=corpus.bos_id, config=run.stats, batch_size=run.batch_size
+    )
+    merged = merge_across_ranks(stats, group)
+    if group.rank == 0:
+        cache.save(key, merged, stats.meta())
+    dist.barrier()
+    tokens = int(merged["tokens_by_pos"].sum()) if merged is not None else None
+    return {
+        **summary,
+        "computed": True,
+        "seconds": time.perf_counter() - start,
+        "n_tokens": tokens,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        run = parse_run_config(list(sys.argv[1:] if argv is None else argv))
+    except NeuronSpecError as error:
+        print(f"neuronspec collect: {error}", file=sys.stderr)
+        return 2
+    if run.cache_dir is None:
+        print("neuronspec collect: --neuronspec-cache none leaves nothing to fill", file=sys.stderr)
+        return 2
+    group, created = init_group(run.device)
+    if group.comm_device.type == "cuda":
+        run = dataclasses.replace(run, device=str(group.comm_device))
+    session = SpecSession(run)
+    try:
+        for model_id in run.models:
+            summary = collect_model(session, model_id, group)
+            if group.rank == 0:
+                _report(summary, group)
+            session._models.pop(model_id, None)  # one model in memory at a time
+    except NeuronSpecError as error:
+        print(f"neuronspec collect (rank {group.rank}): {error}", file=sys.stderr)
+        return 1
+    finally:
+        if created:
+            dist.destroy_process_group()
+    return 0
+
+
+def _report(summary: dict, group: Group) -> None:
+    if not summary["computed"]:
+        print(f"{summary['model']}: already cached ({summary['entry']})")
+        return
+    print(
+        f"{summary['model']}: {summary['n_tokens']} tokens on {group.world_size} rank(s) in "
+        f"{summary['seconds']:.1f} s -> {summary['entry']}"
+    )
