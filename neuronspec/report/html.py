@@ -249,13 +249,18 @@ def render_value(name: str, value: Any, tokens: TokenText, *, token: bool = Fals
 # -- sections -----------------------------------------------------------------------------------
 
 
-def _cell(value: Any, path: list[str], token: bool, tokens: TokenText) -> str:
-    """A key-number cell, tagged with its place in the results (checked by the browser test)."""
+def _cell(
+    value: Any, path: list[str], token: bool, tokens: TokenText, *, layers: list[str] | None = None
+) -> str:
+    """A key-number cell, tagged with its place in the results (checked by the browser test);
+    ``layers``: the value is the same at ``path`` with each of these layer keys (path[2])."""
     attributes = (
         f' data-path="{_e(json.dumps(path))}" data-value="{_e(json.dumps(value))}"'
         if _scalar(value) and not isinstance(value, str)
         else ""
     )
+    if attributes and layers:
+        attributes += f' data-layers="{_e(json.dumps(layers))}"'
     return f'<span class="num"{attributes}>{_inline(value, token, tokens)}</span>'
 
 
@@ -294,7 +299,13 @@ def key_numbers(model_id: str, analysis: str, layers: dict[str, Any], tokens: To
             else:
                 row.append(_cell(value, path, is_token_field(f), tokens))
         rows.append(row)
-    same = ", ".join(f"{_e(f)} = {_e(_number(findings[0][f]))}" for f in constant)
+    same = ", ".join(
+        f"{_e(f)} = "
+        + _cell(
+            findings[0][f], [model_id, analysis, per_layer[0], f], False, tokens, layers=per_layer
+        )
+        for f in constant
+    )
     note = f'<p class="same">Same in every layer: {same}</p>' if same else ""
     return note + _table(header, rows, cls="numbers")
 
@@ -331,11 +342,11 @@ def analysis_section(
         parts.append(f'<p class="headline">{_e(headline)}</p>')
     parts.append(key_numbers(model_id, analysis, layers, tokens))
     if "all" in layers:
-        parts.append(render_value(analysis, layers["all"], tokens))
+        parts.append(render_value("", layers["all"], tokens))
     parts.append(_figures(figures))
     details = [
         f"<details><summary>layer {_e(k)}: every value</summary>"
-        f"{render_value(analysis, layers[k], tokens)}</details>"
+        f"{render_value('', layers[k], tokens)}</details>"
         for k in sorted(layers, key=layer_sort_key)
         if k != "all"
     ]
