@@ -133,7 +133,7 @@ def _token(token_id: Any, tokens: TokenText) -> str:
         return _e(_number(token_id))
     return (
         f'<span class="tok" data-token="{token_id}" title="token id {token_id}">'
-        f"{_e(tokens(token_id))}</span>"
+        f"{html.escape(tokens(token_id), quote=False)}</span>"
     )
 
 
@@ -187,7 +187,8 @@ def _table(header: list[str], rows: list[list[str]], *, cls: str = "") -> str:
         if len(rows) > len(shown)
         else ""
     )
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}'
+    table = f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<div class="scroll">{table}</div>{more}'
 
 
 def render_value(name: str, value: Any, tokens: TokenText, *, token: bool = False) -> str:
@@ -282,7 +283,7 @@ def key_numbers(model_id: str, analysis: str, layers: dict[str, Any], tokens: To
         and all(_scalar(x.get(f)) and x.get(f) == findings[0].get(f) for x in findings)
     ]
     columns = [f for f in fields if f not in constant]
-    header = ["layer", *(_e(f) + (" (items)" if _listish(findings, f) else "") for f in columns)]
+    header = ["layer", *(_e(f) for f in columns)]
     rows = []
     for key, finding in zip(per_layer, findings, strict=True):
         row = [_e(key)]
@@ -295,7 +296,8 @@ def key_numbers(model_id: str, analysis: str, layers: dict[str, Any], tokens: To
                     _scalar(v) for v in (value.values() if isinstance(value, dict) else value)
                 )
             ):
-                row.append(_cell(len(value), [*path, "#len"], False, tokens))
+                unit = "keys" if isinstance(value, dict) else "items"
+                row.append(_cell(len(value), [*path, "#len"], False, tokens) + f" {unit}")
             else:
                 row.append(_cell(value, path, is_token_field(f), tokens))
         rows.append(row)
@@ -308,19 +310,6 @@ def key_numbers(model_id: str, analysis: str, layers: dict[str, Any], tokens: To
     )
     note = f'<p class="same">Same in every layer: {same}</p>' if same else ""
     return note + _table(header, rows, cls="numbers")
-
-
-def _listish(findings: list[dict], field: str) -> bool:
-    return any(
-        isinstance(x.get(field), (list, dict))
-        and (
-            len(x[field]) > 6
-            or not all(
-                _scalar(v) for v in (x[field].values() if isinstance(x[field], dict) else x[field])
-            )
-        )
-        for x in findings
-    )
 
 
 def _anchor(*parts: str) -> str:
@@ -481,11 +470,10 @@ def drift_section(drift: list[dict[str, Any]] | None) -> str:
                 for c in entry["changes"]
             ]
             more = entry["n_changes"] - len(entry["changes"])
-            moved = _table(
-                ["value", "stored", "this run", "|Δ|", "rel", "tolerance", "note"],
-                change_rows,
-                cls="drift",
-            )
+            header = ["value", "stored", "this run", "|Δ|", "rel", "tolerance", "note"]
+            if not any(c.get("note") for c in entry["changes"]):
+                header, change_rows = header[:-1], [row[:-1] for row in change_rows]
+            moved = _table(header, change_rows, cls="drift")
             if more > 0:
                 moved += f'<p class="more">… {more} more moved values</p>'
         status_class = {"match": "passed", "within tolerance": "xfailed"}.get(
@@ -562,7 +550,7 @@ table.numbers td{text-align:right;font-variant-numeric:tabular-nums}table.number
 .nodeid{font-family:ui-monospace,monospace;font-size:12px}
 .figures{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;background:#fff;border:1px solid #d5dae3;padding:6px}
 figure img{max-width:540px;height:auto;display:block}figcaption{font-size:11px;color:#4a5568}
-details{margin:4px 0}summary{cursor:pointer;color:#2b4a7a}.nested{margin-left:12px}
+.scroll{max-width:100%;overflow-x:auto}details{margin:4px 0}summary{cursor:pointer;color:#2b4a7a}.nested{margin-left:12px}
 .list{margin:4px 0;font-size:13px}.more{color:#718096;font-size:12px;margin:0 0 8px}
 .counts{font-weight:600}
 """

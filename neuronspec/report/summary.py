@@ -20,8 +20,10 @@ def token_text(tokens: dict[str, str]):
 def _model_line(model_id: str, info: dict[str, Any]) -> str:
     parts = [info.get("model_type"), f"{info['n_layers']} layers" if "n_layers" in info else None]
     if "n_tokens" in info:
-        parts.append(f"{info['n_tokens']:,} tokens of {info.get('corpus', '?')}")
-    return f"{model_id} ({', '.join(p for p in parts if p)})"
+        corpus = f" of {info['corpus']}" if "corpus" in info else ""
+        parts.append(f"{info['n_tokens']:,} tokens{corpus}")
+    described = ", ".join(p for p in parts if p)
+    return f"{model_id} ({described})" if described else model_id
 
 
 def outcome_counts(specs: list[dict[str, Any]]) -> str:
