@@ -71,6 +71,16 @@ def _ngram(layers: dict[str, Any], tokens: TokenText) -> str:
     return text + (f": {shown}" if detected else "")
 
 
+@headline("token_detector_summary", "detected tokens")
+def _token_detector_summary(layers: dict[str, Any], tokens: TokenText) -> str:
+    summary = layers["all"]
+    return (
+        f"distinct tokens with a detector by layer {_by_layer(summary['n_tokens'])}, "
+        f"cumulative {_by_layer(summary['n_tokens_cumulative'])}, "
+        f"new overall {_by_layer(summary['n_new_overall'])}"
+    )
+
+
 @headline("positional")
 def _positional(layers: dict[str, Any], tokens: TokenText) -> str:
     found = _per_layer(layers)
