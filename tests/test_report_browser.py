@@ -27,7 +27,7 @@ from neuronspec.report.results import load_results
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
-pytestmark = pytest.mark.report
+pytestmark = [pytest.mark.report, pytest.mark.xdist_group("report-browser")]  # one spec run
 
 
 @pytest.fixture(scope="module")
