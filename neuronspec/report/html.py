@@ -52,11 +52,11 @@ _TABLE_ROWS = 60  # rows shown of a long table
 
 
 def safe_model_name(model_id: str) -> str:
-    """The model part of a figure's file name (as :func:`neuronspec.plots.figure.plot_path`)."""
-    import re
+    """The model part of a figure's file name, as :func:`neuronspec.plots.figure.plot_path`
+    writes it (that module imports matplotlib only when a figure is drawn)."""
+    from neuronspec.plots.figure import plot_path
 
-    name = Path(model_id).name if ("/" in model_id or "\\" in model_id) else model_id
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+    return plot_path(Path("."), "f", model_id).name[len("f_") : -len(".png")]
 
 
 # -- figures ------------------------------------------------------------------------------------
