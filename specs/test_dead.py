@@ -19,8 +19,9 @@ def test_dead_neurons_per_layer_snapshot(model_id, dead_findings, findings_snaps
     assert summary == findings_snapshot
 
 
-def test_most_neurons_fire(model_id, layer, neuron_stats):
+def test_most_neurons_fire(model_id, layer, neuron_stats, record_property):
     """Hypothesis: with SiLU/GELU gates (firing = gate pre-activation > 0), fewer than half of
     a layer's neurons are dead, unlike the ReLU OPT models of Voita et al."""
     finding = dead_neurons(neuron_stats, layer)
+    record_property("dead_fraction", finding.dead_fraction)  # shown in the report
     assert finding.dead_fraction < 0.5, finding
