@@ -165,6 +165,11 @@ def _add_options(parser: pytest.Parser) -> None:
         default=None,
         help="write every finding of the run to this JSON file",
     )
+    group.addoption(
+        "--neuronspec-report",
+        default=None,
+        help="write the run's HTML report (findings, figures, spec outcomes, drift) to this directory",
+    )
 
 
 def _attention_methods(text: str) -> tuple[str, ...]:
@@ -255,6 +260,10 @@ def pytest_configure(config: pytest.Config) -> None:
     _share_cores_among_workers()
     keep_malloc_heap()
     config.stash[_SESSION_KEY] = SpecSession(_run_config(config))
+    if not hasattr(config, "workeroutput"):  # the reporting process: outcomes, summary, report
+        from neuronspec.report.recorder import NAME, RunRecorder
+
+        config.pluginmanager.register(RunRecorder(config), NAME)
 
 
 def _share_cores_among_workers() -> None:
@@ -400,11 +409,18 @@ def plots_dir(neuronspec_session: SpecSession) -> Path | None:
 
 
 @pytest.fixture
-def findings_snapshot(snapshot):
-    """A syrupy snapshot that compares findings with numeric tolerance."""
+def findings_snapshot(snapshot, request: pytest.FixtureRequest):
+    """A syrupy snapshot that compares findings with numeric tolerance; what moved (within
+    tolerance or not) is recorded for the report. Other tolerances:
+    ``findings_snapshot(extension_class=findings_extension(rel=...))``."""
+    from neuronspec.report.outcomes import DRIFT, snapshot_drift
     from neuronspec.snapshot import FindingsSnapshotExtension
 
-    return snapshot.use_extension(FindingsSnapshotExtension)
+    assertion = snapshot.use_extension(FindingsSnapshotExtension)
+    yield assertion
+    drift = snapshot_drift(assertion, nodeid=request.node.nodeid)
+    if drift:
+        request.node.user_properties.append((DRIFT, json.dumps(drift)))
 
 
 # -- reporting ----------------------------------------------------------------------------------
@@ -415,6 +431,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     if not is_active(item.config):
         return report
+    from neuronspec.report.outcomes import item_properties
+
+    report.user_properties.extend(item_properties(item))  # hypothesis, model, layer: the report
     if call.excinfo is not None and isinstance(call.excinfo.value, NeuronSpecError):
         error = call.excinfo.value
         report.longrepr = f"{item.nodeid}: {type(error).__name__}: {error}"
@@ -442,6 +461,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
         config.workeroutput["neuronspec_results"] = json.dumps(results)
         return
     results = add_neuron_overlap(merge_results([results, *_WORKER_RESULTS]))
+    recorder = config.pluginmanager.get_plugin("neuronspec-run-recorder")
+    if recorder is not None:  # run configuration, spec outcomes, snapshot drift, token texts
+        results = recorder.complete(results, spec_session.config)
     path = config.option.neuronspec_results
     if path:
         write_results(results, Path(path))
@@ -451,3 +473,5 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
 
         write_overlays(results, spec_session.config.plots_dir)
         write_overlap_figures(results, spec_session.config.plots_dir)
+    if recorder is not None:
+        recorder.write_report(results)

@@ -19,10 +19,11 @@ def test_dead_neurons_per_layer_snapshot(model_id, dead_findings, findings_snaps
     assert summary == findings_snapshot
 
 
-def test_few_neurons_are_dead(model_id, layer, neuron_stats):
+def test_few_neurons_are_dead(model_id, layer, neuron_stats, record_property):
     """Hypothesis: with SiLU/GELU gates (firing = gate pre-activation > 0), fewer than 5% of a
     layer's neurons are dead (the README's example spec), unlike the ReLU OPT models of Voita
     et al., where early layers lose most of theirs. Measured on the toy world: at most 1.6%
     (tiny-gpt2 layer 1: 8 of 512), tiny-mamba none."""
     finding = dead_neurons(neuron_stats, layer)
+    record_property("dead_fraction", finding.dead_fraction)  # shown in the report
     assert finding.dead_fraction < 0.05, (finding.n_dead, finding.n_neurons)

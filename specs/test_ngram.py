@@ -24,7 +24,7 @@ def test_token_detectors_snapshot(model_id, ngram_findings, findings_snapshot):
     assert {"summary": summary.to_json(), "layers": layers} == findings_snapshot
 
 
-def test_model_has_token_detecting_neurons(model_id, ngram_findings, request):
+def test_model_has_token_detecting_neurons(model_id, ngram_findings, request, record_property):
     """Voita et al. §4: a trained LM has token-detecting neurons (1–5 tokens covering ≥95% of
     a neuron's firings, each token ≥95% covered)."""
     if model_id == "tiny-mamba":
@@ -36,4 +36,5 @@ def test_model_has_token_detecting_neurons(model_id, ngram_findings, request):
                 "cover 95% of its firings)",
             )
         )
+    record_property("token_detectors_by_layer", [f.n_token_detectors for f in ngram_findings])
     assert sum(f.n_token_detectors for f in ngram_findings) > 0

@@ -25,7 +25,7 @@ def test_positional_neurons_snapshot(model_id, positional_findings, findings_sna
 
 
 def test_positional_neurons_concentrate_in_first_layer_with_learned_positions(
-    model_id, model_files, positional_findings
+    model_id, model_files, positional_findings, record_property
 ):
     """Voita et al. §5: positional neurons live in the early layers. With learned absolute
     position embeddings (GPT-2) the first layer reads position directly, so it should hold
@@ -33,15 +33,19 @@ def test_positional_neurons_concentrate_in_first_layer_with_learned_positions(
     if model_files.model_type != "gpt2":
         pytest.skip("hypothesis about models with learned absolute position embeddings")
     busiest = max(positional_findings, key=lambda f: (f.n_positional, -f.layer))
+    record_property("positional_by_layer", [f.n_positional for f in positional_findings])
     assert busiest.layer == 0 and busiest.n_positional > 0, [
         f.n_positional for f in positional_findings
     ]
 
 
-def test_mamba_first_layer_gate_carries_no_position(model_id, model_files, positional_findings):
+def test_mamba_first_layer_gate_carries_no_position(
+    model_id, model_files, positional_findings, record_property
+):
     """In Mamba the layer-0 gate z = in_proj(RMSNorm(embedding)) is a function of the current
     token alone, so its firing cannot depend on position beyond sampling noise: no neuron of
     layer 0 reaches I > 0.05."""
     if model_files.model_type != "mamba":
         pytest.skip("hypothesis about Mamba's gate")
+    record_property("layer0_positional", positional_findings[0].n_positional)
     assert positional_findings[0].n_positional == 0, positional_findings[0].top_neurons

@@ -18,6 +18,7 @@ from neuronspec.capture.cache import TensorCache, cache_key
 from neuronspec.capture.stats import STATS_FORMAT, WINDOW_MEAN_SITES, NeuronStats, StatsConfig
 from neuronspec.data.corpus import TokenWindows
 from neuronspec.models.registry import LoadedModel
+from neuronspec.progress import progress
 
 
 def model_vocab_size(loaded: LoadedModel) -> int:
@@ -75,8 +76,10 @@ def collect_stats(
         stats.add_layer(layer, pre, value, batch_state["ids"], batch_state["counted"])
 
     device = loaded.device
-    with torch.inference_mode(), adapter.read(targets, on_site):
-        for start in range(0, len(windows), batch_size):
+    starts = range(0, len(windows), batch_size)
+    bar = progress(starts, total=len(starts), desc=f"statistics {loaded.model_id}", unit="batch")
+    with torch.inference_mode(), adapter.read(targets, on_site), bar:
+        for start in bar:
             ids = windows[start : start + batch_size]
             batch_state["counted"] = stats.add_tokens(ids, bos_id)
             batch_state["ids"] = ids

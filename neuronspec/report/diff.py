@@ -1,0 +1,174 @@
+"""``python -m neuronspec diff OLD.json NEW.json``: the findings that changed between two runs.
+
+A finding is one ``model / analysis / layer`` entry of the results files. Each is compared
+leaf by leaf with the snapshots' tolerance (:mod:`neuronspec.report.compare`), and listed as
+
+- ``out of tolerance``: a value moved past the tolerance, or its structure changed;
+- ``removed``: in OLD, not in NEW;
+- ``added``: in NEW, not in OLD;
+- ``within tolerance``: values moved, all within the tolerance.
+
+Unchanged findings are counted, not listed. Exit status: 1 when a finding is out of
+tolerance or removed, 0 otherwise (an added finding is new, not a change), 2 when a file
+cannot be read. ``--markdown`` writes a CI job summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neuronspec.report.compare import Change, changes
+from neuronspec.report.results import ResultsFileError, iter_findings, load_results
+from neuronspec.snapshot import FindingsSnapshotExtension, findings_extension
+
+OUT, REMOVED, ADDED, WITHIN = "out of tolerance", "removed", "added", "within tolerance"
+STATUSES = (OUT, REMOVED, ADDED, WITHIN)
+FAILING = (OUT, REMOVED)
+
+
+@dataclass(frozen=True)
+class FindingDiff:
+    model: str
+    analysis: str
+    layer: str
+    status: str
+    changes: tuple[Change, ...] = ()
+
+    @property
+    def name(self) -> str:
+        layer = "all layers" if self.layer == "all" else f"layer {self.layer}"
+        return f"{self.model} / {self.analysis} / {layer}"
+
+
+@dataclass
+class RunDiff:
+    findings: list[FindingDiff] = field(default_factory=list)
+    n_unchanged: int = 0
+    rel_tol: float = FindingsSnapshotExtension.rel_tol
+    abs_tol: float = FindingsSnapshotExtension.abs_tol
+
+    def of(self, status: str) -> list[FindingDiff]:
+        return [f for f in self.findings if f.status == status]
+
+    @property
+    def failed(self) -> bool:
+        return any(f.status in FAILING for f in self.findings)
+
+
+def diff_results(
+    old: dict[str, Any],
+    new: dict[str, Any],
+    *,
+    extension: FindingsSnapshotExtension | None = None,
+) -> RunDiff:
+    """Compare every finding of two results files (see the module docstring)."""
+    extension = extension if extension is not None else FindingsSnapshotExtension()
+    before = {(m, a, layer): f for m, a, layer, f in iter_findings(old)}
+    after = {(m, a, layer): f for m, a, layer, f in iter_findings(new)}
+    result = RunDiff(rel_tol=extension.rel_tol, abs_tol=extension.abs_tol)
+    for key in sorted(before.keys() | after.keys()):
+        if key not in after:
+            result.findings.append(FindingDiff(*key, REMOVED))
+        elif key not in before:
+            result.findings.append(FindingDiff(*key, ADDED))
+        else:
+            moved = tuple(changes(before[key], after[key], extension=extension))
+            if not moved:
+                result.n_unchanged += 1
+            else:
+                within = all(change.within_tolerance for change in moved)
+                result.findings.append(FindingDiff(*key, WITHIN if within else OUT, moved))
+    order = {status: i for i, status in enumerate(STATUSES)}
+    result.findings.sort(key=lambda f: order[f.status])
+    return result
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def describe_change(change: Change) -> str:
+    text = f"{change.path or '<finding>'}: {format_value(change.old)} → {format_value(change.new)}"
+    extra = []
+    if change.abs_change is not None:
+        extra.append(f"Δ {change.abs_change:.3g}")
+    if change.rel_change is not None:
+        extra.append(f"rel {change.rel_change:.3g}")
+    if change.note:
+        extra.append(change.note)
+    extra.append("within tolerance" if change.within_tolerance else "OUT of tolerance")
+    return f"{text} ({', '.join(extra)})"
+
+
+def _counts(result: RunDiff) -> str:
+    parts = [f"{len(result.of(status))} {status}" for status in STATUSES]
+    return ", ".join([*parts, f"{result.n_unchanged} unchanged"])
+
+
+def format_text(result: RunDiff, *, max_changes: int = 20) -> str:
+    lines = [
+        f"neuronspec diff (rel tol {result.rel_tol:g}, abs tol {result.abs_tol:g}): "
+        + _counts(result)
+    ]
+    for finding in result.findings:
+        lines.append(f"{finding.status.upper():>16}  {finding.name}")
+        for change in finding.changes[:max_changes]:
+            lines.append(f"{'':18}{describe_change(change)}")
+        if len(finding.changes) > max_changes:
+            lines.append(f"{'':18}... and {len(finding.changes) - max_changes} more")
+    return "\n".join(lines) + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def format_markdown(result: RunDiff, *, max_changes: int = 20) -> str:
+    verdict = "❌ findings out of tolerance" if result.failed else "✅ no finding out of tolerance"
+    lines = [
+        f"### neuronspec diff: {verdict}",
+        "",
+        f"Tolerance: rel {result.rel_tol:g}, abs {result.abs_tol:g}. {_counts(result)}.",
+        "",
+    ]
+    if result.findings:
+        lines += ["| status | finding | changes |", "|---|---|---|"]
+        for finding in result.findings:
+            shown = [describe_change(c) for c in finding.changes[:max_changes]]
+            if len(finding.changes) > max_changes:
+                shown.append(f"... and {len(finding.changes) - max_changes} more")
+            lines.append(
+                f"| {finding.status} | {_md(finding.name)} | {_md('<br>'.join(shown)) or '—'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m neuronspec diff",
+        description="List the findings that changed between two results files, with the "
+        "snapshots' tolerance. Exit 1 when a finding is out of tolerance or removed.",
+    )
+    parser.add_argument("old", type=Path, help="results JSON of the earlier run")
+    parser.add_argument("new", type=Path, help="results JSON of the later run")
+    parser.add_argument("--markdown", action="store_true", help="Markdown (CI job summary)")
+    parser.add_argument("--rel", type=float, default=FindingsSnapshotExtension.rel_tol)
+    parser.add_argument("--abs", type=float, default=FindingsSnapshotExtension.abs_tol)
+    parser.add_argument("--max-changes", type=int, default=20, help="changes listed per finding")
+    args = parser.parse_args(argv)
+    try:
+        old, new = load_results(args.old), load_results(args.new)
+        extension = findings_extension(rel=args.rel, abs=args.abs)()
+    except (ResultsFileError, ValueError, TypeError) as error:
+        print(f"neuronspec diff: {error}", file=sys.stderr)
+        return 2
+    result = diff_results(old, new, extension=extension)
+    formatter = format_markdown if args.markdown else format_text
+    sys.stdout.write(formatter(result, max_changes=args.max_changes))
+    return 1 if result.failed else 0
