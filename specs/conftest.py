@@ -165,6 +165,8 @@ def delta_run(neuronspec_session, model_id, neuron_stats, loaded_model, corpus, 
         "variance": {layer: variance_scores(neuron_stats, layer, sets.site) for layer in layers},
         "perturbation": perturbation,
     }
+
+
 @pytest.fixture(scope="session")
 def sparsity_findings(neuronspec_session, model_id, model_files, neuron_stats):
     """METHODS §9 sparsity of every layer, τ = the family default: ``[SparsityLayerFinding]``."""

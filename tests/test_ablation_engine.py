@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from builders import VOCAB, make_mamba, wrap
 from torch import nn
 
 from neuronspec.errors import NeuronSpecError
@@ -19,7 +20,6 @@ from neuronspec.interventions.ablation import (
     random_condition,
 )
 from neuronspec.interventions.perplexity import condition_perplexities, next_token_nll
-from tests.conftest import VOCAB, make_mamba, wrap
 
 
 def _windows(n: int = 6, length: int = 16, seed: int = 1) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from test_ablation_study import _findings, _windows
 
 from neuronspec.analyses.ablation import ablation_study, pruning_study
 from neuronspec.analyses.causal import causal_neurons
@@ -14,7 +15,6 @@ from neuronspec.plots.ablation import (
     plot_cross_layer,
     plot_pruning,
 )
-from tests.test_ablation_study import _findings, _windows
 
 
 def test_figures_render(random_model, tmp_path):

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from builders import VOCAB
 
 from neuronspec.analyses.ablation import (
     ablation_study,
@@ -25,7 +26,6 @@ from neuronspec.interventions.ablation import (
     random_condition,
 )
 from neuronspec.interventions.perplexity import condition_perplexities
-from tests.conftest import VOCAB
 
 
 def _windows(n: int, length: int = 16, seed: int = 1) -> torch.Tensor:

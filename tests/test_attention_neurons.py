@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from builders import VOCAB, make_gpt2, make_mamba, wrap
 
-from conftest import VOCAB, make_gpt2, make_mamba, wrap
 from neuronspec.analyses.attention_neurons import (
     METHODS,
     analyse_attention,

@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 import torch
+from builders import make_gpt2, wrap
 
-from conftest import make_gpt2, wrap
 from neuronspec.capture.runner import cached_stats, collect_stats
 from neuronspec.data.corpus import CorpusConfig, TokenWindows, build_windows, load_corpus_texts
 from neuronspec.errors import CheckpointError, CorpusError, NeuronSpecError

@@ -9,12 +9,12 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import VOCAB, make_gpt2, make_mamba, wrap
 
 from neuronspec.analyses.causal import causal_neurons, single_neuron_sweep, upstream_leaks
 from neuronspec.capture.runner import collect_stats
 from neuronspec.interventions.ablation import AblationEngine
 from neuronspec.models.adapters import adapter_for
-from tests.conftest import VOCAB, make_gpt2, make_mamba, wrap
 
 
 def _windows(n: int, length: int = 16, seed: int = 1) -> torch.Tensor:

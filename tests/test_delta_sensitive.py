@@ -8,8 +8,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+from builders import VOCAB, make_gpt2, make_mamba, wrap
 
-from conftest import VOCAB, make_gpt2, make_mamba, wrap
 from neuronspec.analyses.delta_sensitive import (
     delta_sensitive_layer,
     delta_sensitive_sets,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import VOCAB
 from transformers import MambaConfig, MambaForCausalLM
 
-from conftest import VOCAB
 from neuronspec.analyses.hidden_attention import (
     alpha_gradient,
     channel_chunk,

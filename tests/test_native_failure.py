@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 import torch
+from builders import make_mamba, wrap
 
-from conftest import make_mamba, wrap
 from neuronspec import native
 from neuronspec.capture.runner import collect_stats
 from neuronspec.native import KernelUnavailableError, load_library

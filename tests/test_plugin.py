@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import make_gpt2
 
 import neuronspec
-from conftest import make_gpt2
 
 pytest_plugins = ["pytester"]
 

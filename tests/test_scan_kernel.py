@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_scan import _close, _exact_reference_scan
 
 from neuronspec import native
 from neuronspec.models.kernel import kernel_conv_silu, kernel_scan
 from neuronspec.models.scan import UnsupportedScanInputError, selective_scan
 from neuronspec.native import KernelUnavailableError, load_library
-from tests.test_scan import _close, _exact_reference_scan
 
 TOL = {torch.float32: 1e-6, torch.float64: 1e-13}
 

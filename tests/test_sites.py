@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import VOCAB, make_gpt2, make_mamba
 
-from conftest import VOCAB, make_gpt2, make_mamba
 from neuronspec.errors import LayerOutOfRangeError, NeuronSpecError, UnknownSiteError
 from neuronspec.models.adapters import adapter_for
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from builders import VOCAB, make_gpt2, make_mamba, wrap
 
-from conftest import VOCAB, make_gpt2, make_mamba, wrap
 from neuronspec.analyses.dead import dead_neurons
 from neuronspec.capture.runner import collect_stats
 from neuronspec.capture.stats import PEARSON_CONSTANT_VARIANCE, NeuronStats, StatsConfig

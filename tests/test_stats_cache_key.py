@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import make_mamba, wrap
 
-from conftest import make_mamba, wrap
 from neuronspec import native
 from neuronspec.capture.runner import cached_stats, computation_path, stats_cache_key
 from neuronspec.capture.stats import StatsConfig

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import VOCAB, make_gpt2, make_mamba, wrap
 
-from conftest import VOCAB, make_gpt2, make_mamba, wrap
 from neuronspec.analyses.ngram import ngram_layer_from_stats
 from neuronspec.analyses.positional import positional_layer_from_stats
 from neuronspec.capture.runner import collect_stats

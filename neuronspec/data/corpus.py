@@ -153,6 +153,8 @@ def _check_text_file(path: Path) -> None:
             f"corpus file {path} is not UTF-8 (it ends inside a multi-byte character); "
             "convert it, e.g. `iconv -f LATIN1 -t UTF-8`, or pass another file to --corpus"
         ) from None
+
+
 def is_streamed_corpus(name: str) -> bool:
     """Whether ``--corpus`` names a directory (read as a stream, windows stored in chunks)."""
     return name not in ("toyworld", "wikitext2", "wikitext-2") and Path(name).expanduser().is_dir()

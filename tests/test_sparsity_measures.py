@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from builders import make_gpt2, make_mamba
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import make_gpt2, make_mamba
 from neuronspec.analyses.efficiency import flops_per_token
 from neuronspec.analyses.neuron_overlap import add_neuron_overlap, neuron_overlap_layer
 from neuronspec.analyses.sparsity import (
