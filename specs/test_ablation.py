@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from neuronspec.analyses.ablation import ablation_study, pruning_study, standard_conditions
-from neuronspec.interventions.ablation import corpus_means
+from neuronspec.analyses.delta_sensitive import delta_sensitive_sets
+from neuronspec.interventions.ablation import Condition, corpus_means
 from neuronspec.plots.ablation import plot_ablation, plot_pruning
 from neuronspec.plots.figure import plot_path
 
@@ -16,19 +17,26 @@ pytestmark = pytest.mark.ablation
 
 
 @pytest.fixture(scope="session")
-def sensitive_condition(model_id):
-    """The fifth condition: delta-sensitive Δ channels (``dt`` site, Mamba) or high-variance
-    ``mlp`` neurons (GPT-2), as ``Condition(name, site, {layer: ids})``. None until
-    neuronspec.analyses.delta_sensitive is wired here (mean ablation on ``dt`` also needs
-    the per-channel Δ means passed to ablation_study's ``means``)."""
-    return None
+def sensitive_sets(neuronspec_session, model_id, neuron_stats):
+    """The ``--top-k`` delta-sensitive Δ channels (``dt`` site, Mamba) or high-variance
+    ``mlp`` neurons (GPT-2) of each layer of the run, by the streamed variance score
+    (:func:`~neuronspec.analyses.delta_sensitive.delta_sensitive_sets`)."""
+    config = neuronspec_session.config
+    layers = config.layers_of(neuron_stats.n_layers, model=model_id)
+    return delta_sensitive_sets(neuron_stats, top_k=config.top_k, layers=layers)
 
 
 @pytest.fixture(scope="session")
-def protected_neurons(model_id):
-    """``{layer: mlp neuron ids}`` the pruning never removes (the sensitive set; for Mamba
-    Δ channel c is inner channel c, i.e. mlp neuron c). None until wired, like above."""
-    return None
+def sensitive_condition(sensitive_sets):
+    """The fifth condition, ablated at the site where the set was found."""
+    return Condition(sensitive_sets.kind, sensitive_sets.site, sensitive_sets.by_layer)
+
+
+@pytest.fixture(scope="session")
+def protected_neurons(sensitive_sets):
+    """``{layer: mlp neuron ids}`` the pruning never removes: the sensitive set (Mamba's Δ
+    channel c is inner channel c, i.e. ``mlp`` neuron c)."""
+    return {layer: tuple(ids) for layer, ids in sensitive_sets.by_layer.items()}
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +53,15 @@ def ablation_finding(
     conditions = standard_conditions(
         dead_findings, positional_findings, sensitive=sensitive_condition
     )
-    study = ablation_study(
-        loaded_model, corpus.heldout, conditions, means=corpus_means(neuron_stats)
-    )
+    means = corpus_means(neuron_stats)
+    if sensitive_condition.site != "mlp":  # the Δ channels' corpus means, from the same pass
+        means |= {
+            (sensitive_condition.site, layer): neuron_stats.site_mean(
+                sensitive_condition.site, layer
+            )
+            for layer in sensitive_condition.neurons
+        }
+    study = ablation_study(loaded_model, corpus.heldout, conditions, means=means)
     neuronspec_session.record(model_id, "ablation", study)
     return study
 
@@ -112,8 +126,6 @@ def test_positional_ablation_raises_perplexity_more_than_random(
 def test_sensitive_neurons_matter_more_than_random(model_id, ablation_finding, sensitive_condition):
     """Delta-sensitive (Mamba) / high-variance (GPT-2) neurons raise PPL more than random
     ones: change > control mean + 2 std."""
-    if sensitive_condition is None:
-        pytest.skip("the delta-sensitive / high-variance set is not wired into the study yet")
     found = ablation_finding.condition(sensitive_condition.name)
     assert found.exceeds_control, found
 
