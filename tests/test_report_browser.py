@@ -185,6 +185,8 @@ def test_report_renders_in_chromium_with_the_runs_numbers(spec_run, tmp_path):
         "images"
     ]
     assert errors == []
+    # every analysis of the run has a headline that reads its findings
+    assert "(no headline" not in state["text"]
     # the tables hold the results' numbers: every tagged cell, and the key numbers of each layer
     seen = set()
     for cell in state["cells"]:

@@ -104,6 +104,123 @@ def _neuron_sets(layers: dict[str, Any], tokens: TokenText) -> str:
     return ", ".join(f"{kind} {n}" for kind, n in sorted(sizes.items())) or "none"
 
 
+@headline("delta_sensitive", "delta-sensitive")
+def _delta_sensitive(layers: dict[str, Any], tokens: TokenText) -> str:
+    found = _per_layer(layers)
+    if not found:
+        return "no layers"
+    kind, site = found[0]["kind"], found[0]["site"]
+    overlaps = _by_layer([f["top_overlap"] for f in found])
+    correlations = "/".join(f"{f['rank_correlation']:.2f}" for f in found)
+    return (
+        f"{kind} ({site} site): top-{len(found[0]['top_by_variance'])} by variance per layer; "
+        f"overlap with the perturbation top by layer {overlaps}; rank correlation {correlations}"
+    )
+
+
+@headline("hidden_attention", "hidden attention")
+def _hidden_attention(layers: dict[str, Any], tokens: TokenText) -> str:
+    found = _per_layer(layers)
+    parts = []
+    if found:
+        shares = "/".join(f"{f['diagonal_share']:.2f}" for f in found)
+        parts.append(f"α̃ diagonal share by layer {shares}")
+    for method, fact in sorted(layers.get("all", {}).get("fact_relevance", {}).items()):
+        parts.append(
+            f"{method} relevance subject {fact['mean_subject']:.3g} vs template "
+            f"{fact['mean_template']:.3g} ({fact['n_prompts']} fact prompts)"
+        )
+    return "; ".join(parts) or "recorded"
+
+
+@headline("attention_neurons", "attention neurons")
+def _attention_neurons(layers: dict[str, Any], tokens: TokenText) -> str:
+    found = _per_layer(layers)
+    methods = sorted({method for f in found for method in f})
+    parts = []
+    for method in methods:
+        ratios = [f[method]["diversity"] / f[method]["max_diversity"] for f in found if method in f]
+        parts.append(f"{method} diversity/max {min(ratios):.2f}-{max(ratios):.2f}")
+    return f"{len(found)} layers; " + "; ".join(parts)
+
+
+@headline("ablation")
+def _ablation(layers: dict[str, Any], tokens: TokenText) -> str:
+    study = layers["all"]
+    parts = [f"baseline PPL {study['baseline_ppl']:.4f}"]
+    for c in study["conditions"]:
+        text = f"{c['name']} ({c['n_neurons']}) {100 * c['change']:+.3f}%"
+        control = c.get("control")
+        if control:
+            text += (
+                f" vs random {100 * control['change_mean']:+.3f}% ± "
+                f"{100 * control['change_std']:.3f}%"
+            )
+        parts.append(text)
+    return "; ".join(parts)
+
+
+@headline("pruning")
+def _pruning(layers: dict[str, Any], tokens: TokenText) -> str:
+    found = layers["all"]
+    control = found["control"]
+    return (
+        f"{found['n_pruned']} neurons pruned ({100 * found['ratio']:.0f}% per layer, "
+        f"{found['n_protected']} protected): PPL {100 * found['change']:+.3f}% vs random "
+        f"{100 * control['change_mean']:+.3f}% ± {100 * control['change_std']:.3f}%"
+    )
+
+
+@headline("causal")
+def _causal(layers: dict[str, Any], tokens: TokenText) -> str:
+    found = layers["all"]
+    counts = [len(layer["causal_neurons"]) for layer in found["layers"]]
+    return (
+        f"causal neurons by layer {_by_layer(counts)} (top-{found['top_k']} candidates, "
+        f"{found['method']} intervention on {found['site']})"
+    )
+
+
+@headline("knowledge_neurons", "knowledge neurons")
+def _knowledge_neurons(layers: dict[str, Any], tokens: TokenText) -> str:
+    found = layers["all"]
+    return (
+        f"{found['n_with_refined']} of {found['n_facts']} facts with refined neurons "
+        f"(mean {found['mean_refined_size']:.2f}); suppress {100 * found['mean_suppress_change']:+.2f}% "
+        f"vs control {100 * found['mean_control_suppress_change']:+.2f}%, enhance "
+        f"{100 * found['mean_enhance_change']:+.2f}% vs {100 * found['mean_control_enhance_change']:+.2f}%"
+    )
+
+
+@headline("knowledge_overlap", "knowledge overlap")
+def _knowledge_overlap(layers: dict[str, Any], tokens: TokenText) -> str:
+    found = layers["all"]
+    return (
+        f"Jaccard intra-relation {found['intra_jaccard']:.3f} vs inter-relation "
+        f"{found['inter_jaccard']:.3f}"
+    )
+
+
+@headline("sparsity")
+def _sparsity(layers: dict[str, Any], tokens: TokenText) -> str:
+    found = _per_layer(layers)
+    if not found:
+        return "no layers"
+    gini = "/".join(f"{f['gini']:.3f}" for f in found)
+    hoyer = "/".join(f"{f['hoyer']:.3f}" for f in found)
+    return f"Gini by layer {gini}; Hoyer {hoyer} (τ = {found[0]['tau']:g})"
+
+
+@headline("efficiency")
+def _efficiency(layers: dict[str, Any], tokens: TokenText) -> str:
+    found = layers["all"]
+    flops = found["matmul_flops_per_token"] + found["other_flops_per_token"]
+    return (
+        f"{found['n_parameters']:,} parameters, {flops:,} FLOPs/token, "
+        f"{100 * found['firing_fraction_per_token']:.1f}% of neurons fire per token"
+    )
+
+
 def headlines_of(
     analyses: dict[str, Any], tokens: TokenText
 ) -> tuple[list[tuple[str, str, str]], list[str]]:
