@@ -48,6 +48,7 @@ from neuronspec.interventions.ablation import (
     baseline_condition,
 )
 from neuronspec.models.registry import LoadedModel
+from neuronspec.progress import progress
 
 DEFAULT_METHOD = "zero"  # METHODS §6: "zero (or mean) it at all positions"
 DEFAULT_N_PROMPTS = 8  # held-out windows: 512 positions at T = 64
@@ -119,7 +120,8 @@ def single_neuron_sweep(
     n_layers = engine.adapter.n_layers
     kls: list[float] = []
     changes: list[list[float]] = []
-    for first in range(0, len(neurons), per_forward):
+    firsts = range(0, len(neurons), per_forward)
+    for first in progress(firsts, total=len(firsts), desc="causal sweep", unit="forward"):
         part = neurons[first : first + per_forward]
         conditions = [
             baseline_condition(),

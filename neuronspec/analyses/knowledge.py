@@ -49,6 +49,7 @@ from neuronspec.interventions.integrated_gradients import (
     integrated_gradients,
 )
 from neuronspec.models.adapters import SiteAdapter
+from neuronspec.progress import progress
 
 DEFAULT_THRESHOLD = 0.2  # Dai et al.: t = 0.2 of the prompt's maximum attribution
 DEFAULT_MIN_SHARE = 0.7  # Dai et al.: p = 0.7 of the paraphrase prompts
@@ -246,7 +247,7 @@ def knowledge_neurons(
         raise FactsError("no facts to analyse")
     layers = tuple(range(adapter.n_layers))
     work: list[_FactWork] = []
-    for fact in facts:
+    for fact in progress(facts, total=len(facts), desc="integrated gradients", unit="fact"):
         target, n_tokens = gold_token(tokenizer, fact.answer)
         ids = [prompt_ids(tokenizer, p) for p in fact.prompts]
         attrs = [

@@ -21,6 +21,7 @@ import torch
 
 from neuronspec.findings import Finding
 from neuronspec.interventions.ablation import AblationEngine, Condition, derangement
+from neuronspec.progress import progress
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ def condition_perplexities(
     nll = torch.zeros(len(conditions), dtype=torch.float64)
     donor_of = derangement(n_windows, seed) if engine.method == "resample" else None
     sites = engine.sites_of(conditions)
-    for start in range(0, n_windows, per_chunk):
+    starts = range(0, n_windows, per_chunk)
+    for start in progress(starts, total=len(starts), desc="perplexity", unit="chunk"):
         chunk = windows[start : start + per_chunk]  # (n, T)
         donors = None
         if donor_of is not None and sites:
