@@ -116,6 +116,7 @@ def test_bad_attention_option_is_a_usage_error(pytester, monkeypatch):
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     )
+    pytester.makeini("[pytest]\nneuronspec = true\n")  # a neuronspec project (plugin opt-in)
     pytester.makepyfile("def test_nothing():\n    pass\n")
     result = pytester.runpytest_subprocess("--attention-methods=bogus")
     assert result.ret == pytest.ExitCode.USAGE_ERROR

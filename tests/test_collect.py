@@ -13,11 +13,9 @@ import pytest
 import torch
 
 from neuronspec.capture.cache import TensorCache
-from neuronspec.capture.collect import merge_across_ranks, parse_run_config
-from neuronspec.capture.runner import stats_cache_key
+from neuronspec.capture.collect import entry_key, merge_across_ranks, parse_run_config
 from neuronspec.capture.stats import NeuronStats, merge_rules
 from neuronspec.errors import NeuronSpecError
-from neuronspec.models.registry import pick_dtype
 from neuronspec.session import SpecSession
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,12 +95,7 @@ def test_two_gloo_ranks_equal_one_process_and_the_pytest_pass(collected):
     run = parse_run_config([*OPTIONS, "--neuronspec-cache=none"])
     session = SpecSession(run)
     for model_id in run.models:  # the pytest pass, in this process, no cache
-        key = stats_cache_key(
-            session.files(model_id).fingerprint,
-            pick_dtype(run.dtype),
-            session.corpus(model_id),
-            run.stats,
-        )
+        key = entry_key(session, model_id)
         reference = session.stats(model_id)
         _assert_equal(one[key], two[key])
         _assert_equal(one[key], reference)
@@ -116,6 +109,8 @@ def test_specs_after_collect_run_no_forward(collected, tmp_path):
     (tmp_path / "sentinel_plugin.py").write_text(SENTINEL)
     env_args = [sys.executable, "-m", "pytest", "specs", "-p", "sentinel_plugin"]
     env_args += [
+        "-o",
+        "neuronspec=true",  # the copy has no pyproject: opt in to the plugin
         "-p",
         "no:cacheprovider",
         "-q",

@@ -198,7 +198,7 @@ def test_summary_lines_with_headlines_and_other_analyses():
     results = planted_results()
     entry = results["models"]["m"]
     entry["analyses"]["ngram"] = {"1": {"n_token_detectors": 2, "detected_tokens": [3]}}
-    entry["analyses"]["ablation"] = {"all": {"delta_ppl": 1.5}}
+    entry["analyses"]["my_analysis"] = {"all": {"delta_ppl": 1.5}}  # no headline
     entry["tokens"] = {"3": " Paris"}
     results["specs"] = [{"outcome": "passed"}, {"outcome": "xfailed"}, {"outcome": "passed"}]
     lines = summary_lines(results)
@@ -208,7 +208,7 @@ def test_summary_lines_with_headlines_and_other_analyses():
         == "dead 8 of 32 neurons dead (25.00%), rarely firing 0.00%; dead by layer 2/2/2/2".split()
     )
     assert "2 token-detecting neurons" in lines[2] and "' Paris'" in lines[2]
-    assert lines[3].split() == ["also", "recorded", "ablation"]
+    assert lines[3].split() == ["also", "recorded", "my_analysis"]
     assert lines[4] == "specs: 2 passed, 1 xfailed"
 
 
@@ -256,6 +256,7 @@ def test_snapshot_out(findings_snapshot):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_plugin_records_outcomes_and_snapshot_drift(pytester, monkeypatch, workers):
+    pytester.makeini("[pytest]\nneuronspec = true\n")  # a neuronspec project (plugin opt-in)
     pytester.makepyfile(test_outcomes=OUTCOME_SPECS)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # this checkout's neuronspec in the subprocess
     monkeypatch.setenv("WITHIN", "1.0")
@@ -298,6 +299,7 @@ def test_progress_is_quiet_off_a_terminal_and_in_xdist_workers(monkeypatch):
     stream = io.StringIO()
     monkeypatch.setattr(progress_module, "_stream", stream)
     monkeypatch.delenv("NEURONSPEC_PROGRESS", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # this test may run in one
     assert list(progress_module.progress(range(3), desc="quiet")) == [0, 1, 2]
     assert stream.getvalue() == ""
     monkeypatch.setenv("NEURONSPEC_PROGRESS", "1")

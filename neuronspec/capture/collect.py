@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from neuronspec.capture.cache import TensorCache
-from neuronspec.capture.runner import collect_stats, stats_cache_key
+from neuronspec.capture.runner import collect_stats, computation_path, stats_cache_key
 from neuronspec.capture.stats import NeuronStats, merge_rules
 from neuronspec.errors import CacheCorruptError, NeuronSpecError
 from neuronspec.models.registry import pick_dtype
@@ -75,7 +75,7 @@ def parse_run_config(argv: list[str]) -> RunConfig:
         description="Fill the statistics cache for --models on --corpus (the options of "
         "`pytest specs/`), on one process or data-parallel under torchrun.",
     )
-    plugin.pytest_addoption(_OptionGroup(parser))
+    plugin._add_options(_OptionGroup(parser))  # the options an opted-in spec run has
     args = parser.parse_args(argv)
     try:
         return plugin._run_config(SimpleNamespace(option=args))
@@ -171,11 +171,21 @@ def _merge_tables(
     return merged_keys.to(keys[0].dtype), merged_counts.to(counts[0].dtype)
 
 
+def entry_key(session: SpecSession, model_id: str) -> str:
+    """The statistics cache key the spec run's ``cached_stats`` looks up for ``model_id``."""
+    run, files = session.config, session.files(model_id)
+    dtype = pick_dtype(run.dtype)
+    path = computation_path(
+        device=run.device, dtype=dtype, fast_scan=run.fast_scan, model_type=files.model_type
+    )
+    return stats_cache_key(files.fingerprint, dtype, session.corpus(model_id), run.stats, path)
+
+
 def collect_model(session: SpecSession, model_id: str, group: Group) -> dict:
     """Fill the cache entry of ``model_id`` (all ranks call this together); a summary."""
     run = session.config
-    files, corpus = session.files(model_id), session.corpus(model_id)
-    key = stats_cache_key(files.fingerprint, pick_dtype(run.dtype), corpus, run.stats)
+    corpus = session.corpus(model_id)
+    key = entry_key(session, model_id)
     cache = TensorCache(run.cache_dir)
     present = torch.zeros(1, dtype=torch.long)
     if group.rank == 0:
