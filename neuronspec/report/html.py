@@ -178,8 +178,11 @@ def _numeric_summary(values: list[Any]) -> str:
     )
 
 
-def _table(header: list[str], rows: list[list[str]], *, cls: str = "") -> str:
-    shown = rows[:_TABLE_ROWS]
+def _table(
+    header: list[str], rows: list[list[str]], *, cls: str = "", limit: int | None = _TABLE_ROWS
+) -> str:
+    """An HTML table of the first ``limit`` rows (None: every row) and a count of the rest."""
+    shown = rows if limit is None else rows[:limit]
     head = "".join(f"<th>{h}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in shown)
     more = (
@@ -441,7 +444,12 @@ def specs_section(specs: list[dict[str, Any]]) -> str:
         )
     return (
         f'<section id="specs"><h2>Specs</h2><p class="counts">{_e(outcome_counts(specs))}</p>'
-        + _table(["outcome", "spec", "model", "hypothesis and measured numbers"], rows, cls="specs")
+        + _table(
+            ["outcome", "spec", "model", "hypothesis and measured numbers"],
+            rows,
+            cls="specs",
+            limit=None,  # every spec's outcome
+        )
         + "</section>"
     )
 
@@ -490,7 +498,7 @@ def drift_section(drift: list[dict[str, Any]] | None) -> str:
     return (
         f'<section id="drift"><h2>Snapshot drift</h2><p class="counts">{_e(drift_counts(drift))}'
         " (values compared with the snapshots' tolerance)</p>"
-        + _table(["status", "spec", "moved values", "what moved"], rows, cls="specs")
+        + _table(["status", "spec", "moved values", "what moved"], rows, cls="specs", limit=None)
         + "</section>"
     )
 
