@@ -555,7 +555,8 @@ table.numbers td{text-align:right;font-variant-numeric:tabular-nums}table.number
 .same{color:#4a5568;font-size:12px;margin:4px 0}
 .tok{background:#edf2f7;border:1px solid #cbd5e0;border-radius:3px;padding:0 3px;font-family:ui-monospace,monospace;white-space:pre}
 .measured{color:#2b6cb0}.reason{color:#975a16}.message{display:block;white-space:pre-wrap;font-size:12px;color:#742a2a;max-height:8em;overflow:auto}
-.nodeid{font-family:ui-monospace,monospace;font-size:12px}
+.nodeid{font-family:ui-monospace,monospace;font-size:12px;overflow-wrap:anywhere}
+table.specs td:nth-child(2){max-width:22em}table.specs td:nth-child(4){min-width:28em}
 .figures{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;background:#fff;border:1px solid #d5dae3;padding:6px}
 figure img{max-width:540px;height:auto;display:block}figcaption{font-size:11px;color:#4a5568}
 .scroll{max-width:100%;overflow-x:auto}details{margin:4px 0}summary{cursor:pointer;color:#2b4a7a}.nested{margin-left:12px}
