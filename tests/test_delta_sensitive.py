@@ -186,25 +186,3 @@ def test_perturbation_score_by_hand_on_gpt2_mlp():
     np.testing.assert_allclose(scores[1], (total / 6).numpy(), rtol=1e-5, atol=1e-7)
     stats = collect_stats(loaded, windows, bos_id=None)
     assert delta_sensitive_sets(stats, top_k=3).kind == "high_variance"
-
-
-def test_a_read_of_dt_hands_its_delta_to_the_fast_scan():
-    """A read of ``dt`` computes Δ once: the fast scan of the same forward takes the read
-    tensor (changing it in the callback acts like a patch) and drops it afterwards."""
-    from neuronspec.models.adapters import DT_READ
-
-    loaded = wrap(use_fast_scan(make_mamba(seed=3)), "random-mamba")
-    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-    model, adapter = loaded.model, loaded.adapter
-    with torch.no_grad():
-        plain = model(input_ids=ids, use_cache=False).logits
-        with adapter.read([("dt", 1)], lambda site, layer, value: None):
-            read = model(input_ids=ids, use_cache=False).logits
-        with adapter.read([("dt", 1)], lambda site, layer, value: value.mul_(0.5)):
-            halved_in_read = model(input_ids=ids, use_cache=False).logits
-        with adapter.patch("dt", 1, lambda delta: delta * 0.5):
-            halved_by_patch = model(input_ids=ids, use_cache=False).logits
-    torch.testing.assert_close(read, plain, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(halved_in_read, halved_by_patch, rtol=1e-6, atol=1e-6)
-    assert (halved_in_read - plain).abs().max() > 1e-4
-    assert all(DT_READ not in m.mixer.__dict__ for m in model.backbone.layers)

@@ -260,30 +260,12 @@ class MambaAdapter(SiteAdapter):
                 lambda xz, z: torch.cat([xz[..., :d_inner], z], dim=-1),
             )
         if site == "dt":
-            return _Hook(mixer.x_proj, False, lambda out: read_delta(mixer, out), None)
+            return _Hook(mixer.x_proj, False, lambda out: mamba_delta(mixer, out), None)
         return _Hook(block, False, identity, replace)
 
 
 DT_PATCHES = "_neuronspec_dt_patches"
 """Attribute of a ``MambaMixer``: the list of active Δ patches, applied in order."""
-DT_READ = "_neuronspec_dt_read"
-"""Attribute of a fast-scan ``MambaMixer``: ``(x_proj output, Δ)`` of a read of site ``dt`` in
-the current forward; the fast scan takes this Δ instead of computing it again."""
-
-
-def read_delta(mixer: nn.Module, x_proj_out: torch.Tensor) -> torch.Tensor:
-    """Δ ``(B, L, d_inner)`` for a read of site ``dt`` (:func:`mamba_delta`). On the fast scan
-    it is kept on the mixer (:data:`DT_READ`) for the scan of the same forward, which then
-    skips its own W_dt product and softplus (and pops it)."""
-    from neuronspec.models.scan import is_fast_mixer
-
-    kept = mixer.__dict__.get(DT_READ)
-    if kept is not None and kept[0] is x_proj_out:
-        return kept[1]
-    delta = mamba_delta(mixer, x_proj_out)
-    if is_fast_mixer(mixer):
-        mixer.__dict__[DT_READ] = (x_proj_out, delta)
-    return delta
 
 
 def mamba_delta(mixer: nn.Module, x_proj_out: torch.Tensor) -> torch.Tensor:

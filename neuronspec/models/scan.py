@@ -86,7 +86,7 @@ from transformers.models.mamba import modeling_mamba
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from neuronspec.errors import NeuronSpecError
-from neuronspec.models.adapters import DT_PATCHES, DT_READ, mamba_delta
+from neuronspec.models.adapters import DT_PATCHES, mamba_delta
 from neuronspec.models.kernel import kernel_conv_silu, kernel_scan
 from neuronspec.native import kernels_available, load_library
 
@@ -454,19 +454,15 @@ def _fast_full_sequence(self: MambaMixer, hidden_states, cache_params, attention
     time_step, B, C = torch.split(
         projected_x, [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
     )  # (B, L, R), (B, L, N), (B, L, N)
-    read = self.__dict__.pop(DT_READ, None)  # Δ a read of site dt computed in this forward
-    if read is not None and read[0] is projected_x:
-        time_step, time_proj_bias, delta_softplus = read[1], None, False  # (B, L, d)
-    elif getattr(self, DT_PATCHES, None):
+    # The reference computes dt_proj.weight @ time_stepᵀ, (B, d, L); the same products
+    # batch-major, so nothing needs transposing back.
+    time_step = time_step @ self.dt_proj.weight.t()  # (B, L, d)
+    time_proj_bias = self.dt_proj.bias.float() if self.dt_proj.bias is not None else None
+    delta_softplus = True
+    if getattr(self, DT_PATCHES, None):
         # a patch of site dt is active: the scan takes the patched Δ itself (adapters.py)
         time_step = mamba_delta(self, projected_x)  # (B, L, d), softplus and patches applied
         time_proj_bias, delta_softplus = None, False
-    else:
-        # The reference computes dt_proj.weight @ time_stepᵀ, (B, d, L); the same products
-        # batch-major, so nothing needs transposing back.
-        time_step = time_step @ self.dt_proj.weight.t()  # (B, L, d)
-        time_proj_bias = self.dt_proj.bias.float() if self.dt_proj.bias is not None else None
-        delta_softplus = True
     D = self.D.float()  # (d,)
     z = gate.transpose(1, 2)  # (B, L, d)
     dtype_scan = _check_inputs(
