@@ -42,6 +42,7 @@ from neuronspec.errors import NeuronSpecError
 __all__ = ["KernelUnavailableError", "kernels_available", "load_library"]
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("scan.c", "stats.c", "sparsity.c"))
+HEADERS = (Path(__file__).with_name("fastmath.h"),)  # included by the sources: in the build key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fopenmp")
 ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 8, "neuronspec_sparsity_abi": 1}
 
@@ -226,7 +227,12 @@ def _load() -> ctypes.CDLL:
     cc = _compiler()
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=False)
     ident = "\n".join(
-        [*(s.read_text() for s in SOURCES), " ".join(FLAGS), version.stdout, _cpu_fingerprint()]
+        [
+            *(s.read_text() for s in (*SOURCES, *HEADERS)),
+            " ".join(FLAGS),
+            version.stdout,
+            _cpu_fingerprint(),
+        ]
     ).encode()
     key = hashlib.sha256(ident).hexdigest()[:16]
     path = _build(cc, key)

@@ -24,27 +24,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef int64_t i64;
+#include "fastmath.h"
 
-/* log2(x) for normal x > 0, about 1e-7 absolute error (as in stats.c); finite for 0 and
- * subnormals (callers multiply it by x there, or bin those below `lo`). */
-static inline float sp_log2(float x) {
-    int32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    const int32_t big = (bits & 0x007fffff) > 0x003504f3;
-    const int32_t mbits = (bits & 0x007fffff) | (big ? 0x3f000000 : 0x3f800000);
-    float m;
-    memcpy(&m, &mbits, sizeof m);
-    const float e = (float)(((bits >> 23) & 0xff) - 127 + big);
-    const float s = (m - 1.0f) / (m + 1.0f);
-    const float s2 = s * s;
-    float p = 1.0f / 9.0f;
-    p = p * s2 + 1.0f / 7.0f;
-    p = p * s2 + 1.0f / 5.0f;
-    p = p * s2 + 1.0f / 3.0f;
-    p = p * s2 + 1.0f;
-    return e + 2.0f * s * p * 1.44269504088896341f;
-}
+typedef int64_t i64;
 
 #define LANES 8  /* float64 partial sums per quantity */
 #define HLANES 4 /* sketch copies */
@@ -130,7 +112,7 @@ int neuronspec_token_sparsity_f32(
                 for (; w + LANES <= W; w += LANES) {
                     for (int j = 0; j < LANES; j++) {
                         const float m = fabsf(a[w + j]);
-                        const float l = sp_log2(m);
+                        const float l = log2_pos(m);
                         s1v[j] += (double)m;
                         s2v[j] += (double)m * (double)m;
                         slv[j] += (double)m * (double)l;
@@ -140,14 +122,14 @@ int neuronspec_token_sparsity_f32(
                     const float m = fabsf(a[w]);
                     s1v[0] += (double)m;
                     s2v[0] += (double)m * (double)m;
-                    slv[0] += (double)m * (double)sp_log2(m);
+                    slv[0] += (double)m * (double)log2_pos(m);
                 }
                 for (w = 0; w < W; w++) {
                     const float m = fabsf(a[w]);
                     uint32_t bits;
                     memcpy(&bits, &m, sizeof bits);
                     keys[w] = bits;
-                    float index = sp_log2(m) * per_log2 + offset;
+                    float index = log2_pos(m) * per_log2 + offset;
                     index = index >= 1.0f ? index : 1.0f; /* NaN -> 1 */
                     index = index <= top ? index : top;
                     int32_t k = (int32_t)index; /* index >= 1: truncation is floor */

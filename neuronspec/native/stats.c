@@ -32,28 +32,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef int64_t i64;
+#include "fastmath.h"
 
-/* log2(x) for normal x > 0 (callers bin x < hist_min >= FLT_MIN apart), about 1e-7
- * absolute error: x = 2^e · m with m in [√½, √2), log m = 2 atanh(s),
- * s = (m - 1) / (m + 1), |s| <= 0.172. */
-static inline float log2_pos(float x) {
-    int32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    const int32_t big = (bits & 0x007fffff) > 0x003504f3; /* mantissa above √2 */
-    const int32_t mbits = (bits & 0x007fffff) | (big ? 0x3f000000 : 0x3f800000);
-    float m;
-    memcpy(&m, &mbits, sizeof m);
-    const float e = (float)(((bits >> 23) & 0xff) - 127 + big);
-    const float s = (m - 1.0f) / (m + 1.0f);
-    const float s2 = s * s;
-    float p = 1.0f / 9.0f;
-    p = p * s2 + 1.0f / 7.0f;
-    p = p * s2 + 1.0f / 5.0f;
-    p = p * s2 + 1.0f / 3.0f;
-    p = p * s2 + 1.0f;
-    return e + 2.0f * s * p * 1.44269504088896341f;
-}
+typedef int64_t i64;
 
 /* The histogram is counted in HIST_LANES interleaved uint32 copies (element w into copy
  * w % HIST_LANES): neighbouring activations often share a bin, and one copy would chain
