@@ -65,6 +65,10 @@ def test_stats_equal_dense_recomputation(random_model, backend):
         rebuilt = np.zeros_like(dense)
         rebuilt[neuron, token] = count
         np.testing.assert_array_equal(rebuilt, dense)
+        # the layer's sorted table is not kept after the read; a second read rebuilds it
+        assert layer_stats.pairs._table is None
+        for again, first in zip(stats.unigram_table(layer), (neuron, token, count), strict=True):
+            np.testing.assert_array_equal(again, first)
         # Pearson column: per-window |r| against numpy's corrcoef
         a = act.double().numpy()
         expected = np.zeros(act.shape[-1])

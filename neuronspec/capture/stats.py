@@ -417,6 +417,10 @@ class _UnigramCounter:
         tokens, rows = torch.sort(self.row_tokens[: self.n_rows])
         return rows, tokens
 
+    def release_table(self) -> None:
+        """Drop the memoised :meth:`table` (its memory); the next call builds it again."""
+        self._table = None
+
     def table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All counts as sorted unique ``(key = neuron·V + token, count)``: int32 when every
         key fits (``W·V < 2^31``; counts always fit, a shard has fewer than 2^31 tokens),
@@ -924,12 +928,20 @@ class NeuronStats:
 
     # -- views for analyses ----------------------------------------------------------------------
     def unigram_table(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sparse unigram firings of ``layer``: ``(neuron, token, count)`` sorted by (neuron, token)."""
+        """Sparse unigram firings of ``layer``: ``(neuron, token, count)`` sorted by (neuron, token).
+
+        The arrays are the caller's own; the layer's sorted table is then released (not
+        memoised for the session: at a large corpus it is ~8 bytes per (neuron, token) pair
+        and layer), so a second read of the same layer builds it again."""
         if not self.config.unigrams:
             raise NeuronSpecError("these statistics were collected without unigram counts")
-        keys, counts = self.layer(layer).pairs.table()
-        keys = keys.numpy().astype(np.int64)  # stored as int32 where keys fit
-        return keys // self.vocab_size, keys % self.vocab_size, counts.numpy().astype(np.int64)
+        pairs = self.layer(layer).pairs
+        keys, counts = pairs.table()
+        keys = keys.numpy().astype(np.int64)  # stored as int32 where keys fit: a copy
+        neuron, token = keys // self.vocab_size, keys % self.vocab_size
+        count = counts.numpy().astype(np.int64)  # a copy
+        pairs.release_table()
+        return neuron, token, count
 
     def trigram_occurrences(self) -> tuple[np.ndarray, np.ndarray]:
         """Occurrences of each trigram at counted positions: ``(key, count)`` sorted by key."""
