@@ -244,7 +244,7 @@ def test_rejects_unsupported_inputs():
     A = -torch.ones(4, 2)
     B = torch.randn(1, 2, 5)
     with pytest.raises(UnsupportedScanInputError, match="float32 and float64"):
-        selective_scan(x.half(), x.half(), A, B, B)
+        selective_scan(x.int(), x.int(), A, B, B)
     with pytest.raises(UnsupportedScanInputError, match="B must have shape"):
         selective_scan(x, x, A, B[:, :1], B)
     with pytest.raises(UnsupportedScanInputError, match="empty sequence"):
@@ -252,6 +252,22 @@ def test_rejects_unsupported_inputs():
     with pytest.raises(NeuronSpecError, match="no transformers MambaMixer"):
         use_fast_scan(torch.nn.Linear(2, 2))
     assert not is_fast_scan_enabled(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_scan_in_float32(dtype):
+    """A bfloat16 / float16 Mamba runs the fast scan in float32: its logits are no further
+    from the float32 model's than the reference path's own half-precision logits are."""
+    ids = torch.randint(0, 97, (2, 37), generator=torch.Generator().manual_seed(3))
+    exact = _run(_model(torch.float32), ids, fast=False, backward=False)["logits"]
+    half = _model(torch.float32).to(dtype)
+    fast_run = _run(half, ids, fast=True, backward=False)
+    assert fast_run["1.out_proj.in"].dtype == dtype  # the mixer hands on half precision
+    fast = fast_run["logits"]
+    reference = _run(half, ids, fast=False, backward=False)["logits"]
+    fast_error = (fast.float() - exact).abs().max()
+    reference_error = (reference.float() - exact).abs().max()
+    assert 0 < fast_error <= 1.5 * reference_error, (fast_error, reference_error)
 
 
 def test_padding_mask_matches_reference():

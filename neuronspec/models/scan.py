@@ -47,7 +47,8 @@ Backward (reverse scan). With ``G_t = ∂loss/∂h_t`` accumulated from the futu
     ∂A[c, n] = Σ_{b, t} W_t[c, n] Δ_t[c]
 
 Precision. Computation happens in the promoted dtype of the inputs (float32 or
-float64 only). transformers' reference scan casts ``B`` and ``x`` to float32 inside
+float64); bfloat16 and float16 inputs are scanned in float32 (as mamba_ssm's kernels do)
+and the mixer casts the result back to the model's dtype. transformers' reference scan casts ``B`` and ``x`` to float32 inside
 ``Δ·B·x`` (``.float()``) even for a float64 model; this scan does not, so in float64 it
 agrees with the reference only to ~1e-7 relative, and with an exact float64 scan to
 rounding. ``A``, ``D`` and ``delta_bias`` reach the scan as float32 in both paths
@@ -110,7 +111,8 @@ BACKENDS = ("auto", "kernel", "chunked")
 ``chunked``: the differentiable chunked torch scan below; ``auto``: the kernel when no
 gradient is needed on the CPU and it builds, else chunked."""
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float64)
+_SUPPORTED_DTYPES = (torch.float32, torch.float64)  # the kernels' and the scan's arithmetic
+_HALF_DTYPES = (torch.bfloat16, torch.float16)  # accepted as inputs, scanned in float32
 _LOG2_E = 1.0 / math.log(2.0)
 
 
@@ -125,11 +127,11 @@ def _check_inputs(x, dt, A, B, C, D, z, delta_bias) -> torch.dtype:
             continue
         if not isinstance(t, torch.Tensor):
             raise UnsupportedScanInputError(f"selective_scan: {name} must be a tensor, got {t!r}")
-        if t.dtype not in _SUPPORTED_DTYPES:
+        if t.dtype not in _SUPPORTED_DTYPES + _HALF_DTYPES:
             raise UnsupportedScanInputError(
-                f"selective_scan: {name} has dtype {t.dtype}; only float32 and float64 are "
-                "supported (convert the model with .float() or .double(), or call "
-                "use_fast_scan(model, False) for the reference path)"
+                f"selective_scan: {name} has dtype {t.dtype}; float32 and float64 are "
+                "supported, bfloat16 and float16 are scanned in float32 (convert the model, "
+                "or call use_fast_scan(model, False) for the reference path)"
             )
         if t.device != x.device:
             raise UnsupportedScanInputError(
@@ -163,7 +165,7 @@ def _check_inputs(x, dt, A, B, C, D, z, delta_bias) -> torch.dtype:
     dtype = x.dtype
     for t in (dt, A, B, C):
         dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
 def selective_scan(
@@ -184,7 +186,8 @@ def selective_scan(
     """Selective scan with the semantics of transformers' ``mamba_selective_scan``.
 
     Shapes: x, dt, z ``(B, d, L)``; A ``(d, N)``; B, C ``(B, N, L)``; D, delta_bias ``(d,)``.
-    Returns ``(B, d, L)`` in the promoted dtype of x, dt, A, B, C (float32 or float64),
+    Returns ``(B, d, L)`` in the promoted dtype of x, dt, A, B, C (float32 or float64;
+    float32 for bfloat16 or float16 inputs),
     i.e. ``(y + D·x) · SiLU(z)`` with ``y`` from eq. 2a/2b (module docstring), the skip
     and the gate only when D and z are given. With ``return_last_state`` also returns
     ``h_L``, ``(B, d, N)``, as the reference does. Differentiable w.r.t. every tensor
