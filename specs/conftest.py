@@ -14,6 +14,25 @@ from neuronspec.analyses.efficiency import efficiency, measure_throughput
 from neuronspec.analyses.ngram import ngram_layer_from_stats, summarise_token_detectors
 from neuronspec.analyses.positional import positional_layer_from_stats
 from neuronspec.analyses.sparsity import default_tau, sparsity_all_layers
+from neuronspec.session import RunConfig
+
+SELECTION_OPTIONS = {"layers": "--layers", "top_k": "--top-k", "pruning_ratio": "--pruning-ratio"}
+
+
+@pytest.fixture(scope="session")
+def default_selection(neuronspec_session):
+    """Skip a snapshot spec when the run selects other layers, top-k or pruning ratio than
+    the defaults its snapshot was taken with (its findings would differ by construction).
+    Name it first among a spec's fixtures, so the skip comes before the costly ones."""
+    config = neuronspec_session.config
+    changed = [
+        option
+        for field, option in SELECTION_OPTIONS.items()
+        if getattr(config, field) != RunConfig.__dataclass_fields__[field].default
+    ]
+    if changed:
+        pytest.skip(f"the snapshot holds the default selection; run without {', '.join(changed)}")
+
 
 RARE_CUTOFF = 0.05  # METHODS §2: rarely firing is 0 < frequency < 0.05
 

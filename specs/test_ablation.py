@@ -130,7 +130,7 @@ def test_sensitive_neurons_matter_more_than_random(model_id, ablation_finding, s
     assert found.exceeds_control, found
 
 
-def test_ablation_table_snapshot(model_id, ablation_finding, findings_snapshot):
+def test_ablation_table_snapshot(model_id, default_selection, ablation_finding, findings_snapshot):
     """Condition sizes, PPLs and their random controls must not drift."""
     table = {
         "baseline_ppl": ablation_finding.baseline_ppl,
@@ -165,7 +165,7 @@ def test_pruning_by_priority_hurts_less_than_random(request, model_id, pruning_f
     assert pruning_finding.change < control.change_mean - 2 * control.change_std, pruning_finding
 
 
-def test_pruning_snapshot(model_id, pruning_finding, findings_snapshot):
+def test_pruning_snapshot(model_id, default_selection, pruning_finding, findings_snapshot):
     summary = {
         "ratio": pruning_finding.ratio,
         "n_pruned": pruning_finding.n_pruned,

@@ -56,11 +56,9 @@ def test_rollout_rows_are_distributions(model_id, attention_run):
 
 
 def test_attention_neuron_summaries_snapshot(
-    model_id, attention_run, findings_snapshot, neuronspec_session
+    model_id, default_selection, attention_run, findings_snapshot
 ):
     """Per (method, layer): neurons analysed, top neurons, diversity, must not drift."""
-    if neuronspec_session.config.layers is not None:
-        pytest.skip("the snapshot holds every layer; run without --layers to compare it")
     summary = [
         {
             "method": f.method,

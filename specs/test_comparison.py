@@ -142,7 +142,7 @@ def overlap_findings(
     ]
 
 
-def test_neuron_overlap_snapshot(model_id, overlap_findings, findings_snapshot):
+def test_neuron_overlap_snapshot(model_id, default_selection, overlap_findings, findings_snapshot):
     """Sizes, intersections and Jaccard of dead, rarely firing, token-detecting and positional
     neurons per layer must not drift."""
     assert [f.to_json() for f in overlap_findings] == findings_snapshot

@@ -7,10 +7,8 @@ import pytest
 pytestmark = pytest.mark.delta
 
 
-def test_delta_sensitive_snapshot(model_id, delta_run, findings_snapshot, neuronspec_session):
+def test_delta_sensitive_snapshot(model_id, default_selection, delta_run, findings_snapshot):
     """The top channels by variance across texts and by token-substitution perturbation."""
-    if neuronspec_session.config.layers is not None:
-        pytest.skip("the snapshot holds every layer; run without --layers to compare it")
     summary = [
         {
             "layer": f.layer,

@@ -65,7 +65,9 @@ def knowledge_findings(request, neuronspec_session, model_id, loaded_model):
     return summary, overlaps
 
 
-def test_knowledge_neurons_snapshot(model_id, knowledge_findings, findings_snapshot):
+def test_knowledge_neurons_snapshot(
+    model_id, default_selection, knowledge_findings, findings_snapshot
+):
     """Refined-set sizes per fact and layer, the intervention means and the overlaps must not drift."""
     summary, overlaps = knowledge_findings
     finding = {
