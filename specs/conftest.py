@@ -136,7 +136,21 @@ def attention_run(neuronspec_session, model_id, loaded_model, corpus, request):
 
 
 @pytest.fixture(scope="session")
-def delta_run(neuronspec_session, model_id, neuron_stats, loaded_model, corpus, request):
+def sensitive_sets(neuronspec_session, model_id, neuron_stats):
+    """The ``--top-k`` delta-sensitive Δ channels (``dt`` site, Mamba) or high-variance
+    ``mlp`` neurons (GPT-2) of each layer of the run, by the streamed variance score
+    (:func:`~neuronspec.analyses.delta_sensitive.delta_sensitive_sets`)."""
+    from neuronspec.analyses.delta_sensitive import delta_sensitive_sets
+
+    config = neuronspec_session.config
+    layers = config.layers_of(neuron_stats.n_layers, model=model_id)
+    return delta_sensitive_sets(neuron_stats, top_k=config.top_k, layers=layers)
+
+
+@pytest.fixture(scope="session")
+def delta_run(
+    neuronspec_session, model_id, neuron_stats, sensitive_sets, loaded_model, corpus, request
+):
     """Delta-sensitive (Mamba ``dt``) or high-variance (GPT-2 ``mlp``) channels per layer:
     ``{"findings": [DeltaSensitiveFinding], "variance": {layer: (W,)}, "perturbation":
     {layer: (W,)}}``; recorded under ``delta_sensitive`` and as neuron sets."""
@@ -144,14 +158,13 @@ def delta_run(neuronspec_session, model_id, neuron_stats, loaded_model, corpus, 
         DEFAULT_SEED,
         DEFAULT_SUBSTITUTIONS,
         delta_sensitive_layer,
-        delta_sensitive_sets,
         perturbation_scores,
         variance_scores,
     )
 
     config = neuronspec_session.config
-    layers = config.layers_of(neuron_stats.n_layers, model=model_id)
-    sets = delta_sensitive_sets(neuron_stats, top_k=config.top_k, layers=layers)
+    sets = sensitive_sets
+    layers = list(sets.by_layer)
     prompts = corpus.analysis[: request.config.option.delta_prompts]
     perturbation = perturbation_scores(
         loaded_model,

@@ -8,22 +8,11 @@ from __future__ import annotations
 import pytest
 
 from neuronspec.analyses.ablation import ablation_study, pruning_study, standard_conditions
-from neuronspec.analyses.delta_sensitive import delta_sensitive_sets
 from neuronspec.interventions.ablation import Condition, corpus_means
 from neuronspec.plots.ablation import plot_ablation, plot_pruning
 from neuronspec.plots.figure import plot_path
 
 pytestmark = pytest.mark.ablation
-
-
-@pytest.fixture(scope="session")
-def sensitive_sets(neuronspec_session, model_id, neuron_stats):
-    """The ``--top-k`` delta-sensitive Δ channels (``dt`` site, Mamba) or high-variance
-    ``mlp`` neurons (GPT-2) of each layer of the run, by the streamed variance score
-    (:func:`~neuronspec.analyses.delta_sensitive.delta_sensitive_sets`)."""
-    config = neuronspec_session.config
-    layers = config.layers_of(neuron_stats.n_layers, model=model_id)
-    return delta_sensitive_sets(neuron_stats, top_k=config.top_k, layers=layers)
 
 
 @pytest.fixture(scope="session")
