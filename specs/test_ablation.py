@@ -42,14 +42,7 @@ def ablation_finding(
     conditions = standard_conditions(
         dead_findings, positional_findings, sensitive=sensitive_condition
     )
-    means = corpus_means(neuron_stats)
-    if sensitive_condition.site != "mlp":  # the Δ channels' corpus means, from the same pass
-        means |= {
-            (sensitive_condition.site, layer): neuron_stats.site_mean(
-                sensitive_condition.site, layer
-            )
-            for layer in sensitive_condition.neurons
-        }
+    means = corpus_means(neuron_stats)  # mlp, and dt (the Δ channels) for Mamba
     study = ablation_study(loaded_model, corpus.heldout, conditions, means=means)
     neuronspec_session.record(model_id, "ablation", study)
     return study

@@ -64,6 +64,11 @@ def test_corpus_means_equal_mean_of_captured_activations(random_model, stats):
     captured = random_model.adapter.capture(windows, [("mlp", 1)])[("mlp", 1)]  # (n, T, W)
     expected = captured.double().mean((0, 1))
     torch.testing.assert_close(corpus_means(stats)[("mlp", 1)], expected, rtol=1e-5, atol=1e-6)
+    if "dt" in random_model.adapter.sites:  # Mamba: the Δ channels' means, from the pass too
+        delta = random_model.adapter.capture(windows, [("dt", 1)])[("dt", 1)]
+        torch.testing.assert_close(
+            corpus_means(stats)[("dt", 1)], delta.double().mean((0, 1)), rtol=1e-5, atol=1e-6
+        )
     manual = (captured.double() ** 2).mean((0, 1)) - expected**2
     torch.testing.assert_close(intervention_size(stats, 1, "mean"), manual, rtol=1e-4, atol=1e-6)
 

@@ -13,8 +13,9 @@ Methods (the value an ablated neuron n of layer l takes at every position p of a
 
 - ``zero``: 0.
 - ``mean``: μ_n, the neuron's mean over all tokens of the *analysis* windows, from the
-  cached statistics (:func:`corpus_means`: ``act_sum / n_tokens`` of the ``mlp`` site);
-  the caller passes means for other sites (none are cached for them).
+  cached statistics (:func:`corpus_means`: ``act_sum / n_tokens`` of the ``mlp`` site, and
+  the window-mean moments of the other sites the pass collects, e.g. Mamba's ``dt``);
+  the caller passes means for sites the statistics do not hold.
   Mean ablation of ``mlp`` neurons equals deleting them and adding μ_n · w_out,n to the
   output projection's bias (the weight-edit identity, tested for GPT-2 and Mamba).
 - ``resample``: the value the *unablated* model gives the same neuron, at the same
@@ -128,14 +129,20 @@ def random_condition(
 
 
 def corpus_means(stats: NeuronStats) -> dict[SiteLayer, torch.Tensor]:
-    """Per-neuron means μ_n of the ``mlp`` site over all tokens of the analysis windows,
-    from the cached statistics: ``{("mlp", layer): (W,) float64}``."""
+    """Per-neuron means μ_n over all tokens of the analysis windows, from the cached
+    statistics: ``{(site, layer): (W,) float64}`` for the ``mlp`` site of every layer and
+    for every other site with window-mean moments (e.g. ``dt``; equal-length windows, so
+    the mean of window means is the token mean)."""
     n_tokens = stats.n_tokens
     if n_tokens <= 0:
         raise AblationError("the statistics hold no tokens; mean ablation needs corpus means")
-    return {
+    means = {
         ("mlp", layer): stats.layer(layer).act_sum / n_tokens for layer in range(stats.n_layers)
     }
+    for site, layer in stats.window_means:
+        if site != "mlp":
+            means[(site, layer)] = stats.site_mean(site, layer)
+    return means
 
 
 def derangement(n: int, seed: int) -> torch.Tensor:
@@ -196,8 +203,8 @@ class AblationEngine:
                 if self.method == "mean" and (condition.site, layer) not in self.means:
                     raise AblationError(
                         f"mean ablation of site {condition.site!r} layer {layer} needs its "
-                        "per-neuron means; the statistics cache holds them for 'mlp' only "
-                        "(corpus_means(stats)); pass means={(site, layer): tensor} for others"
+                        "per-neuron means; corpus_means(stats) has those the statistics hold "
+                        "(mlp, and dt for Mamba); pass means={(site, layer): tensor} for others"
                     )
 
     @staticmethod

@@ -102,8 +102,6 @@ int neuronspec_token_sparsity_f32(
         if (!keys || !tmp || !count || !bins || !lanes) {
             failed += 1;
         } else {
-            const float top = (float)n_bins;
-            const int32_t overflow = (int32_t)n_bins + 1;
             for (i64 r = rows * tid / nt; r < rows * (tid + 1) / nt; r++) {
                 const float *a = act + (r / T) * act_sb + (r % T) * act_st;
                 /* LANES independent float64 partial sums per quantity: they vectorise */
@@ -129,13 +127,7 @@ int neuronspec_token_sparsity_f32(
                     uint32_t bits;
                     memcpy(&bits, &m, sizeof bits);
                     keys[w] = bits;
-                    float index = log2_pos(m) * per_log2 + offset;
-                    index = index >= 1.0f ? index : 1.0f; /* NaN -> 1 */
-                    index = index <= top ? index : top;
-                    int32_t k = (int32_t)index; /* index >= 1: truncation is floor */
-                    k = m < lo ? 0 : k;
-                    k = m >= hi ? overflow : k;
-                    bins[w] = (uint16_t)k;
+                    bins[w] = (uint16_t)log_bin(m, per_log2, offset, (int32_t)n_bins, lo, hi);
                 }
                 w = 0;
                 for (; w + HLANES <= W; w += HLANES)

@@ -83,8 +83,6 @@ static i64 layer_columns(
     float *sums = scratch, *sumsqs = scratch + B * n, *moments = scratch + 2 * B * n;
     float *amax = scratch + 3 * B * n;
     uint8_t *bins = bytes, *fire_row = bytes + n;
-    const float top = (float)n_bins;
-    const int32_t overflow = (int32_t)n_bins + 1;
     i64 nonfinite = 0;
     for (i64 w = 0; w < (3 * B + 1) * n; w++) scratch[w] = 0.0f;
     for (i64 t = 0; t < T; t++) {
@@ -107,13 +105,7 @@ static i64 layer_columns(
             }
             for (i64 w = 0; w < n; w++) {
                 const float m = fabsf(a[w]);
-                float index = log2_pos(m) * per_log2 + offset;
-                index = index >= 1.0f ? index : 1.0f; /* NaN -> 1 */
-                index = index <= top ? index : top;
-                int32_t k = (int32_t)index; /* index >= 1: truncation is floor */
-                k = m < hist_min ? 0 : k;
-                k = m >= hist_max ? overflow : k;
-                bins[w] = (uint8_t)k;
+                bins[w] = (uint8_t)log_bin(m, per_log2, offset, (int32_t)n_bins, hist_min, hist_max);
             }
             for (i64 w = 0; w < n; w++) f[w] = p[w] > threshold;
             for (i64 w = 0; w < n; w++) fp[w] += f[w];
