@@ -144,18 +144,19 @@ def _attention_neurons(layers: dict[str, Any], tokens: TokenText) -> str:
     return f"{len(found)} layers; " + "; ".join(parts)
 
 
+def _random_control(control: dict[str, Any]) -> str:
+    """A random control's PPL change: mean ± std over its seeds, in percent."""
+    return f"random {100 * control['change_mean']:+.3f}% ± {100 * control['change_std']:.3f}%"
+
+
 @headline("ablation")
 def _ablation(layers: dict[str, Any], tokens: TokenText) -> str:
     study = layers["all"]
     parts = [f"baseline PPL {study['baseline_ppl']:.4f}"]
     for c in study["conditions"]:
         text = f"{c['name']} ({c['n_neurons']}) {100 * c['change']:+.3f}%"
-        control = c.get("control")
-        if control:
-            text += (
-                f" vs random {100 * control['change_mean']:+.3f}% ± "
-                f"{100 * control['change_std']:.3f}%"
-            )
+        if c.get("control"):
+            text += f" vs {_random_control(c['control'])}"
         parts.append(text)
     return "; ".join(parts)
 
@@ -163,11 +164,10 @@ def _ablation(layers: dict[str, Any], tokens: TokenText) -> str:
 @headline("pruning")
 def _pruning(layers: dict[str, Any], tokens: TokenText) -> str:
     found = layers["all"]
-    control = found["control"]
     return (
         f"{found['n_pruned']} neurons pruned ({100 * found['ratio']:.0f}% per layer, "
-        f"{found['n_protected']} protected): PPL {100 * found['change']:+.3f}% vs random "
-        f"{100 * control['change_mean']:+.3f}% ± {100 * control['change_std']:.3f}%"
+        f"{found['n_protected']} protected): PPL {100 * found['change']:+.3f}% vs "
+        f"{_random_control(found['control'])}"
     )
 
 
