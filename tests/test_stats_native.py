@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from neuronspec.capture.stats import NeuronStats, StatsConfig
+from neuronspec.capture.stats import (
+    NeuronStats,
+    StatsConfig,
+    _bits_for,
+    _pack_counts,
+    _row_bytes,
+    _unpack_counts,
+)
 from neuronspec.errors import NeuronSpecError
 
 VOCAB, WINDOW, WIDTH = 300, 37, 53  # width not a multiple of the kernel's 16 lanes
@@ -63,7 +70,7 @@ def _assert_same(native: NeuronStats, torch_stats: NeuronStats) -> None:
 def test_native_equals_torch_backend():
     batches = [_batch(seed) for seed in range(3)]
     native, reference = _collect("native", batches), _collect("torch", batches)
-    assert native.layers[0].pairs.dense.sum() > 0 and native.layers[0].pairs.tail.pending.numel()
+    assert native.layers[0].pairs.arena.sum() > 0 and native.layers[0].pairs.tail.pending.numel()
     _assert_same(native, reference)
     assert native.layers[0].abs_hist[0] >= 3 * 5 * WINDOW  # column 0 and the 1e-12 entries
     assert native.layers[0].abs_hist[-1] == 3 * 5  # the 3e6 entries
@@ -133,11 +140,12 @@ def test_histogram_range_must_be_normal_float32():
 
 
 def _unigram_counter(dense_rows: int, width: int, seed: int, native: bool = True):
-    """A counter with random dense rows (half their counts zero) and a sparse tail of
-    other tokens: some neurons with no tail, some with only tail entries. Rows go to two
-    thirds of the eligible tokens, in random order; the rows left hold garbage that the
-    tables must never read."""
-    from neuronspec.capture.stats import _UnigramCounter
+    """A counter with random packed rows of every width (half their counts zero, some at
+    the largest count their width holds) and a sparse tail of other tokens: some neurons
+    with no tail, some with only tail entries. Rows go to two thirds of the eligible
+    tokens, in random order, then are widened (their first bytes left behind); the arena
+    past the rows holds garbage that the tables must never read."""
+    from neuronspec.capture.stats import COUNT_BITS, _UnigramCounter
 
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randperm(VOCAB, generator=g)
@@ -146,9 +154,15 @@ def _unigram_counter(dense_rows: int, width: int, seed: int, native: bool = True
     for batch in seen.chunk(4):  # each batch's new tokens get rows in token order
         counter.rows_for(batch, torch.ones(len(batch), dtype=torch.bool))
     assert sorted(counter.row_tokens[: counter.n_rows].tolist()) == sorted(seen.tolist())
-    counter.dense.copy_(torch.randint(0, 4, (dense_rows, width), generator=g) // 2 * 7)
-    counter.dense[:, :3] = 0  # neurons 0-2: tail only (or nothing)
-    counter.dense[counter.n_rows :] = 99  # never assigned
+    rows = torch.arange(counter.n_rows)
+    bits = torch.tensor([COUNT_BITS[row % len(COUNT_BITS)] for row in range(len(rows))])
+    counter._widen(rows, bits.to(torch.uint8))
+    largest = (2 ** bits.long() - 1).clamp(max=1000)[:, None]  # (D, 1)
+    counts = torch.randint(0, 4, (len(rows), width), generator=g) // 2 * largest
+    counts[:, 3:6] = torch.randint(0, 2, counts[:, 3:6].shape, generator=g) * largest
+    counts[:, :3] = 0  # neurons 0-2: tail only (or nothing)
+    counter._write_rows(rows, counts.int())
+    counter.arena[counter.used :] = 99  # never assigned
     tail_tokens = tokens[dense_rows:]
     if tail_tokens.numel():
         neurons = torch.randint(3, width, (500,), generator=g)
@@ -164,8 +178,9 @@ def _unigram_counter(dense_rows: int, width: int, seed: int, native: bool = True
 
 def _brute_force_table(counter) -> dict[int, int]:
     table = {}
+    rows = counter.counts_of(torch.arange(counter.n_rows)).tolist()
     for row, token in enumerate(counter.row_tokens[: counter.n_rows].tolist()):
-        for neuron, count in enumerate(counter.dense[row].tolist()):
+        for neuron, count in enumerate(rows[row]):
             if count:
                 table[neuron * VOCAB + token] = count
     counter.tail.consolidate()
@@ -199,9 +214,12 @@ def test_unigram_table_kernel_writes_nothing_past_its_entries():
     from neuronspec.native import load_library
 
     counter = _unigram_counter(40, 53, seed=7)
-    counter.dense[:, 45:] = 0  # no dense entries in neurons 45..52 ...
     rows, dense_tokens = counter._rows_by_token()
-    counter.dense[rows[-1], 44] = 0  # ... and a trailing zero in the last neuron with entries
+    counts = counter.counts_of(rows)
+    counts[:, 45:] = 0  # no dense entries in neurons 45..52 ...
+    counts[-1, 44] = 0  # ... and a trailing zero in the last neuron with entries
+    counter._write_rows(rows, counts)
+    row_offset, row_bits = counter.row_offset[rows], counter.row_bits[rows]
     counter.tail.consolidate()
     keep = counter.tail.keys < 45 * VOCAB  # ... nor tail entries
     counter.tail.keys, counter.tail.counts = counter.tail.keys[keep], counter.tail.counts[keep]
@@ -213,10 +231,9 @@ def test_unigram_table_kernel_writes_nothing_past_its_entries():
         2,
         len(rows),
         width,
-        counter.dense.data_ptr(),
-        None,
-        None,
-        rows.data_ptr(),
+        counter.arena.data_ptr(),
+        row_offset.data_ptr(),
+        row_bits.data_ptr(),
         nnz.data_ptr(),
     )
     tail_starts = torch.searchsorted(counter.tail.keys, torch.arange(width + 1) * VOCAB)
@@ -226,8 +243,8 @@ def test_unigram_table_kernel_writes_nothing_past_its_entries():
     keys = torch.full((len(expected) + 8,), sentinel, dtype=torch.int32)
     counts = torch.full_like(keys, sentinel)
     status = lib.neuronspec_unigram_table(
-        2, len(rows), width, VOCAB, counter.dense.data_ptr(), None, None, rows.data_ptr(),
-        dense_tokens.data_ptr(),
+        2, len(rows), width, VOCAB, counter.arena.data_ptr(), row_offset.data_ptr(),
+        row_bits.data_ptr(), dense_tokens.data_ptr(),
         counter.tail.keys.data_ptr(), counter.tail.counts.data_ptr(), tail_starts.data_ptr(),
         offsets.data_ptr(), keys.data_ptr(), counts.data_ptr(),
     )  # fmt: skip
@@ -304,53 +321,51 @@ def _table_as_dense(stats: NeuronStats, layer: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
-@pytest.mark.parametrize("count_max", [None, 40])
-def test_dense_rows_spill_before_uint16_overflows(monkeypatch, backend, count_max):
+@pytest.mark.parametrize("frequency_known", [True, False])
+def test_rows_widen_before_a_count_overflows(backend, frequency_known):
     """Token 7 at 9 in 10 positions of 17 batches of 128 windows (>65535 occurrences: past
-    what a uint16 row holds): the table still has the exact counts. With the limit lowered to
-    40, every row spills, most of them again and again into the same int32 row; the
-    stored form reads back and counting resumes on it with the same result."""
-    if count_max is not None:
-        monkeypatch.setattr("neuronspec.capture.stats.DENSE_COUNT_MAX", count_max)
+    what 16 bits hold): the table has the exact counts. With its frequency known its row is
+    32 bits from the start; told every token occurs once, every row starts at 1 bit and
+    widens, token 7's through every width, within a batch too. The stored form reads back
+    and counting resumes on it with the same result."""
     g = torch.Generator().manual_seed(5)
     batches = []
-    for _ in range(17 if count_max is None else 3):
+    for _ in range(17):
         ids = torch.randint(1, VOCAB, (128, WINDOW), generator=g)
         ids[torch.rand(ids.shape, generator=g) < 0.9] = 7
         pre = torch.randn(128, WINDOW, WIDTH, generator=g)
         pre[..., 5] = 1.0  # neuron 5 fires on every token: its count of token 7 is largest
         batches.append((ids, pre, pre.abs()))
     frequency = torch.bincount(torch.cat([ids.flatten() for ids, _, _ in batches]), minlength=VOCAB)
-    config = StatsConfig()
-    stats = NeuronStats.empty([WIDTH], WINDOW, VOCAB, config, frequency, backend=backend)
+    if not frequency_known:
+        frequency = torch.ones(VOCAB, dtype=torch.long)
+    stats = NeuronStats.empty([WIDTH], WINDOW, VOCAB, StatsConfig(), frequency, backend=backend)
     for index, (ids, pre, act) in enumerate(batches):
         if index == len(batches) - 1:  # the last batch counted into statistics read back
             stats = NeuronStats.from_tensors(stats.to_tensors(), stats.meta())
             stats.backend = backend
         stats.add_layer(0, pre, act, ids, stats.add_tokens(ids, bos_id=0))
     expected = _brute_unigrams(batches)[0]
-    if count_max is None:
-        assert expected[5, 7] > 65535
+    assert expected[5, 7] > 65535
     pairs = stats.layers[0].pairs
-    assert len(pairs.spill_rows) > 0
-    if count_max is not None:  # (a uint16 row cannot hold more than 65535 anyway)
-        assert int(pairs.dense.to(torch.int32).max()) <= count_max
+    assert int(pairs.row_bits[pairs.remap[7]]) == 32
+    live = int(_row_bytes(WIDTH, pairs.row_bits[: pairs.n_rows]).sum())
+    assert (pairs.used > live) == (not frequency_known)  # widened rows left their old bytes
     np.testing.assert_array_equal(_table_as_dense(stats, 0), expected)
     stored = stats.to_tensors()
-    assert stored["layer0.pair_dense"].dtype == torch.uint16
+    assert stored["layer0.pair_dense"].dtype == torch.uint8
     reread = NeuronStats.from_tensors(stored, stats.meta())
     np.testing.assert_array_equal(_table_as_dense(reread, 0), expected)
 
 
-def test_a_batch_is_split_so_no_row_takes_more_than_the_limit_at_once(monkeypatch):
-    """A batch of 128 windows of one token is more than a row may take at once under a
-    lowered limit: add_layer counts it in parts, each within the limit."""
-    monkeypatch.setattr("neuronspec.capture.stats.DENSE_COUNT_MAX", 3 * WINDOW)
-    ids = torch.full((128, WINDOW), 7)
-    pre = torch.ones(128, WINDOW, WIDTH)
-    frequency = torch.bincount(ids.flatten(), minlength=VOCAB)
-    stats = NeuronStats.empty([WIDTH], WINDOW, VOCAB, StatsConfig(), frequency, backend="native")
-    stats.add_layer(0, pre, pre, ids, stats.add_tokens(ids, bos_id=0))
-    np.testing.assert_array_equal(_table_as_dense(stats, 0), _brute_unigrams([(ids, pre, pre)])[0])
-    with pytest.raises(NeuronSpecError, match="too long for unigram counts"):
-        NeuronStats.empty([WIDTH], 5 * WINDOW, VOCAB, StatsConfig(), frequency)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16, 32])
+def test_packed_rows_round_trip_and_layout(bits):
+    """Field w of a row is bits [w·bits, (w + 1)·bits), little-endian (stats.c's layout)."""
+    g = torch.Generator().manual_seed(bits)
+    counts = torch.randint(0, 2**bits if bits < 32 else 2**31, (5, 37), generator=g)
+    packed = _pack_counts(counts.numpy(), bits)
+    assert packed.shape == (5, int(_row_bytes(37, torch.tensor([bits]))[0]))
+    np.testing.assert_array_equal(_unpack_counts(packed, bits, 37), counts.numpy())
+    as_integer = sum(int(c) << (w * bits) for w, c in enumerate(counts[0].tolist()))
+    assert int.from_bytes(packed[0].tobytes(), "little") == as_integer
+    assert _bits_for(torch.tensor([2**bits - 1])).item() == bits

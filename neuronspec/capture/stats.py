@@ -19,10 +19,11 @@ abs_sketch          (n_sketch + 2,) int64  |a| over all (token, neuron) in finer
 token_sparsity      (4,) float64           over tokens whose |a| row is not all zero: count,
                                            Σ normalised entropy, Σ Gini, Σ Hoyer (METHODS §9)
 pair_dense_token    (D,) int64             unigram firings at counted positions (not window
-pair_dense          (D, W) uint16          start, not BOS), for frequent tokens: row r counts
-                                           token pair_dense_token[r] (distinct, any order)
-pair_spill_row      (S,) int64             ... plus, for rows pair_spill_row[s], the counts
-pair_spill          (S, W) int32           pair_spill[s] moved out before uint16 overflowed
+pair_dense_offset   (D,) int64             start, not BOS), for the corpus's tokens: row r
+pair_dense_bits     (D,) uint8             counts token pair_dense_token[r] (distinct, any
+pair_dense          (bytes,) uint8         order), W fields of pair_dense_bits[r] bits at
+                                           byte pair_dense_offset[r] (packed, see
+                                           _UnigramCounter)
 pair_key/count      (P,) int32             ... and for the other tokens: sparse, sorted, key =
                                            n·V + token; int64 where W·V >= 2^31
                                            (:meth:`NeuronStats.unigram_table` joins both)
@@ -64,7 +65,7 @@ STATS_BACKENDS = ("auto", "native", "torch")
 ops; ``auto``: native where it applies and builds, else torch. Both compute the same
 definitions, but float sums may round differently, so the backend ``auto`` resolves to is
 part of the cache key (:func:`neuronspec.capture.runner.computation_path`)."""
-STATS_FORMAT = "neuronspec-stats-v6"  # v5: trigrams ending at window position 2 count; v6: window-mean moments, sparsity sketch  # part of the cache key: bump when an accumulator changes
+STATS_FORMAT = "neuronspec-stats-v7"  # v5: trigrams ending at window position 2 count; v6: window-mean moments, sparsity sketch; v7: packed (neuron, token) rows  # part of the cache key: bump when an accumulator changes
 
 
 @dataclass(frozen=True)
@@ -252,17 +253,19 @@ class _SparseCounter:
 
 
 class _UnigramCounter:
-    """(neuron, token) firing counts: dense uint16 rows for the corpus's most frequent tokens
-    (:data:`DENSE_UNIGRAM_BYTES` over all layers), a sparse table for the rest.
+    """(neuron, token) firing counts: one packed row of counts per token for the corpus's
+    tokens (:data:`DENSE_UNIGRAM_BYTES` over all layers), a sparse table for the rest.
 
-    Counting frequent tokens densely replaces a sort per firing by an add into the row; the
-    result is exact either way, and :meth:`table` returns the one sparse form. An eligible
-    token gets its row when first seen, rows in order of first sight in memory the OS zeroes
-    on first touch, so memory and the final table walk grow with the tokens seen, not with
-    the budget. Rows are uint16 (half the pages to fault in and the bytes to update of
-    int32): before a batch could take a row's count past :data:`DENSE_COUNT_MAX`, the row
-    is added into an int32 spill row of its own and zeroed (``row_fill`` bounds every count
-    of a row by the occurrences counted into it), so a count is ``dense + spill``.
+    A row holds the token's W counts as fields of 1, 2, 4, 8, 16 or 32 bits (``stats.c``,
+    ``add_packed``): the fewest that hold the token's count bound (its ``token_frequency``,
+    occurrences in the corpus), so a token seen once costs W bits, not W·16. Before a batch
+    could take a count past its field (``row_fill`` bounds every count of a row by the
+    occurrences counted into it), the row moves to a wider one (:meth:`_widen`): the counts
+    are exact whatever the bound said. Rows are assigned to eligible tokens when first seen,
+    at the end of one byte arena in memory the OS zeroes on first touch (:func:`_mapped_zeros`,
+    grown by doubling), so memory grows with the tokens seen. Counting a token densely
+    replaces a sort per firing by an add into its row; :meth:`table` returns the one sparse
+    form either way.
     """
 
     def __init__(
@@ -271,22 +274,29 @@ class _UnigramCounter:
         vocab_size: int,
         dense_tokens: torch.Tensor | None = None,
         native: bool = False,
+        token_frequency: torch.Tensor | None = None,
     ):
         self.width, self.vocab_size = width, vocab_size
         dense_tokens = (
             dense_tokens if dense_tokens is not None else torch.zeros(0, dtype=torch.long)
         )
-        self.eligible = torch.zeros(vocab_size, dtype=torch.bool)  # (V,) may get a dense row
+        self.eligible = torch.zeros(vocab_size, dtype=torch.bool)  # (V,) may get a row
         self.eligible[dense_tokens.long()] = True
+        # (V,) count bound of each token (0: unknown), which sets the width of its row
+        self.bound = torch.zeros(vocab_size, dtype=torch.long)
+        if token_frequency is not None:
+            self.bound[dense_tokens.long()] = token_frequency[dense_tokens.long()].long()
         capacity = int(self.eligible.sum())
         self.remap = torch.full((vocab_size,), -1, dtype=torch.long)  # (V,) token -> row or -1
         self.row_tokens = torch.empty(capacity, dtype=torch.long)  # (D,) row -> token
-        self.n_rows = 0  # rows assigned (the first n_rows of dense and row_tokens)
-        self.dense = _mapped_zeros((capacity, width), torch.uint16)  # (D, W)
+        self.row_offset = torch.empty(capacity, dtype=torch.long)  # (D,) byte offset in arena
+        self.row_bits = torch.empty(capacity, dtype=torch.uint8)  # (D,) bits per count
+        self.n_rows = 0  # rows assigned (the first n_rows of the row_* vectors)
+        expected = int(_row_bytes(width, _bits_for(self.bound[dense_tokens.long()])).sum())
+        self.arena = _mapped_zeros((max(expected, 64),), torch.uint8)  # the packed rows
+        self.used = 0  # bytes of the arena in use
         # (D,) upper bound of each row's counts; None: not known yet (rows read from a cache)
         self.row_fill: torch.Tensor | None = torch.zeros(capacity, dtype=torch.long)
-        self.spill = torch.zeros(0, width, dtype=torch.int32)  # (S, W) counts moved out
-        self.spill_rows = torch.zeros(0, dtype=torch.long)  # (S,) the dense row of each
         self.native = native  # count and build the table with stats.c
         self.tail = _SparseCounter(key_space=width * vocab_size, native=native)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # memo of table()
@@ -297,22 +307,23 @@ class _UnigramCounter:
         width: int,
         vocab_size: int,
         row_tokens: torch.Tensor,
-        dense: torch.Tensor,
-        spill_rows: torch.Tensor,
-        spill: torch.Tensor,
+        row_offset: torch.Tensor,
+        row_bits: torch.Tensor,
+        arena: torch.Tensor,
         tail_keys: torch.Tensor,
         tail_counts: torch.Tensor,
         native: bool,
     ) -> _UnigramCounter:
-        """The counter whose :meth:`parts` these are (uint16 rows ``dense (D, W)`` of the
-        distinct ``row_tokens (D,)``, plus the int32 ``spill (S, W)`` of rows
-        ``spill_rows (S,)``; the tail table, sorted, without those tokens)."""
+        """The counter whose :meth:`parts` these are (packed rows of the distinct
+        ``row_tokens (D,)`` at ``row_offset (D,)`` of ``arena`` with ``row_bits (D,)``; the
+        tail table, sorted, without those tokens)."""
         counter = cls(width, vocab_size, native=native)
         counter.eligible[row_tokens] = True
         counter.remap[row_tokens] = torch.arange(len(row_tokens))
-        counter.row_tokens, counter.dense, counter.n_rows = row_tokens, dense, len(row_tokens)
+        counter.row_tokens, counter.n_rows = row_tokens, len(row_tokens)
+        counter.row_offset, counter.row_bits = row_offset, row_bits
+        counter.arena, counter.used = arena, len(arena)
         counter.row_fill = None  # bounded from the rows when counting resumes
-        counter.spill, counter.spill_rows = spill, spill_rows
         dtype = counter.tail.keys.dtype  # int32 where W·V fits (the native tables'), else int64
         counter.tail = _SparseCounter(
             tail_keys.to(dtype), tail_counts.to(dtype), width * vocab_size, native
@@ -320,81 +331,93 @@ class _UnigramCounter:
         return counter
 
     def parts(self) -> dict[str, torch.Tensor]:
-        """The counts as stored: the assigned dense rows, their tokens, the tail table."""
+        """The counts as stored: the assigned rows, their tokens, the tail table."""
         self.tail.consolidate()
         compact = self.width * self.vocab_size <= _INT32_KEYS
         tail_keys, tail_counts = self.tail.keys, self.tail.counts
         return {
             "pair_dense_token": self.row_tokens[: self.n_rows],
-            "pair_dense": self.dense[: self.n_rows],
-            "pair_spill_row": self.spill_rows,
-            "pair_spill": self.spill,
+            "pair_dense_offset": self.row_offset[: self.n_rows],
+            "pair_dense_bits": self.row_bits[: self.n_rows],
+            "pair_dense": self.arena[: self.used],
             "pair_key": tail_keys.int() if compact else tail_keys,
             "pair_count": tail_counts.int() if compact else tail_counts,
         }
 
     def rows_for(self, tokens: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-        """The dense row of each of ``tokens (M,)`` at a ``counted (M,)`` position, or -1
-        (tail token, or not counted); rows are assigned to eligible tokens seen first.
-        Called before counting each batch."""
+        """The row of each of ``tokens (M,)`` at a ``counted (M,)`` position, or -1 (tail
+        token, or not counted); rows are assigned to eligible tokens seen first, every
+        row wide enough for this batch. Called before counting each batch."""
         self._table = None
         rows = torch.where(counted, self.remap[tokens], -1)  # (M,)
         new = tokens[counted & (rows < 0) & self.eligible[tokens]]
         if new.numel():
-            new = torch.unique(new)
+            new, occurrences = torch.unique(new, return_counts=True)
             first, self.n_rows = self.n_rows, self.n_rows + new.numel()
             self.remap[new] = torch.arange(first, self.n_rows)
             self.row_tokens[first : self.n_rows] = new
+            bits = _bits_for(torch.maximum(self.bound[new], occurrences))
+            self.row_bits[first : self.n_rows] = bits
+            self.row_offset[first : self.n_rows] = self._allocate(bits)
             rows = torch.where(counted, self.remap[tokens], -1)
         self._make_room(rows)
         return rows
 
+    def _allocate(self, bits: torch.Tensor) -> torch.Tensor:
+        """Byte offsets ``(R,)`` of fresh zeroed rows of ``bits (R,)`` at the arena's end."""
+        sizes = _row_bytes(self.width, bits)  # (R,)
+        ends = self.used + torch.cumsum(sizes, 0)
+        needed = int(ends[-1]) if len(ends) else self.used
+        if needed > len(self.arena):
+            grown = _mapped_zeros((max(needed, 2 * len(self.arena)),), torch.uint8)
+            grown[: self.used] = self.arena[: self.used]
+            self.arena = grown
+        self.used = needed
+        return ends - sizes
+
     def _make_room(self, rows: torch.Tensor) -> None:
-        """Spill the dense rows that the coming batch (row of each position ``rows (M,)``,
-        -1 for none) could take past :data:`DENSE_COUNT_MAX`."""
+        """Widen the rows that the coming batch (row of each position ``rows (M,)``, -1 for
+        none) could take past the largest count their fields hold."""
         n = self.n_rows
         if self.row_fill is None:
-            self.row_fill = torch.zeros(len(self.dense), dtype=torch.long)
+            self.row_fill = torch.zeros(len(self.row_tokens), dtype=torch.long)
             for start in range(0, n, 1024):  # (1024, W) int32 at a time
-                block = self.dense[start : start + 1024].to(torch.int32)
+                block = self.counts_of(torch.arange(start, min(start + 1024, n)))
                 self.row_fill[start : start + len(block)] = block.amax(1)
         occurrences = torch.bincount(rows[rows >= 0], minlength=n)  # (n,)
-        if n and int(occurrences.max()) > DENSE_COUNT_MAX:
-            raise NeuronSpecError(  # add_layer splits batches so that this cannot happen
-                f"one batch holds more than {DENSE_COUNT_MAX} occurrences of a token"
-            )
         fill = self.row_fill[:n] + occurrences
-        full = torch.nonzero(fill > DENSE_COUNT_MAX).flatten()
+        full = torch.nonzero(fill > _field_max(self.row_bits[:n])).flatten()
         if full.numel():
-            self._spill(full)
-            fill[full] = occurrences[full]
+            self._widen(full, _bits_for(torch.maximum(2 * fill[full], self.bound[self.row_tokens[full]])))
         self.row_fill[:n] = fill
 
-    def _spill_of(self) -> torch.Tensor:
-        """``(D,)`` each dense row's spill row, or -1 (the inverse of ``spill_rows``)."""
-        spill_of = torch.full((len(self.dense),), -1, dtype=torch.long)
-        spill_of[self.spill_rows] = torch.arange(len(self.spill_rows))
-        return spill_of
-
-    def _spill(self, rows: torch.Tensor) -> None:
-        """Add the dense ``rows (R,)`` into their int32 spill rows and zero them."""
-        new = rows[self._spill_of()[rows] < 0]
-        if new.numel():
-            self.spill_rows = torch.cat([self.spill_rows, new])
-            self.spill = torch.cat(
-                [self.spill, torch.zeros(len(new), self.width, dtype=torch.int32)]
-            )
-        self.spill[self._spill_of()[rows]] += self.dense[rows].to(torch.int32)
-        self.dense.numpy()[rows.numpy()] = 0  # numpy: torch has no uint16 index_put_
+    def _widen(self, rows: torch.Tensor, bits: torch.Tensor) -> None:
+        """Move ``rows (R,)`` to fresh rows of ``bits (R,)`` (the old bytes are left unused)."""
+        counts = self.counts_of(rows)  # (R, W) int32
+        self.row_offset[rows] = self._allocate(bits)
+        self.row_bits[rows] = bits
+        self._write_rows(rows, counts)
 
     def counts_of(self, rows: torch.Tensor) -> torch.Tensor:
-        """The counts of dense ``rows (R,)``: ``(R, W)`` int32, spilled parts added."""
-        counts = self.dense[rows].to(torch.int32)
-        spilled = self._spill_of()[rows]  # (R,)
-        has = spilled >= 0
-        if bool(has.any()):
-            counts[has] += self.spill[spilled[has]]
+        """The counts of ``rows (R,)``: ``(R, W)`` int32."""
+        counts = torch.empty(len(rows), self.width, dtype=torch.int32)
+        arena = self.arena.numpy()
+        for bits in torch.unique(self.row_bits[rows]).tolist():
+            (index,) = torch.nonzero(self.row_bits[rows] == bits, as_tuple=True)
+            size = int(_row_bytes(self.width, torch.tensor([bits]))[0])
+            starts = self.row_offset[rows[index]].numpy()
+            packed = arena[starts[:, None] + np.arange(size)]  # (R', size) uint8
+            counts[index] = torch.from_numpy(_unpack_counts(packed, bits, self.width))
         return counts
+
+    def _write_rows(self, rows: torch.Tensor, counts: torch.Tensor) -> None:
+        """Store ``counts (R, W)`` into ``rows (R,)`` (each count fits its row's fields)."""
+        arena = self.arena.numpy()
+        for bits in torch.unique(self.row_bits[rows]).tolist():
+            (index,) = torch.nonzero(self.row_bits[rows] == bits, as_tuple=True)
+            packed = _pack_counts(counts[index].numpy(), bits)  # (R', size) uint8
+            starts = self.row_offset[rows[index]].numpy()
+            arena[starts[:, None] + np.arange(packed.shape[1])] = packed
 
     def add(self, tokens: torch.Tensor, fires: torch.Tensor, counted: torch.Tensor) -> None:
         """``tokens (M,)``, their firing pattern ``fires (M, W)``, and which positions
@@ -403,11 +426,11 @@ class _UnigramCounter:
         rows = self.rows_for(tokens, counted)  # (M,)
         dense = rows >= 0
         tail = counted & ~self.eligible[tokens]
-        if bool(dense.any()):  # through int32 and numpy: torch has no uint16 index_add_
+        if bool(dense.any()):
             used, inverse = torch.unique(rows[dense], return_inverse=True)
-            block = self.dense[used].to(torch.int32)
+            block = self.counts_of(used)  # (R, W) int32
             block.index_add_(0, inverse, fires[dense].to(torch.int32))
-            self.dense.numpy()[used.numpy()] = block.numpy().astype(np.uint16)
+            self._write_rows(used, block)
         if bool(tail.any()):
             position, neuron = torch.nonzero(fires[tail], as_tuple=True)
             self.tail.add(neuron * self.vocab_size + tokens[tail][position])
@@ -456,13 +479,12 @@ class _UnigramCounter:
         width, vocab = self.width, self.vocab_size
         rows, dense_tokens = self._rows_by_token()  # (D',) each
         n_dense = len(rows)
+        row_offset, row_bits = self.row_offset[rows], self.row_bits[rows]  # (D',) each
         tail_keys, tail_counts = self.tail.keys, self.tail.counts  # (P,) int32 each
-        spill = self.spill if len(self.spill_rows) else None
-        spill_of = self._spill_of() if spill is not None else None
         nnz = torch.empty(width, dtype=torch.long)  # (W,) dense entries per neuron
         lib.neuronspec_unigram_dense_nnz(
-            threads, n_dense, width, self.dense.data_ptr(), _data_ptr(spill),
-            _data_ptr(spill_of), rows.data_ptr(), nnz.data_ptr(),
+            threads, n_dense, width, self.arena.data_ptr(), row_offset.data_ptr(),
+            row_bits.data_ptr(), nnz.data_ptr(),
         )  # fmt: skip
         bounds = torch.arange(width + 1, dtype=torch.int32) * vocab  # (W + 1,) first key of n
         tail_starts = torch.searchsorted(tail_keys, bounds)  # (W + 1,)
@@ -472,8 +494,8 @@ class _UnigramCounter:
         keys = torch.empty(total, dtype=torch.int32)
         counts = torch.empty(total, dtype=torch.int32)
         status = lib.neuronspec_unigram_table(
-            threads, n_dense, width, vocab, self.dense.data_ptr(), _data_ptr(spill),
-            _data_ptr(spill_of), rows.data_ptr(), dense_tokens.data_ptr(),
+            threads, n_dense, width, vocab, self.arena.data_ptr(), row_offset.data_ptr(),
+            row_bits.data_ptr(), dense_tokens.data_ptr(),
             tail_keys.data_ptr(), tail_counts.data_ptr(), tail_starts.data_ptr(),
             offsets.data_ptr(), keys.data_ptr(), counts.data_ptr(),
         )  # fmt: skip
@@ -506,6 +528,7 @@ class LayerStats:
         config: StatsConfig,
         dense_tokens=None,
         native: bool = False,
+        token_frequency: torch.Tensor | None = None,
     ) -> LayerStats:
         return cls(
             fire_by_pos=torch.zeros(window, width, dtype=torch.int32),
@@ -516,7 +539,7 @@ class LayerStats:
             pearson_abs_sum=torch.zeros(width, dtype=torch.float64),
             abs_sketch=torch.zeros(config.sketch_bins + 2, dtype=torch.long),
             token_sparsity=torch.zeros(4, dtype=torch.float64),
-            pairs=_UnigramCounter(width, vocab_size, dense_tokens, native),
+            pairs=_UnigramCounter(width, vocab_size, dense_tokens, native, token_frequency),
             trigrams=_SparseCounter(),
         )
 
@@ -569,11 +592,6 @@ class NeuronStats:
         the sparse counts are counted and merged."""
         if backend not in STATS_BACKENDS:
             raise NeuronSpecError(f"stats backend must be one of {STATS_BACKENDS}, got {backend!r}")
-        if config.unigrams and window > DENSE_COUNT_MAX:
-            raise NeuronSpecError(
-                f"windows of {window} tokens are too long for unigram counts (at most "
-                f"{DENSE_COUNT_MAX}); use shorter windows (--window)"
-            )
         if config.trigrams and max(widths) * vocab_size**3 >= 2**63:
             raise NeuronSpecError(
                 f"trigram keys overflow int64 for width {max(widths)} and vocab {vocab_size}"
@@ -590,6 +608,7 @@ class NeuronStats:
                     config,
                     _dense_tokens(token_frequency, sum(widths)),
                     native=_use_native(backend),
+                    token_frequency=token_frequency,
                 )
                 for width in widths
             ],
@@ -668,12 +687,6 @@ class NeuronStats:
         float32 CPU inputs when it is available, else the torch form; both compute the
         same definitions (float sums may differ by rounding, bin edges by one bin).
         """
-        per_call = DENSE_COUNT_MAX // self.window  # windows whose counts a uint16 row holds
-        if self.config.unigrams and pre.shape[0] > per_call:
-            for start in range(0, pre.shape[0], per_call):
-                part = slice(start, start + per_call)
-                self.add_layer(layer, pre[part], act[part], input_ids[part], counted[part])
-            return
         stats = self.layers[layer]
         input_ids, counted = input_ids.to(pre.device), counted.to(pre.device)
         if _use_native_stats(self.backend, pre, act):
@@ -728,17 +741,22 @@ class NeuronStats:
         n_tail = 0
         if pairs is not None:
             ids, counted_flat = input_ids.flatten(), counted.flatten()  # (B·T,) each
-            rows = pairs.rows_for(ids, counted_flat)  # (B·T,) dense row or -1
+            rows = pairs.rows_for(ids, counted_flat)  # (B·T,) row or -1
+            has_row = rows >= 0
+            row_offset = torch.full_like(rows, -1)  # (B·T,) byte offset of the row, or -1
+            row_offset[has_row] = pairs.row_offset[rows[has_row]]
+            row_bits = torch.zeros_like(rows)  # (B·T,) bits per count of the row
+            row_bits[has_row] = pairs.row_bits[rows[has_row]].long()
             tail = counted_flat & ~pairs.eligible[ids]
             tail_tokens = torch.where(tail, ids, -1)  # (B·T,) token or -1
-            dense = pairs.dense
+            arena = pairs.arena
             if pairs.tail._native:
                 n_tail = int((tail_tokens >= 0).sum())
                 tail_keys = self._flat_buffer("tail_keys", n_tail * width, torch.int32)
                 tail_spans = torch.zeros(threads, 2, dtype=torch.long)  # (start, count)
         else:
-            rows = tail_tokens = torch.full((batch * window,), -1, dtype=torch.long)
-            dense = torch.zeros(0, width, dtype=torch.int32)
+            row_offset = row_bits = tail_tokens = torch.full((batch * window,), -1)
+            arena = torch.zeros(0, dtype=torch.uint8)
         torch_tail = pairs is not None and tail_keys is None
         fires = None
         if self.config.trigrams or torch_tail:
@@ -752,8 +770,8 @@ class NeuronStats:
             threads, batch, window, width,
             pre.data_ptr(), pre.stride(0), pre.stride(1),
             act.data_ptr(), act.stride(0), act.stride(1),
-            config.fire_threshold, zpos.data_ptr(), rows.data_ptr(),
-            dense.data_ptr(), _data_ptr(fires), stats.fire_by_pos.data_ptr(),
+            config.fire_threshold, zpos.data_ptr(), row_offset.data_ptr(), row_bits.data_ptr(),
+            arena.data_ptr(), _data_ptr(fires), stats.fire_by_pos.data_ptr(),
             tail_tokens.data_ptr(), self.vocab_size, n_tail, _data_ptr(tail_keys),
             _data_ptr(tail_spans),
             stats.act_sum.data_ptr(), stats.act_sumsq.data_ptr(),
@@ -894,9 +912,9 @@ class NeuronStats:
                 width,
                 meta["vocab_size"],
                 get("pair_dense_token"),
+                get("pair_dense_offset"),
+                get("pair_dense_bits"),
                 get("pair_dense"),
-                get("pair_spill_row"),
-                get("pair_spill"),
                 get("pair_key"),
                 get("pair_count"),
                 native,
@@ -1000,22 +1018,71 @@ _DENSE_FIELDS = (
 )
 
 
-DENSE_UNIGRAM_BYTES = 2**30
-"""Budget of the dense uint16 (neuron, token) rows of all layers together (the same tokens
-in every layer). Memory in use is the rows of the tokens a pass has seen: at most this."""
-DENSE_COUNT_MAX = 2**16 - 1
-"""Largest count a dense uint16 row holds; rows are spilled into int32 before it."""
-_DENSE_PAIR_FIELDS = ("pair_dense_token", "pair_dense", "pair_spill_row", "pair_spill")
+DENSE_UNIGRAM_BYTES = 2**31
+"""Budget of the packed (neuron, token) rows of all layers together (the same tokens in
+every layer), at the widths the token frequencies ask for. Memory in use is the rows of the
+tokens a pass has seen: about this at most (plus rows widened past their frequency)."""
+_DENSE_PAIR_FIELDS = ("pair_dense_token", "pair_dense_offset", "pair_dense_bits", "pair_dense")
+COUNT_BITS = (1, 2, 4, 8, 16, 32)
+"""Field widths of the packed count rows (``stats.c``, ``add_packed``)."""
+
+
+def _bits_for(bound: torch.Tensor) -> torch.Tensor:
+    """``(R,)`` uint8: the fewest :data:`COUNT_BITS` whose fields hold counts up to ``bound (R,)``."""
+    bits = torch.full(bound.shape, COUNT_BITS[-1], dtype=torch.uint8)
+    for width in reversed(COUNT_BITS[:-1]):
+        bits[bound <= 2**width - 1] = width
+    return bits
+
+
+def _field_max(bits: torch.Tensor) -> torch.Tensor:
+    """``(R,)`` int64: the largest count a field of ``bits (R,)`` holds."""
+    return (1 << bits.long()) - 1
+
+
+def _row_bytes(width: int, bits: torch.Tensor) -> torch.Tensor:
+    """``(R,)`` int64 bytes of a packed row of ``width`` fields of ``bits (R,)``: rounded up
+    to 4, so every row of 16 or 32 bits is aligned for its integer type."""
+    return (width * bits.long() + 31) // 32 * 4
+
+
+def _unpack_counts(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
+    """``(R, width)`` int32 counts of packed rows ``(R, bytes)`` uint8 of ``bits``."""
+    if bits >= 8:
+        dtype = {8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]
+        return np.ascontiguousarray(packed).view(dtype)[:, :width].astype(np.int32)
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)  # field k of a byte at bit k·bits
+    fields = (packed[:, :, None] >> shifts) & np.uint8((1 << bits) - 1)
+    return fields.reshape(len(packed), -1)[:, :width].astype(np.int32)
+
+
+def _pack_counts(counts: np.ndarray, bits: int) -> np.ndarray:
+    """Packed rows ``(R, bytes)`` uint8 of ``counts (R, W)`` (each < 2^bits), the inverse of
+    :func:`_unpack_counts`."""
+    rows, width = counts.shape
+    size = int(_row_bytes(width, torch.tensor([bits]))[0])
+    if bits >= 8:
+        dtype = {8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]
+        out = np.zeros((rows, size // dtype().itemsize), dtype=dtype)
+        out[:, :width] = counts
+        return out.view(np.uint8)
+    per = 8 // bits
+    fields = np.zeros((rows, size * per), dtype=np.uint8)
+    fields[:, :width] = counts
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    return (fields.reshape(rows, size, per) << shifts).sum(2, dtype=np.uint8)
 
 
 def _dense_tokens(token_frequency: torch.Tensor | None, total_width: int) -> torch.Tensor | None:
-    """The most frequent tokens (that occur at all) whose dense rows, one per layer of
-    ``total_width`` neurons in all, fit :data:`DENSE_UNIGRAM_BYTES`."""
+    """The most frequent tokens (that occur at all) whose packed rows, one per layer of
+    ``total_width`` neurons in all, at the width their frequency asks for, fit
+    :data:`DENSE_UNIGRAM_BYTES`."""
     if token_frequency is None:
         return None
-    budget = DENSE_UNIGRAM_BYTES // (2 * total_width)
     order = torch.argsort(token_frequency, descending=True, stable=True)
-    return order[: min(budget, int((token_frequency > 0).sum()))]
+    order = order[: int((token_frequency > 0).sum())]
+    sizes = _row_bytes(total_width, _bits_for(token_frequency[order]))
+    return order[: int((torch.cumsum(sizes, 0) <= DENSE_UNIGRAM_BYTES).sum())]
 
 
 def _mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

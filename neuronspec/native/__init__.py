@@ -44,7 +44,7 @@ __all__ = ["KernelUnavailableError", "kernels_available", "load_library"]
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("scan.c", "stats.c", "sparsity.c"))
 HEADERS = (Path(__file__).with_name("fastmath.h"),)  # included by the sources: in the build key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fopenmp")
-ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 8, "neuronspec_sparsity_abi": 1}
+ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 9, "neuronspec_sparsity_abi": 1}
 
 _i64, _ptr, _f32, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
 _SCAN_ARGS = (
@@ -61,15 +61,15 @@ _SCAN_ARGS = (
 _STATS_ARGS = (
     [_i64] * 4  # threads, B, T, W
     + [_ptr, _i64, _i64] * 2  # pre, act (+ batch and time strides)
-    + [_f32, _ptr, _ptr]  # threshold, zpos, rows
-    + [_ptr] * 3  # dense, fires, fire_by_pos
+    + [_f32, _ptr, _ptr, _ptr]  # threshold, zpos, row_offset, row_bits
+    + [_ptr] * 3  # arena, fires, fire_by_pos
     + [_ptr, _i64, _i64, _ptr, _ptr]  # tail_tokens, V, n_tail, tail_keys, tail_spans
     + [_ptr] * 4  # act_sum, act_sumsq, act_absmax, pearson_abs_sum
     + [_ptr, _i64, _f32, _f32, _f32, _f32, _f64]  # hist, n_bins, min, max, per_log2, offset, cv
 )
-_NNZ_ARGS = [_i64] * 3 + [_ptr] * 5  # threads, D, W, dense, spill, spill_of, rows, nnz
-# threads, D, W, V; dense, spill, spill_of, rows, tokens, tail (keys, counts, starts), out..
-_TABLE_ARGS = [_i64] * 4 + [_ptr] * 11
+_NNZ_ARGS = [_i64] * 3 + [_ptr] * 4  # threads, D, W, arena, row_offset, row_bits, nnz
+# threads, D, W, V; arena, row_offset, row_bits, tokens, tail (keys, counts, starts), out..
+_TABLE_ARGS = [_i64] * 4 + [_ptr] * 10
 _SORT_ARGS = [_i64, _ptr, _ptr, _i64]  # n, keys, scratch, max_key
 _RUNS_ARGS = [_i64] + [_ptr] * 3  # n, keys, out_keys, out_counts
 _MERGE_ARGS = ([_i64] + [_ptr] * 2) * 2 + [_ptr] * 2  # na, a.., nb, b.., out..

@@ -5,8 +5,10 @@
  * and activations (B, T, W) once and updates, for the columns [w0, w1) of this call,
  *
  *   fire_by_pos (T, W) int32   += [pre > threshold]
- *   dense       (D, W) uint16  += [pre > threshold] at positions whose dense row >= 0
- *                              (the caller spills a row before it could pass 65535)
+ *   arena       packed rows    += [pre > threshold] at positions p with row_offset[p] >= 0:
+ *                              the row at byte row_offset[p] of `arena`, fields of
+ *                              row_bits[p] bits (see add_packed; the caller widens a row
+ *                              before a count could pass 2^bits - 1)
  *   fires       (B·T, W) uint8  = [pre > threshold]          (when not NULL)
  *   tail keys   int32            n·V + token for every firing at a position whose
  *                                tail_token >= 0 (when tail_keys is not NULL)
@@ -53,12 +55,48 @@ static void flush_hist_lanes(uint32_t *lanes, i64 nb2, i64 *hist) {
     }
 }
 
+/* Packed (neuron, token) count rows: field w of a row of `bits` bits (1, 2, 4, 8, 16 or
+ * 32) is bits [w·bits, (w + 1)·bits) of the row, little-endian within each byte (8, 16
+ * and 32 are plain uint8 / uint16 / uint32 arrays). Adds the firings f[0..n) (0 or 1) of
+ * columns [w0, w0 + n) into the row; w0 is a multiple of 8, so columns of different calls
+ * never share a byte. Plain byte adds: the caller guarantees that no field passes
+ * 2^bits - 1, so no carry crosses into the next field. */
+static inline void add_packed(uint8_t *row, i64 bits, i64 w0, i64 n, const uint8_t *f) {
+    if (bits == 32) {
+        uint32_t *d = (uint32_t *)row + w0;
+        for (i64 w = 0; w < n; w++) d[w] += f[w];
+    } else if (bits == 16) {
+        uint16_t *d = (uint16_t *)row + w0;
+        for (i64 w = 0; w < n; w++) d[w] += f[w];
+    } else if (bits == 8) {
+        uint8_t *d = row + w0;
+        for (i64 w = 0; w < n; w++) d[w] += f[w];
+    } else {
+        const i64 per = 8 / bits; /* fields per byte */
+        uint8_t *d = row + w0 / per;
+        for (i64 w = 0; w < n; w += per) {
+            uint8_t v = 0;
+            for (i64 k = 0; k < per && w + k < n; k++) v |= (uint8_t)(f[w + k] << (k * bits));
+            d[w / per] += v;
+        }
+    }
+}
+
+/* Field n of a packed row (see add_packed). */
+static inline int32_t packed_count(const uint8_t *row, i64 bits, i64 n) {
+    if (bits == 32) return (int32_t)((const uint32_t *)row)[n];
+    if (bits == 16) return ((const uint16_t *)row)[n];
+    if (bits == 8) return row[n];
+    const i64 bit = n * bits;
+    return (row[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1);
+}
+
 static i64 layer_columns(
     i64 w0, i64 w1, i64 B, i64 T, i64 W,
     const float *pre, i64 pre_sb, i64 pre_st,
     const float *act, i64 act_sb, i64 act_st,
-    float threshold, const float *zpos, const i64 *rows,
-    uint16_t *dense, uint8_t *fires, int32_t *fire_by_pos,
+    float threshold, const float *zpos, const i64 *row_offset, const i64 *row_bits,
+    uint8_t *arena, uint8_t *fires, int32_t *fire_by_pos,
     const i64 *tail_tokens, i64 V, int32_t *tail_keys, i64 *tail_found,
     double *act_sum, double *act_sumsq, double *act_absmax, double *pearson_abs_sum,
     i64 *hist, i64 n_bins, float hist_min, float hist_max, float per_log2, float offset,
@@ -91,7 +129,7 @@ static i64 layer_columns(
         for (i64 b = 0; b < B; b++) {
             const float *p = pre + b * pre_sb + t * pre_st + w0;
             const float *a = act + b * act_sb + t * act_st + w0;
-            const i64 row = rows[b * T + t];
+            const i64 row = row_offset[b * T + t];
             uint8_t *f = fires ? fires + (b * T + t) * W + w0 : fire_row;
             float *s = sums + b * n, *ss = sumsqs + b * n, *pm = moments + b * n;
             /* separate simple loops: each one vectorises */
@@ -109,10 +147,7 @@ static i64 layer_columns(
             }
             for (i64 w = 0; w < n; w++) f[w] = p[w] > threshold;
             for (i64 w = 0; w < n; w++) fp[w] += f[w];
-            if (row >= 0) {
-                uint16_t *d = dense + row * W + w0;
-                for (i64 w = 0; w < n; w++) d[w] += f[w];
-            }
+            if (row >= 0) add_packed(arena + row, row_bits[b * T + t], w0, n, f);
             const i64 token = tail_keys ? tail_tokens[b * T + t] : -1;
             if (token >= 0) {
                 /* branch-free: every key is written, the count advances on a firing */
@@ -170,8 +205,8 @@ i64 neuronspec_layer_stats_f32(
     i64 threads, i64 B, i64 T, i64 W,
     const float *pre, i64 pre_sb, i64 pre_st,
     const float *act, i64 act_sb, i64 act_st,
-    float threshold, const float *zpos, const i64 *rows,
-    uint16_t *dense, uint8_t *fires, int32_t *fire_by_pos,
+    float threshold, const float *zpos, const i64 *row_offset, const i64 *row_bits,
+    uint8_t *arena, uint8_t *fires, int32_t *fire_by_pos,
     const i64 *tail_tokens, i64 V, i64 n_tail, int32_t *tail_keys, i64 *tail_spans,
     double *act_sum, double *act_sumsq, double *act_absmax, double *pearson_abs_sum,
     i64 *hists, i64 n_bins, float hist_min, float hist_max, float per_log2, float offset,
@@ -194,8 +229,8 @@ i64 neuronspec_layer_stats_f32(
         if (tail_spans) tail_spans[2 * tid] = n_tail * lo;
         i64 tail_found = 0;
         const i64 found = layer_columns(
-            lo, hi, B, T, W, pre, pre_sb, pre_st, act, act_sb, act_st, threshold, zpos, rows,
-            dense, fires, fire_by_pos, tail_tokens, V, keys, &tail_found, act_sum, act_sumsq,
+            lo, hi, B, T, W, pre, pre_sb, pre_st, act, act_sb, act_st, threshold, zpos,
+            row_offset, row_bits, arena, fires, fire_by_pos, tail_tokens, V, keys, &tail_found, act_sum, act_sumsq,
             act_absmax, pearson_abs_sum, hists + tid * (n_bins + 2), n_bins, hist_min,
             hist_max, per_log2, offset, constant_variance);
         if (tail_spans) tail_spans[2 * tid + 1] = tail_found;
@@ -208,50 +243,41 @@ i64 neuronspec_layer_stats_f32(
 /* The final (neuron, token) firing table of a layer, merged from its two parts
  * (neuronspec.capture.stats._UnigramCounter.table):
  *
- *   dense (., W) uint16      counts of the frequent tokens; the D rows read are
- *                            rows[r] (r < D), row rows[r] = token dense_tokens[r]
- *                            (ascending ids); other rows are never read (never used,
- *                            so possibly never even zeroed)
- *   spill (S, W) int32       counts moved out of dense rows before they could overflow:
- *                            row i's count is dense[i] + spill[spill_of[i]] where
- *                            spill_of[i] >= 0 (spill_of (., ) i64; NULL: nothing spilled)
- *   tail_keys, tail_counts   (P,) int32, the other tokens, key = neuron·V + token, sorted,
- *                            unique
+ *   arena, row_offset, row_bits   D packed count rows (see add_packed), in ascending token
+ *                                 order: row r at byte row_offset[r], fields of row_bits[r]
+ *                                 bits, counts token dense_tokens[r]
+ *   tail_keys, tail_counts        (P,) int32, the other tokens, key = neuron·V + token,
+ *                                 sorted, unique
  *
  * Output: every nonzero count as (key, count), int32 (the caller checks that W·V and every
  * count fit), sorted by key (neuron-major, then token),
  * without sorting: neuron n's entries start at offsets[n] (from unigram_dense_nnz and the
  * tail's neuron boundaries, tail_starts, (W + 1,)), and within a neuron the ascending dense
  * rows are merged with its ascending tail entries (a token is dense or tail, never both).
- * Neurons go in blocks of 16 so that each dense row read is one 64-byte line. */
+ * Neurons go in blocks of 16, each row's fields of a block decoded together. */
 #define TABLE_LANES 16
 
-/* Count of dense row i, neuron n (see the table kernel below for dense, spill, spill_of). */
-static inline int32_t dense_count(const uint16_t *dense, const int32_t *spill,
-                                  const i64 *spill_of, i64 W, i64 i, i64 n) {
-    int32_t count = dense[i * W + n];
-    if (spill_of && spill_of[i] >= 0) count += spill[spill_of[i] * W + n];
-    return count;
+/* The fields [n0, n1) of packed row r into out[(n - n0) * stride] */
+static inline void decode_block(const uint8_t *arena, const i64 *row_offset,
+                                const uint8_t *row_bits, i64 r, i64 n0, i64 n1,
+                                int32_t *out, i64 stride) {
+    const uint8_t *row = arena + row_offset[r];
+    const i64 bits = row_bits[r];
+    for (i64 n = n0; n < n1; n++) out[(n - n0) * stride] = packed_count(row, bits, n);
 }
 
-/* nnz[n] = number of nonzero dense[rows[r], n] over r < D, (W,) */
-void neuronspec_unigram_dense_nnz(i64 threads, i64 D, i64 W, const uint16_t *dense,
-                                  const int32_t *spill, const i64 *spill_of, const i64 *rows,
-                                  i64 *nnz) {
+/* nnz[n] = number of nonzero fields n of the D packed rows, (W,) */
+void neuronspec_unigram_dense_nnz(i64 threads, i64 D, i64 W, const uint8_t *arena,
+                                  const i64 *row_offset, const uint8_t *row_bits, i64 *nnz) {
     const i64 blocks = (W + TABLE_LANES - 1) / TABLE_LANES;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (i64 k = 0; k < blocks; k++) {
         const i64 n0 = k * TABLE_LANES, n1 = n0 + TABLE_LANES < W ? n0 + TABLE_LANES : W;
         i64 count[TABLE_LANES] = {0};
+        int32_t fields[TABLE_LANES];
         for (i64 r = 0; r < D; r++) {
-            const i64 i = rows[r];
-            if (spill_of && spill_of[i] >= 0) {
-                for (i64 n = n0; n < n1; n++)
-                    count[n - n0] += dense_count(dense, spill, spill_of, W, i, n) != 0;
-                continue;
-            }
-            const uint16_t *row = dense + i * W;
-            for (i64 n = n0; n < n1; n++) count[n - n0] += row[n] != 0;
+            decode_block(arena, row_offset, row_bits, r, n0, n1, fields, 1);
+            for (i64 n = n0; n < n1; n++) count[n - n0] += fields[n - n0] != 0;
         }
         for (i64 n = n0; n < n1; n++) nnz[n] = count[n - n0];
     }
@@ -298,8 +324,8 @@ static inline void table_neuron(i64 D, i64 base, const int32_t *col, const i64 *
 
 /* Returns 0, or -1 when scratch memory cannot be allocated. */
 int neuronspec_unigram_table(
-    i64 threads, i64 D, i64 W, i64 V, const uint16_t *dense, const int32_t *spill,
-    const i64 *spill_of, const i64 *rows, const i64 *dense_tokens,
+    i64 threads, i64 D, i64 W, i64 V, const uint8_t *arena, const i64 *row_offset,
+    const uint8_t *row_bits, const i64 *dense_tokens,
     const int32_t *tail_keys, const int32_t *tail_counts, const i64 *tail_starts,
     const i64 *offsets, int32_t *out_keys, int32_t *out_counts) {
     const i64 blocks = (W + TABLE_LANES - 1) / TABLE_LANES;
@@ -313,16 +339,8 @@ int neuronspec_unigram_table(
         for (i64 k = 0; k < blocks; k++) {
             if (!cols) continue;
             const i64 n0 = k * TABLE_LANES, n1 = n0 + TABLE_LANES < W ? n0 + TABLE_LANES : W;
-            for (i64 r = 0; r < D; r++) {
-                const i64 i = rows[r];
-                if (spill_of && spill_of[i] >= 0) {
-                    for (i64 n = n0; n < n1; n++)
-                        cols[(n - n0) * D + r] = dense_count(dense, spill, spill_of, W, i, n);
-                    continue;
-                }
-                const uint16_t *row = dense + i * W;
-                for (i64 n = n0; n < n1; n++) cols[(n - n0) * D + r] = row[n];
-            }
+            for (i64 r = 0; r < D; r++)
+                decode_block(arena, row_offset, row_bits, r, n0, n1, cols + r, D);
             /* neurons in order: a spurious write lands on slot offsets[n + 1], which a
              * later neuron of this block overwrites if the slot is this block's */
             for (i64 n = n0; n < n1; n++)
@@ -415,4 +433,4 @@ i64 neuronspec_merge_counts(i64 na, const int32_t *a_keys, const int32_t *a_coun
 }
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int neuronspec_stats_abi(void) { return 8; }
+int neuronspec_stats_abi(void) { return 9; }
