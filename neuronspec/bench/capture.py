@@ -3,12 +3,9 @@
 Random models with GPT-2-small's shape (12 layers, d 768, 3072 neurons, vocab 50257) and
 mamba-130m's shape (24 layers, d 768, d_inner 1536, vocab 50280; fast scan), batches of
 4×256 tokens of a Zipf-distributed token stream (so the token statistics look like text, not
-uniform noise). The tokens whose (neuron, token) counts are kept densely are picked from the
-Zipf population, as a pass over a large corpus picks them: with the default budget
-(``DENSE_UNIGRAM_BYTES``, 14 563 tokens for these shapes) about 11% of the occurrences
-then fall to the sparse tail (picked from the pass's own tokens alone, every token would be
-dense and the tail's cost would not be measured). Random models fire on about half of all
-(token, neuron) pairs: a worst case for the exact sparse counts.
+uniform noise). Every token of the pass gets a packed (neuron, token) count row sized by its
+count in the pass, as in a user's run. Random models fire on about half of all (token, neuron)
+pairs: a worst case for the exact counts.
 
 The statistics pass runs the layers without the LM head (it needs no logits), so its
 capture overhead is the ratio to a plain forward of the layers; the ratio to the plain LM
@@ -80,7 +77,6 @@ def run(quick: bool = False) -> list[dict]:
     for name, model in _models(quick).items():
         loaded = LoadedModel(name, model, None, adapter_for(model), name, "bench")
         ids = _zipf_tokens(batch * long, length, model.config.vocab_size)
-        population = _zipf_weights(model.config.vocab_size)  # (V,)
         final_seconds: dict[int, list[float]] = {short: [], long: []}  # per call, warm-up first
         stored: dict = {}  # what the cache would store after the short pass
 
@@ -94,16 +90,13 @@ def run(quick: bool = False) -> list[dict]:
                 for chunk in ids[: batch * n].split(batch):
                     model.base_model(input_ids=chunk, use_cache=False)
 
-        def stats_pass(
-            n, loaded=loaded, ids=ids, population=population, out=final_seconds, stored=stored
-        ):
+        def stats_pass(n, loaded=loaded, ids=ids, out=final_seconds, stored=stored):
             stats = collect_stats(
                 loaded,
                 ids[: batch * n],
                 bos_id=None,
                 config=StatsConfig(),
                 batch_size=batch,
-                token_frequency=population,
             )
             start = time.perf_counter()
             tensors = stats.to_tensors()  # pending sparse keys counted (once per pass)

@@ -954,10 +954,10 @@ class NeuronStats:
         if not self.config.unigrams:
             raise NeuronSpecError("these statistics were collected without unigram counts")
         pairs = self.layer(layer).pairs
-        keys, counts = pairs.table()
-        keys = keys.numpy().astype(np.int64)  # stored as int32 where keys fit: a copy
-        neuron, token = keys // self.vocab_size, keys % self.vocab_size
-        count = counts.numpy().astype(np.int64)  # a copy
+        keys, counts = (part.numpy() for part in pairs.table())  # int32 where keys fit
+        neuron = np.floor_divide(keys, self.vocab_size, out=np.empty(len(keys), np.int64))
+        token = np.remainder(keys, self.vocab_size, out=np.empty(len(keys), np.int64))
+        count = counts.astype(np.int64)  # a copy
         pairs.release_table()
         return neuron, token, count
 

@@ -61,6 +61,26 @@ static void flush_hist_lanes(uint32_t *lanes, i64 nb2, i64 *hist) {
  * columns [w0, w0 + n) into the row; w0 is a multiple of 8, so columns of different calls
  * never share a byte. Plain byte adds: the caller guarantees that no field passes
  * 2^bits - 1, so no carry crosses into the next field. */
+/* add_packed for fields narrower than a byte; inlined with `bits` a constant, so the loop
+ * over whole bytes unrolls. */
+static inline __attribute__((always_inline)) void add_subbyte(uint8_t *row, const i64 bits,
+                                                              i64 w0, i64 n,
+                                                              const uint8_t *f) {
+    const i64 per = 8 / bits; /* fields per byte */
+    uint8_t *d = row + w0 / per;
+    const i64 whole = n / per * per;
+    for (i64 w = 0; w < whole; w += per) {
+        uint8_t v = 0;
+        for (i64 k = 0; k < per; k++) v |= (uint8_t)(f[w + k] << (k * bits));
+        d[w / per] += v;
+    }
+    if (whole < n) {
+        uint8_t v = 0;
+        for (i64 k = 0; whole + k < n; k++) v |= (uint8_t)(f[whole + k] << (k * bits));
+        d[whole / per] += v;
+    }
+}
+
 static inline void add_packed(uint8_t *row, i64 bits, i64 w0, i64 n, const uint8_t *f) {
     if (bits == 32) {
         uint32_t *d = (uint32_t *)row + w0;
@@ -71,14 +91,12 @@ static inline void add_packed(uint8_t *row, i64 bits, i64 w0, i64 n, const uint8
     } else if (bits == 8) {
         uint8_t *d = row + w0;
         for (i64 w = 0; w < n; w++) d[w] += f[w];
+    } else if (bits == 4) {
+        add_subbyte(row, 4, w0, n, f);
+    } else if (bits == 2) {
+        add_subbyte(row, 2, w0, n, f);
     } else {
-        const i64 per = 8 / bits; /* fields per byte */
-        uint8_t *d = row + w0 / per;
-        for (i64 w = 0; w < n; w += per) {
-            uint8_t v = 0;
-            for (i64 k = 0; k < per && w + k < n; k++) v |= (uint8_t)(f[w + k] << (k * bits));
-            d[w / per] += v;
-        }
+        add_subbyte(row, 1, w0, n, f);
     }
 }
 
