@@ -99,6 +99,8 @@ def test_two_gloo_ranks_equal_one_process_and_the_pytest_pass(collected):
         reference = session.stats(model_id)
         _assert_equal(one[key], two[key])
         _assert_equal(one[key], reference)
+        stored, _ = TensorCache(collected[1]).load(key)  # merged as packed rows, not a table
+        assert stored["layer0.pair_dense"].numel() and not stored["layer0.pair_key"].numel()
         assert one[key].n_tokens == reference.n_tokens > 0
 
 
@@ -145,8 +147,9 @@ def test_sentinel_stops_a_forward(random_model):
 
 
 def test_merge_follows_the_rules_of_neuronstats_merge(random_model):
-    """In a group of one, the distributed merge returns the table-only tensors unchanged, and
-    every field the stats hold has a rule (new fields default to a sum)."""
+    """In a group of one, the distributed merge returns the statistics unchanged, with the
+    (neuron, token) counts as packed rows in the corpus's layout; every field the stats hold
+    has a rule (new fields default to a sum)."""
     from neuronspec.capture.collect import init_group
     from neuronspec.capture.runner import collect_stats
 
@@ -158,14 +161,34 @@ def test_merge_follows_the_rules_of_neuronstats_merge(random_model):
     finally:
         if created:
             torch.distributed.destroy_process_group()
-    reference = stats.to_tensors(table_only=True)
-    assert merged.keys() == reference.keys()
-    for name, tensor in reference.items():
-        assert torch.equal(merged[name], tensor), name
-    rules = merge_rules(list(reference))
+    assert merged["layer0.pair_dense"].numel() and not merged["layer0.pair_key"].numel()
+    _assert_equal(NeuronStats.from_tensors(merged, stats.meta()), stats)
+    rules = merge_rules(list(merged))
     assert rules["layer0.act_absmax"] == "max" and rules["layer0.pair_count"] == "counts"
     assert rules["layer0.fire_by_pos"] == "sum" and rules["tri_occ_key"] == "keys"
+    assert rules["layer0.pair_dense"] == "packed" and rules["layer0.pair_dense_bits"] == "layout"
     assert merge_rules(["layer0.some_new_field"]) == {"layer0.some_new_field": "sum"}
+
+
+def test_shards_in_one_layout_add_field_by_field(random_model):
+    """Two shards laid out by the whole corpus's token counts merge (NeuronStats rules:
+    packed rows added field by field, every width) into the whole corpus's statistics."""
+    from neuronspec.capture.runner import collect_stats
+    from neuronspec.capture.stats import _merge_tensor_dicts, packed_layout
+
+    g = torch.Generator().manual_seed(1)
+    draw = torch.randint(0, 97, (80, 16), generator=g)
+    ids = draw.clone()  # counts set the widths: ~13 (4 bits) for most tokens, and
+    ids[draw < 35] = 5  # ~450: 16 bits
+    ids[(draw >= 35) & (draw < 45)] = 6  # ~130: 8 bits
+    ids[draw >= 95] = 94
+    ids[0, 3], ids[50, 3], ids[60, 3] = 95, 96, 96  # once (1 bit), twice (2 bits)
+    parts = [collect_stats(random_model, half, bos_id=None) for half in (ids[:40], ids[40:])]
+    whole = collect_stats(random_model, ids, bos_id=None)
+    layout = packed_layout(whole.token_count, sum(layer.width for layer in whole.layers))
+    assert {int(b) for b in layout[1]} >= {1, 2, 4, 8, 16}
+    merged = _merge_tensor_dicts(*(part.to_tensors(layout=layout) for part in parts))
+    _assert_equal(NeuronStats.from_tensors(merged, whole.meta()), whole)
 
 
 def test_bad_options_are_usage_errors(capsys):

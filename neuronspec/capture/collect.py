@@ -17,15 +17,15 @@ Rank r streams the r-th of N contiguous shards of the analysis windows through i
 copy of the model (:func:`~neuronspec.capture.runner.collect_stats`). The shards'
 accumulators are then merged by the rules of :func:`~neuronspec.capture.stats.merge_rules`
 (the rules of :meth:`NeuronStats.merge`): dense fields (counts, sums, histograms, maxima)
-by one all-reduce each, sparse ``(key, count)`` tables (neuron × token, trigrams) gathered
-on rank 0 and merged there by key. Rank 0 writes the entry, atomically
+by one all-reduce each, the packed (neuron, token) rows of the corpus's shared layout by
+an all-reduce field by field, sparse ``(key, count)`` tables (trigrams, tokens outside the
+layout) gathered on rank 0 and merged there by key. Rank 0 writes the entry, atomically
 (:meth:`TensorCache.save`). gloo on CPU, NCCL when ``--device`` is CUDA (rank r on
 ``cuda:LOCAL_RANK``). Without torchrun the same code runs as a group of one process.
 
-The entry holds the merged statistics in their canonical table-only form (each layer's
-(neuron, token) counts as one sorted table; see ``NeuronStats.to_tensors``), which loads
-into the same :class:`~neuronspec.capture.stats.NeuronStats` as the form a pytest run
-writes. Integer counts equal a single process's exactly; float sums differ by rounding
+The entry holds each layer's (neuron, token) counts as packed rows in the layout of the
+whole corpus (:func:`~neuronspec.capture.stats.packed_layout`), which loads into the same
+:class:`~neuronspec.capture.stats.NeuronStats` as the form a pytest run writes. Integer counts equal a single process's exactly; float sums differ by rounding
 (summation order).
 """
 
@@ -38,12 +38,13 @@ import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from neuronspec.capture.cache import TensorCache
 from neuronspec.capture.runner import collect_stats, computation_path, stats_cache_key
-from neuronspec.capture.stats import NeuronStats, merge_rules
+from neuronspec.capture.stats import NeuronStats, merge_rules, packed_layout, packed_regions
 from neuronspec.errors import CacheCorruptError, NeuronSpecError
 from neuronspec.models.registry import pick_dtype
 from neuronspec.session import RunConfig, SpecSession
@@ -117,17 +118,26 @@ def shard_of(windows: torch.Tensor, group: Group) -> torch.Tensor:
 
 
 def merge_across_ranks(stats: NeuronStats, group: Group) -> dict[str, torch.Tensor] | None:
-    """The union of every rank's statistics as tensors (table-only form) on rank 0, None
-    elsewhere. Generic over the fields: each merges by its :func:`merge_rules` rule."""
-    tensors = stats.to_tensors(table_only=True)
+    """The union of every rank's statistics as tensors on rank 0, None elsewhere. Generic
+    over the fields: each merges by its :func:`merge_rules` rule. The (neuron, token) counts
+    travel as packed rows in the one layout of the whole corpus (:func:`packed_layout` of
+    the all-reduced token counts), added field by field, so no rank holds more than the
+    merged rows; only tokens outside that layout go as sparse tables."""
+    token_count = _all_reduce(stats.token_count, dist.ReduceOp.SUM, group)  # (V,)
+    layout = packed_layout(token_count, sum(layer.width for layer in stats.layers))
+    tensors = stats.to_tensors(layout=layout)
     rules = merge_rules(list(tensors))
     merged: dict[str, torch.Tensor] = {}
     for name, rule in rules.items():
         if rule in ("sum", "max"):
             op = dist.ReduceOp.SUM if rule == "sum" else dist.ReduceOp.MAX
             merged[name] = _all_reduce(tensors[name], op, group)
-        elif rule == "empty":
+        elif rule == "layout":  # the same on every rank
             merged[name] = tensors[name]
+        elif rule == "packed":
+            merged[name] = _all_reduce_packed(
+                tensors[name], tensors[name + "_offset"], tensors[name + "_bits"], group
+            )
         elif rule == "counts":
             key = name[: -len("_count")] + "_key"
             keys = _gather(tensors[key], group)
@@ -135,6 +145,24 @@ def merge_across_ranks(stats: NeuronStats, group: Group) -> dict[str, torch.Tens
             if group.rank == 0:
                 merged[key], merged[name] = _merge_tables(keys, counts)
     return merged if group.rank == 0 else None
+
+
+def _all_reduce_packed(
+    arena: torch.Tensor, offsets: torch.Tensor, bits: torch.Tensor, group: Group
+) -> torch.Tensor:
+    """Packed rows ``arena (bytes,)`` uint8 summed over ranks field by field: by byte
+    where fields are at most 8 bits wide, in int32 for the wider ones (gloo has no uint16;
+    every count is below 2^31)."""
+    out = arena.clone()
+    for start, end, dtype in packed_regions(offsets, bits, len(arena)):
+        part = out.numpy()[start:end].view(dtype)  # a view into out
+        if dtype is np.uint16:  # gloo has no uint16: sum in int32, then back
+            total = _all_reduce(torch.from_numpy(part.astype(np.int32)), dist.ReduceOp.SUM, group)
+            part[:] = total.numpy()
+        else:  # bytes as they are; uint32 counts (< 2^31) as int32
+            wire = torch.from_numpy(part.view(np.int32) if dtype is np.uint32 else part)
+            part[:] = _all_reduce(wire, dist.ReduceOp.SUM, group).numpy().view(dtype)
+    return out
 
 
 def _all_reduce(tensor: torch.Tensor, op, group: Group) -> torch.Tensor:

@@ -435,6 +435,36 @@ class _UnigramCounter:
             position, neuron = torch.nonzero(fires[tail], as_tuple=True)
             self.tail.add(neuron * self.vocab_size + tokens[tail][position])
 
+    def laid_out(self, tokens: torch.Tensor, bits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`parts` in the shared layout of :func:`packed_layout`: rows for ``tokens
+        (R,)`` with fields of ``bits (R,)``, in that order, at consecutive offsets; counts of
+        other tokens in the tail table. Every count must fit its field (true for a shard of
+        the corpus the layout was made for)."""
+        keys, counts = (part.numpy() for part in self.table())  # (P,) each, sorted
+        self.release_table()
+        sizes = _row_bytes(self.width, bits)  # (R,)
+        offsets = torch.cumsum(sizes, 0) - sizes
+        arena = _mapped_zeros((int(sizes.sum()),), torch.uint8)
+        row_of = np.full(self.vocab_size, -1, dtype=np.int64)
+        row_of[tokens.numpy()] = np.arange(len(tokens))
+        row = row_of[keys % self.vocab_size]  # (P,) row of each entry's token, or -1
+        inside = row >= 0
+        _store_fields(
+            arena.numpy(),
+            offsets.numpy()[row[inside]],
+            bits.numpy()[row[inside]],
+            keys[inside] // self.vocab_size,
+            counts[inside],
+        )
+        return {
+            "pair_dense_token": tokens,
+            "pair_dense_offset": offsets,
+            "pair_dense_bits": bits,
+            "pair_dense": arena,
+            "pair_key": torch.from_numpy(keys[~inside]),
+            "pair_count": torch.from_numpy(counts[~inside]),
+        }
+
     def _rows_by_token(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The assigned rows in ascending token order ``(D',)``, and their tokens ``(D',)``."""
         tokens, rows = torch.sort(self.row_tokens[: self.n_rows])
@@ -870,11 +900,18 @@ class NeuronStats:
             "window_mean_sites": sorted({site for site, _ in self.window_means}),
         }
 
-    def to_tensors(self, *, table_only: bool = False) -> dict[str, torch.Tensor]:
+    def to_tensors(
+        self,
+        *,
+        table_only: bool = False,
+        layout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The statistics as named tensors (the cache's form, :data:`STATS_FORMAT`).
 
-        ``table_only``: each layer's unigram counts as the one sorted table, no dense rows:
-        a canonical form, the same whichever tokens were counted densely."""
+        ``table_only``: each layer's unigram counts as the one sorted table, no packed
+        rows: a canonical form, the same whichever tokens were counted densely. ``layout``
+        (:func:`packed_layout` of the whole corpus): packed rows in that shared layout,
+        so that the tensors of shards add up field by field (:func:`merge_rules`)."""
         self.tri_occurrences.consolidate()
         tensors = {
             "tokens_by_pos": self.tokens_by_pos,
@@ -883,7 +920,7 @@ class NeuronStats:
             "tri_occ_count": self.tri_occurrences.counts,
         }
         for index, stats in enumerate(self.layers):
-            pairs = stats.pairs.parts()
+            pairs = stats.pairs.parts() if layout is None else stats.pairs.laid_out(*layout)
             if table_only:
                 pairs["pair_key"], pairs["pair_count"] = stats.pairs.table()
                 for name in _DENSE_PAIR_FIELDS:
@@ -1085,6 +1122,54 @@ def _dense_tokens(token_frequency: torch.Tensor | None, total_width: int) -> tor
     return order[: int((torch.cumsum(sizes, 0) <= DENSE_UNIGRAM_BYTES).sum())]
 
 
+def packed_layout(token_count: torch.Tensor, total_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed rows ``(tokens (R,), bits (R,))`` of a corpus whose tokens occur
+    ``token_count (V,)`` times: the tokens :func:`_dense_tokens` picks, each with fields as
+    wide as its count needs, ordered by (width, token) so that :func:`packed_regions` are
+    contiguous. The statistics of any shard of that corpus fit it, and in it they add up
+    field by field (:meth:`NeuronStats.to_tensors` ``layout=``)."""
+    tokens = torch.sort(_dense_tokens(token_count, total_width)).values
+    bits = _bits_for(token_count[tokens])
+    order = torch.argsort(bits, stable=True)
+    return tokens[order], bits[order]
+
+
+def packed_regions(
+    offsets: torch.Tensor, bits: torch.Tensor, size: int
+) -> list[tuple[int, int, type]]:
+    """Byte ranges ``[start, end)`` of a :func:`packed_layout` arena of ``size`` bytes, each
+    with the numpy dtype in which its rows add field by field without carries: uint8 for
+    fields of up to 8 bits (a byte's fields never overflow, so bytes add), uint16 and
+    uint32 for the wider ones."""
+    starts = [0]
+    for width in (16, 32):
+        (first,) = torch.nonzero(bits >= width, as_tuple=True)
+        starts.append(int(offsets[first[0]]) if len(first) else size)
+    ends = starts[1:] + [size]
+    return [
+        (start, end, dtype)
+        for start, end, dtype in zip(starts, ends, (np.uint8, np.uint16, np.uint32), strict=True)
+        if end > start
+    ]
+
+
+def _store_fields(
+    arena: np.ndarray, offset: np.ndarray, bits: np.ndarray, neuron: np.ndarray, count: np.ndarray
+) -> None:
+    """Write ``count (P,)`` into field ``neuron (P,)`` of the zeroed rows at byte ``offset
+    (P,)`` with fields of ``bits (P,)`` (the layout of ``stats.c``'s ``add_packed``)."""
+    for width in COUNT_BITS:
+        mine = bits == width
+        if width >= 8:
+            dtype = {8: np.uint8, 16: np.uint16, 32: np.uint32}[width]
+            step = width // 8  # offsets are multiples of 4 (_row_bytes)
+            arena.view(dtype)[offset[mine] // step + neuron[mine]] = count[mine]
+        else:  # fields of one byte are distinct entries: add them in
+            bit = neuron[mine] * width
+            values = (count[mine].astype(np.uint8) << (bit % 8).astype(np.uint8))
+            np.add.at(arena, offset[mine] + bit // 8, values)
+
+
 def _mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Zeros of ``shape`` in an anonymous memory map of their own: the OS zeroes each page
     on its first touch, so memory never used costs no memory and no time (numpy's lazy
@@ -1098,17 +1183,21 @@ def _mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def merge_rules(names: list[str]) -> dict[str, str]:
-    """How each tensor of :meth:`NeuronStats.to_tensors` ``(table_only=True)`` merges
-    across shards: ``"sum"`` (counts, sums, histograms: the default for any new field),
-    ``"max"`` (``act_absmax``), ``"keys"`` / ``"counts"`` (a sparse table ``X_key`` /
-    ``X_count``: union of keys, counts summed) or ``"empty"`` (the dense unigram rows,
-    empty in the table-only form). The one place merge semantics live: :func:`NeuronStats.merge`
-    and the distributed merge (:mod:`neuronspec.capture.collect`) both follow it."""
+    """How each tensor of :meth:`NeuronStats.to_tensors` (``table_only=True``, or in one
+    ``layout``) merges across shards: ``"sum"`` (counts, sums, histograms: the default for
+    any new field), ``"max"`` (``act_absmax``), ``"keys"`` / ``"counts"`` (a sparse table
+    ``X_key`` / ``X_count``: union of keys, counts summed), ``"packed"`` (the packed rows
+    ``pair_dense``: added field by field, see :func:`packed_regions`) or ``"layout"`` (their
+    tokens, offsets and widths: equal in every shard). In the table-only form the last two
+    are empty. The one place merge semantics live: :func:`NeuronStats.merge` and the
+    distributed merge (:mod:`neuronspec.capture.collect`) both follow it."""
     present = set(names)
     rules: dict[str, str] = {}
     for name in names:
-        if name.endswith(_DENSE_PAIR_FIELDS):
-            rules[name] = "empty"
+        if name.endswith("pair_dense"):
+            rules[name] = "packed"
+        elif name.endswith(_DENSE_PAIR_FIELDS):
+            rules[name] = "layout"
         elif name.endswith("_key") and name[: -len("_key")] + "_count" in present:
             rules[name] = "keys"
         elif name.endswith("_count") and name[: -len("_count")] + "_key" in present:
@@ -1125,10 +1214,16 @@ def _merge_tensor_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     for name, rule in merge_rules(list(a)).items():
         if rule == "keys":
             continue  # merged with its counts
-        if rule == "empty":  # table_only forms: every count is in the table
-            if a[name].numel() or b[name].numel():
-                raise NeuronSpecError("merge the table_only forms of the statistics")
+        if rule == "layout":
+            if not torch.equal(a[name], b[name]):
+                raise NeuronSpecError("merge statistics in one packed layout, or table_only")
             merged[name] = a[name]
+        elif rule == "packed":  # table_only forms: empty
+            offsets, bits = (a[name + suffix] for suffix in ("_offset", "_bits"))
+            merged[name] = a[name].clone()
+            for start, end, dtype in packed_regions(offsets, bits, len(a[name])):
+                into = merged[name].numpy()[start:end].view(dtype)
+                into += b[name].numpy()[start:end].view(dtype)
         elif rule == "counts":
             key = name[: -len("_count")] + "_key"
             keys, counts = _merge_sparse(torch.cat([a[key], b[key]]), torch.cat([a[name], b[name]]))
