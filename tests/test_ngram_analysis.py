@@ -11,6 +11,7 @@ import pytest
 from neuronspec.analyses.ngram import (
     NEVER_FIRES,
     CountTableError,
+    _neuron_blocks,
     analyse_ngram_layer,
     covering_bin_labels,
     covering_count,
@@ -305,9 +306,9 @@ def _reference(neuron, token, count, token_count, n_neurons, max_tokens=5):
     return covering, detectors
 
 
-def test_matches_plain_loop_reference() -> None:
-    rng = np.random.default_rng(3)
-    n_neurons, vocab = 40, 12
+def _detector_table(n_neurons: int, vocab: int, seed: int):
+    """A layer's (neuron, token, count) table with token detectors among its neurons."""
+    rng = np.random.default_rng(seed)
     token_count = rng.integers(1, 30, size=vocab)
     rows = []
     for n in range(n_neurons):
@@ -317,7 +318,12 @@ def test_matches_plain_loop_reference() -> None:
             rows.append(
                 (n, int(t), int(token_count[t] if full else rng.integers(0, token_count[t])))
             )
-    neuron, token, count = _triples(rows)
+    return (*_triples(rows), token_count)
+
+
+def test_matches_plain_loop_reference() -> None:
+    n_neurons, vocab = 40, 12
+    neuron, token, count, token_count = _detector_table(n_neurons, vocab, seed=3)
     covering, detectors = _reference(neuron, token, count, token_count, n_neurons)
     assert covering_count(neuron, token, count, n_neurons=n_neurons).tolist() == covering
     assert token_detectors(neuron, token, count, token_count, n_neurons=n_neurons) == detectors
@@ -351,3 +357,49 @@ def test_gpt2_sized_table_stays_sparse() -> None:
     assert isinstance(detectors, dict)
     assert peak < bound < dense_bytes, f"peak {peak / 1e6:.0f} MB"
     assert elapsed < 30, f"{elapsed:.1f} s"
+
+
+def _random_layer_table(n_neurons: int, vocab: int, n_pairs: int, seed: int):
+    rng = np.random.default_rng(seed)
+    flat = np.unique(rng.integers(0, n_neurons * vocab, size=n_pairs, dtype=np.int64))
+    neuron, token = flat // vocab, flat % vocab  # sorted by (neuron, token), as stats give
+    count = rng.geometric(0.3, size=len(flat)).astype(np.int64)
+    token_count = np.bincount(token, weights=count, minlength=vocab).astype(np.int64) + 5
+    return neuron, token, count, token_count
+
+
+def _analyse(neuron, token, count, token_count, n_neurons, vocab):
+    return analyse_ngram_layer(
+        model="toy", layer=0, n_layers=1, n_neurons=n_neurons, vocab_size=vocab,
+        pair_neuron=neuron, pair_token=token, pair_count=count, token_count=token_count,
+    )  # fmt: skip
+
+
+def test_neuron_blocks_give_the_whole_tables_finding(monkeypatch) -> None:
+    """Analysed in blocks of whole neurons (a few pairs each), a layer's finding equals the
+    finding of the whole table: every quantity is per neuron."""
+    n_neurons, vocab = 40, 12
+    table = _detector_table(n_neurons, vocab, seed=3)
+    whole = _analyse(*table, n_neurons, vocab)
+    assert whole.n_token_detectors > 0 and len(whole.covering_histogram) > 1
+    monkeypatch.setattr("neuronspec.analyses.ngram.NEURON_BLOCK_PAIRS", 7)
+    assert len(_neuron_blocks(table[0], n_neurons)) > 10
+    assert _analyse(*table, n_neurons, vocab) == whole
+
+
+def test_neuron_blocks_bound_the_working_memory(monkeypatch) -> None:
+    """3M pairs of a 3072-neuron layer: analysed in blocks of 300k pairs, the peak numpy
+    memory beyond the inputs is a fraction of the whole table's."""
+    n_neurons, vocab = 3072, 50257
+    table = _random_layer_table(n_neurons, vocab, 3_000_000, seed=0)
+    peaks = []
+    for block_pairs in (10**9, 300_000):
+        monkeypatch.setattr("neuronspec.analyses.ngram.NEURON_BLOCK_PAIRS", block_pairs)
+        tracemalloc.start()
+        try:
+            finding = _analyse(*table, n_neurons, vocab)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert finding.n_alive == n_neurons
+    assert peaks[1] < 0.25 * peaks[0], [f"{p / 1e6:.0f} MB" for p in peaks]

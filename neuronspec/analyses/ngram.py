@@ -446,19 +446,21 @@ def analyse_ngram_layer(
     pair_token = _int_array("pair_token", pair_token)
     if len(pair_token) and pair_token.max() >= vocab_size:
         raise CountTableError(f"token id {pair_token.max()} ≥ vocab_size {vocab_size}")
-    counts = covering_count(
-        pair_neuron, pair_token, pair_count, n_neurons=n_neurons, coverage=coverage
-    )
-    detectors = token_detectors(
-        pair_neuron,
-        pair_token,
-        pair_count,
-        token_count,
-        n_neurons=n_neurons,
-        max_tokens=max_tokens,
-        coverage=coverage,
-        occurrence_coverage=occurrence_coverage,
-    )
+    counts = np.zeros(n_neurons, dtype=np.int64)
+    detectors: dict[int, list[int]] = {}
+    for block in _neuron_blocks(pair_neuron, n_neurons):  # every neuron is in one block
+        neuron, token, count = pair_neuron[block], pair_token[block], pair_count[block]
+        counts += covering_count(neuron, token, count, n_neurons=n_neurons, coverage=coverage)
+        detectors |= token_detectors(
+            neuron,
+            token,
+            count,
+            token_count,
+            n_neurons=n_neurons,
+            max_tokens=max_tokens,
+            coverage=coverage,
+            occurrence_coverage=occurrence_coverage,
+        )
     trigram_tables = (tri_neuron, tri_key, tri_count, tri_occ_key, tri_occ_count)
     trigrams: dict[int, list[int]] | None = None
     if any(t is not None for t in trigram_tables):
@@ -495,6 +497,29 @@ def analyse_ngram_layer(
         n_trigram_detectors=None if trigrams is None else len(trigrams),
         detector_trigrams=trigrams,
     )
+
+
+NEURON_BLOCK_PAIRS = 8_000_000
+"""Pairs per block of neurons that :func:`analyse_ngram_layer` analyses at once: its
+working memory (about 100 bytes per pair) stays bounded however large the table."""
+
+
+def _neuron_blocks(pair_neuron: np.ndarray, n_neurons: int) -> list[slice]:
+    """Slices of a table sorted by neuron into blocks of whole neurons, about
+    :data:`NEURON_BLOCK_PAIRS` pairs each (every neuron's quantities depend on its own
+    pairs only); one slice for a table not sorted by neuron."""
+    pair_neuron = np.asarray(pair_neuron)
+    n_pairs = len(pair_neuron)
+    if n_pairs <= NEURON_BLOCK_PAIRS or np.any(np.diff(pair_neuron) < 0):
+        return [slice(0, n_pairs)]
+    starts = np.searchsorted(pair_neuron, np.arange(n_neurons + 1))  # (W + 1,) first pair
+    cuts, last = [0], 0
+    for start in starts[1:-1].tolist():
+        if start - last >= NEURON_BLOCK_PAIRS:
+            cuts.append(start)
+            last = start
+    cuts.append(n_pairs)
+    return [slice(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
 
 @dataclass(frozen=True)
