@@ -10,8 +10,6 @@ fire_by_pos         (T, W) int32           firings of neuron n at window positio
 act_sum             (W,) float64           Σ a over all tokens (``mlp`` site)
 act_sumsq           (W,) float64           Σ a²
 act_absmax          (W,) float64           max |a|                                 (merge: max)
-abs_hist            (n_bins + 2,) int64    histogram of |a| over all (token, neuron), fixed
-                                           log-spaced edges; first/last bin = under/overflow
 pearson_abs_sum     (W,) float64           Σ over windows of |Pearson r(a, position)|
 abs_sketch          (n_sketch + 2,) int64  |a| over all (token, neuron) in finer log-spaced
                                            bins (quantiles within 1%, METHODS §9; below
@@ -64,7 +62,7 @@ STATS_BACKENDS = ("auto", "native", "torch")
 ops; ``auto``: native where it applies and builds, else torch. Both compute the same
 definitions, but float sums may round differently, so the backend ``auto`` resolves to is
 part of the cache key (:func:`neuronspec.capture.runner.computation_path`)."""
-STATS_FORMAT = "neuronspec-stats-v6"  # v5: trigrams ending at window position 2 count; v6: window-mean moments, sparsity sketch  # part of the cache key: bump when an accumulator changes
+STATS_FORMAT = "neuronspec-stats-v7"  # v5: trigrams ending at window position 2 count; v6: window-mean moments, sparsity sketch; v7: no abs_hist (abs_sketch bins the same |a| finer)  # part of the cache key: bump when an accumulator changes
 
 
 @dataclass(frozen=True)
@@ -72,9 +70,6 @@ class StatsConfig:
     """What the streamed pass collects. Part of the cache key."""
 
     fire_threshold: float = 0.0  # METHODS §1: a neuron fires when mlp_pre > 0
-    hist_bins: int = 160  # log-spaced |a| bins: 16 per decade over 1e-10 .. 1e6
-    hist_min: float = 1e-10
-    hist_max: float = 1e6
     unigrams: bool = True  # sparse (neuron, token) firing counts for METHODS §3
     trigrams: bool = False  # sparse (neuron, trigram) counts: large, opt-in
     # |a| quantile sketch (METHODS §9): 116 bins per decade, bin ratio γ = 10^(1/116), so a
@@ -85,17 +80,13 @@ class StatsConfig:
     sketch_max: float = 1e6
 
     def __post_init__(self) -> None:
-        if not 1 <= self.hist_bins <= 254:  # bin indices (with under/overflow) fit in uint8
-            raise NeuronSpecError(f"hist_bins must be in 1..254, got {self.hist_bins}")
-        if not FLOAT32_TINY <= self.hist_min < self.hist_max <= FLOAT32_MAX:
+        if not FLOAT32_TINY <= self.sketch_min < self.sketch_max <= FLOAT32_MAX:
             raise NeuronSpecError(
-                f"need {FLOAT32_TINY:.4g} <= hist_min < hist_max <= {FLOAT32_MAX:.4g} (normal "
-                f"float32 numbers), got {self.hist_min} and {self.hist_max}"
+                f"need {FLOAT32_TINY:.4g} <= sketch_min < sketch_max <= {FLOAT32_MAX:.4g} "
+                f"(normal float32 numbers), got {self.sketch_min} and {self.sketch_max}"
             )
-
-    def hist_edges(self) -> np.ndarray:
-        """The ``hist_bins + 1`` bin edges of ``abs_hist`` (bin 0 is < hist_min)."""
-        return np.logspace(math.log10(self.hist_min), math.log10(self.hist_max), self.hist_bins + 1)
+        if not 1 <= self.sketch_bins <= 65533:  # bin indices (with the ends) fit in uint16
+            raise NeuronSpecError(f"the sketch needs 1..65533 bins, got {self.sketch_bins}")
 
     @property
     def sketch_bins(self) -> int:
@@ -490,7 +481,6 @@ class LayerStats:
     act_sum: torch.Tensor
     act_sumsq: torch.Tensor
     act_absmax: torch.Tensor
-    abs_hist: torch.Tensor
     pearson_abs_sum: torch.Tensor
     abs_sketch: torch.Tensor
     token_sparsity: torch.Tensor
@@ -512,7 +502,6 @@ class LayerStats:
             act_sum=torch.zeros(width, dtype=torch.float64),
             act_sumsq=torch.zeros(width, dtype=torch.float64),
             act_absmax=torch.zeros(width, dtype=torch.float64),
-            abs_hist=torch.zeros(config.hist_bins + 2, dtype=torch.long),
             pearson_abs_sum=torch.zeros(width, dtype=torch.float64),
             abs_sketch=torch.zeros(config.sketch_bins + 2, dtype=torch.long),
             token_sparsity=torch.zeros(4, dtype=torch.float64),
@@ -706,8 +695,6 @@ class NeuronStats:
         stats.act_sumsq += window_sumsq.sum(0).cpu()
         absact = torch.abs(act32, out=work)  # (B, T, W)
         torch.maximum(stats.act_absmax, absact.amax((0, 1)).double().cpu(), out=stats.act_absmax)
-        bins = self._buffer("bins", act32, torch.uint8)
-        stats.abs_hist += _log_histogram_(absact, self.config, bins)
         stats.pearson_abs_sum += _abs_pearson_with_position(
             position_moment, window_sum, window_sumsq, act32.shape[1]
         ).cpu()
@@ -744,10 +731,7 @@ class NeuronStats:
         if self.config.trigrams or torch_tail:
             fires = self._buffer("fires", pre, torch.bool)  # (B, T, W)
         config = self.config
-        lo, hi = math.log2(config.hist_min), math.log2(config.hist_max)
-        per_log2 = config.hist_bins / (hi - lo)
         zpos = _position_basis(window, pre.device)[1].contiguous()  # (T,)
-        hists = torch.zeros(threads, config.hist_bins + 2, dtype=torch.long)  # one per thread
         found = load_library().neuronspec_layer_stats_f32(
             threads, batch, window, width,
             pre.data_ptr(), pre.stride(0), pre.stride(1),
@@ -758,13 +742,11 @@ class NeuronStats:
             _data_ptr(tail_spans),
             stats.act_sum.data_ptr(), stats.act_sumsq.data_ptr(),
             stats.act_absmax.data_ptr(), stats.pearson_abs_sum.data_ptr(),
-            hists.data_ptr(), config.hist_bins, config.hist_min, config.hist_max,
-            per_log2, 1 - lo * per_log2, PEARSON_CONSTANT_VARIANCE,
+            PEARSON_CONSTANT_VARIANCE,
         )  # fmt: skip
         if found < 0:
             raise MemoryError("stats kernel: cannot allocate its scratch memory")
         _refuse_non_finite(found)
-        stats.abs_hist += hists.sum(0)
         if tail_keys is not None:
             spans = [tail_keys[start : start + count] for start, count in tail_spans.tolist()]
             pairs.tail.add(*spans)  # copied: the work buffer is reused
@@ -993,7 +975,6 @@ _DENSE_FIELDS = (
     "act_sum",
     "act_sumsq",
     "act_absmax",
-    "abs_hist",
     "pearson_abs_sum",
     "abs_sketch",
     "token_sparsity",
@@ -1135,20 +1116,6 @@ def _trigram_keys(
     valid = torch.zeros_like(counted)
     valid[:, 2:] = not_bos[:, :-2] & not_bos[:, 1:-1] & counted[:, 2:]
     return keys, valid
-
-
-def _log_histogram_(absact: torch.Tensor, config: StatsConfig, bins: torch.Tensor) -> torch.Tensor:
-    """Counts of |a| in fixed log-spaced bins; index 0 = below hist_min, last = at or above
-    hist_max. Overwrites ``absact`` (float32) and ``bins`` (uint8, same shape) as work space.
-    Computed in float32: a value within rounding of a bin edge may land in either
-    neighbouring bin."""
-    lo, hi = math.log2(config.hist_min), math.log2(config.hist_max)
-    per_log2 = config.hist_bins / (hi - lo)
-    # index = floor((log2|a| - lo) · per_log2) + 1, clamped to 0 .. bins + 1; log2(0) = -inf
-    index = torch.log2(absact, out=absact).mul_(per_log2).add_(1 - lo * per_log2)
-    index.clamp_(0, config.hist_bins + 1)  # non-negative, so the cast below floors
-    bins.copy_(index)
-    return torch.bincount(bins.flatten(), minlength=config.hist_bins + 2).cpu()
 
 
 PEARSON_CONSTANT_VARIANCE = 1e-6  # relative to the mean square: float32 noise level

@@ -44,7 +44,7 @@ __all__ = ["KernelUnavailableError", "kernels_available", "load_library"]
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("scan.c", "stats.c", "sparsity.c"))
 HEADERS = (Path(__file__).with_name("fastmath.h"),)  # included by the sources: in the build key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fopenmp")
-ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 8, "neuronspec_sparsity_abi": 1}
+ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 9, "neuronspec_sparsity_abi": 1}
 
 _i64, _ptr, _f32, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
 _SCAN_ARGS = (
@@ -65,7 +65,7 @@ _STATS_ARGS = (
     + [_ptr] * 3  # dense, fires, fire_by_pos
     + [_ptr, _i64, _i64, _ptr, _ptr]  # tail_tokens, V, n_tail, tail_keys, tail_spans
     + [_ptr] * 4  # act_sum, act_sumsq, act_absmax, pearson_abs_sum
-    + [_ptr, _i64, _f32, _f32, _f32, _f32, _f64]  # hist, n_bins, min, max, per_log2, offset, cv
+    + [_f64]  # constant_variance
 )
 _NNZ_ARGS = [_i64] * 3 + [_ptr] * 5  # threads, D, W, dense, spill, spill_of, rows, nnz
 # threads, D, W, V; dense, spill, spill_of, rows, tokens, tail (keys, counts, starts), out..
