@@ -34,8 +34,10 @@ occurrences).
 Window-mean moments (a separate block, METHODS §5; :class:`WindowMeanMoments`): per site in
 ``WINDOW_MEAN_SITES`` that the model has (``mlp``; ``dt`` for Mamba) and layer,
 ``{site}_wmean_sum (W,) float64`` = Σ over windows of the window-mean activation and
-``{site}_wmean_sumsq`` = Σ of its square. A text is a corpus window; the variance across texts
-and the corpus mean (equal-length windows: mean of window means = mean over tokens) follow.
+``{site}_wmean_sumsq`` = Σ of its square (``mlp``: from the window sums that
+:meth:`NeuronStats.add_layer` takes anyway; ``dt``: :meth:`NeuronStats.add_window_means`). A
+text is a corpus window; the variance across texts and the corpus mean (equal-length
+windows: mean of window means = mean over tokens) follow.
 
 Every field merges by addition (``act_absmax`` by maximum, sparse tables by key union),
 so shards of a corpus give the same statistics as the whole. Memory is independent of
@@ -664,18 +666,19 @@ class NeuronStats:
                 self.add_layer(layer, pre[part], act[part], input_ids[part], counted[part])
             return
         stats = self.layers[layer]
+        wmeans = self.window_means.get(("mlp", layer))  # from the layer's window sums
         input_ids, counted = input_ids.to(pre.device), counted.to(pre.device)
         if _use_native_stats(self.backend, pre, act):
-            fires = self._add_layer_native(stats, pre, act, input_ids, counted)
+            fires = self._add_layer_native(stats, pre, act, input_ids, counted, wmeans)
         else:
-            fires = self._add_layer_torch(stats, pre, act, input_ids, counted)
+            fires = self._add_layer_torch(stats, pre, act, input_ids, counted, wmeans)
         _add_token_sparsity(stats, act, self.config, self.backend)
         if self.config.trigrams:
             keys, valid = _trigram_keys(input_ids, counted, self.vocab_size, self._bos_id)
             b, t, n = torch.nonzero(fires & valid[:, :, None], as_tuple=True)
             stats.trigrams.add(n * self.vocab_size**3 + keys[b, t])
 
-    def _add_layer_torch(self, stats, pre, act, input_ids, counted) -> torch.Tensor:
+    def _add_layer_torch(self, stats, pre, act, input_ids, counted, wmeans) -> torch.Tensor:
         """Torch form of :meth:`add_layer`; returns the firing pattern ``(B, T, W)`` bool."""
         fires = torch.gt(
             pre, self.config.fire_threshold, out=self._buffer("fires", pre, torch.bool)
@@ -693,6 +696,8 @@ class NeuronStats:
         _refuse_non_finite(int((~finite).sum()))
         stats.act_sum += window_sum.sum(0).cpu()
         stats.act_sumsq += window_sumsq.sum(0).cpu()
+        if wmeans is not None:
+            wmeans.add_window_sums(window_sum, act32.shape[1])
         absact = torch.abs(act32, out=work)  # (B, T, W)
         torch.maximum(stats.act_absmax, absact.amax((0, 1)).double().cpu(), out=stats.act_absmax)
         stats.pearson_abs_sum += _abs_pearson_with_position(
@@ -703,10 +708,11 @@ class NeuronStats:
             stats.pairs.add(input_ids.flatten(), fires.reshape(-1, width), counted.flatten())
         return fires
 
-    def _add_layer_native(self, stats, pre, act, input_ids, counted) -> torch.Tensor | None:
+    def _add_layer_native(self, stats, pre, act, input_ids, counted, wmeans) -> torch.Tensor | None:
         """:meth:`add_layer` through ``stats.c``: every accumulator in one pass, the sparse
         (neuron, token) tail keys included (int32 key spaces; else the tail is left to
-        torch). Returns ``fires`` ``(B, T, W)`` when trigrams need it, else None."""
+        torch), and the window sums for ``wmeans`` (the ``mlp`` window-mean moments, or
+        None). Returns ``fires`` ``(B, T, W)`` when trigrams need it, else None."""
         batch, window, width = pre.shape
         pre, act = _unit_channel_stride(pre), _unit_channel_stride(act)
         pairs = stats.pairs if self.config.unigrams else None
@@ -732,6 +738,7 @@ class NeuronStats:
             fires = self._buffer("fires", pre, torch.bool)  # (B, T, W)
         config = self.config
         zpos = _position_basis(window, pre.device)[1].contiguous()  # (T,)
+        window_sums = None if wmeans is None else torch.empty(batch, width, dtype=torch.float64)
         found = load_library().neuronspec_layer_stats_f32(
             threads, batch, window, width,
             pre.data_ptr(), pre.stride(0), pre.stride(1),
@@ -742,11 +749,13 @@ class NeuronStats:
             _data_ptr(tail_spans),
             stats.act_sum.data_ptr(), stats.act_sumsq.data_ptr(),
             stats.act_absmax.data_ptr(), stats.pearson_abs_sum.data_ptr(),
-            PEARSON_CONSTANT_VARIANCE,
+            _data_ptr(window_sums), PEARSON_CONSTANT_VARIANCE,
         )  # fmt: skip
         if found < 0:
             raise MemoryError("stats kernel: cannot allocate its scratch memory")
         _refuse_non_finite(found)
+        if wmeans is not None:
+            wmeans.add_window_sums(window_sums, window)
         if tail_keys is not None:
             spans = [tail_keys[start : start + count] for start, count in tail_spans.tolist()]
             pairs.tail.add(*spans)  # copied: the work buffer is reused
@@ -964,8 +973,13 @@ class WindowMeanMoments:
         return cls(torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
 
     def add(self, values: torch.Tensor) -> None:
+        """Add one batch ``(B, T, W)``: each row is a window."""
         # float32 sums over T, then float64 (a float64 reduction of (B, T, W) costs ~10x)
-        means = values.float().sum(1).double() / values.shape[1]  # (B, W)
+        self.add_window_sums(values.float().sum(1).double(), values.shape[1])
+
+    def add_window_sums(self, sums: torch.Tensor, window: int) -> None:
+        """Add the windows' sums over their ``window`` positions, ``(B, W)`` float64."""
+        means = sums / window  # (B, W)
         self.sum += means.sum(0).cpu()
         self.sumsq += (means * means).sum(0).cpu()
 

@@ -64,7 +64,7 @@ _STATS_ARGS = (
     + [_f32, _ptr, _ptr]  # threshold, zpos, rows
     + [_ptr] * 3  # dense, fires, fire_by_pos
     + [_ptr, _i64, _i64, _ptr, _ptr]  # tail_tokens, V, n_tail, tail_keys, tail_spans
-    + [_ptr] * 4  # act_sum, act_sumsq, act_absmax, pearson_abs_sum
+    + [_ptr] * 5  # act_sum, act_sumsq, act_absmax, pearson_abs_sum, window_sums
     + [_f64]  # constant_variance
 )
 _NNZ_ARGS = [_i64] * 3 + [_ptr] * 5  # threads, D, W, dense, spill, spill_of, rows, nnz

@@ -13,6 +13,8 @@
  *   act_sum, act_sumsq (W,) f64 += per-window float32 sums of a, a², widened per window
  *   act_absmax  (W,) f64        = max(., max |a|)
  *   pearson_abs_sum (W,) f64   += |Pearson r(a, position)| per window
+ *   window_sums (B, W) f64      = the per-window float32 sums Σ_t a, widened (when not NULL;
+ *                                the window-mean moments of the `mlp` site come from them)
  *
  * The columns are split among `threads` OpenMP threads (torch's own runtime, see
  * scan.c); every column belongs to one thread. The tail keys of the thread owning columns [lo, hi) go to
@@ -40,7 +42,7 @@ static i64 layer_columns(
     uint16_t *dense, uint8_t *fires, int32_t *fire_by_pos,
     const i64 *tail_tokens, i64 V, int32_t *tail_keys, i64 *tail_found,
     double *act_sum, double *act_sumsq, double *act_absmax, double *pearson_abs_sum,
-    double constant_variance) {
+    double *window_sums, double constant_variance) {
     const i64 n = w1 - w0;
     *tail_found = 0;
     if (n <= 0) return 0;
@@ -101,6 +103,7 @@ static i64 layer_columns(
             nonfinite += !isfinite(sumsq) || !isfinite(sum) || !isfinite(moment);
             act_sum[w0 + w] += sum;
             act_sumsq[w0 + w] += sumsq;
+            if (window_sums) window_sums[b * W + w0 + w] = sum;
             const double cov = moment / (double)T;
             const double mean_square = sumsq / (double)T;
             const double mean = sum / (double)T;
@@ -132,7 +135,7 @@ i64 neuronspec_layer_stats_f32(
     uint16_t *dense, uint8_t *fires, int32_t *fire_by_pos,
     const i64 *tail_tokens, i64 V, i64 n_tail, int32_t *tail_keys, i64 *tail_spans,
     double *act_sum, double *act_sumsq, double *act_absmax, double *pearson_abs_sum,
-    double constant_variance) {
+    double *window_sums, double constant_variance) {
     /* tail_spans (threads, 2) */
     if (threads < 1) return -2;
     const i64 blocks = (W + 15) / 16; /* slices of whole 64-byte lines of float32 columns */
@@ -153,7 +156,7 @@ i64 neuronspec_layer_stats_f32(
         const i64 found = layer_columns(
             lo, hi, B, T, W, pre, pre_sb, pre_st, act, act_sb, act_st, threshold, zpos, rows,
             dense, fires, fire_by_pos, tail_tokens, V, keys, &tail_found, act_sum, act_sumsq,
-            act_absmax, pearson_abs_sum, constant_variance);
+            act_absmax, pearson_abs_sum, window_sums, constant_variance);
         if (tail_spans) tail_spans[2 * tid + 1] = tail_found;
         if (found < 0) failed += 1;
         else nonfinite += found;
