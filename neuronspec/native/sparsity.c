@@ -36,16 +36,16 @@ typedef int64_t i64;
 #define HIGH_RADIX 4096
 #define STREAMS 4  /* interleaved quarters of the high-digit pass (see radix_sort) */
 
-/* Sort n keys ascending; `keys` and `tmp` both of n; `count` of LOW_RADIX + STREAMS · HIGH_RADIX;
- * returns the array holding the result. Two LSD radix passes order the keys by their top
- * 20 bits (values within 2^-11 relative of each other may stay out of order); an insertion
- * sort then finishes exactly in time n + (inversions left), which are few.
- * The high digit (sign, exponent, top mantissa bit) takes few distinct values in a row, so
- * one counter per digit would chain every increment on the one before through memory; that
- * pass splits its input in STREAMS quarters, each with its own counters and offsets (a
- * quarter's keys of a digit go after the earlier quarters' keys of that digit: stable), and
- * scatters one key of each quarter per step. Only the row's digit range [dlo, dhi] is
- * scanned for offsets. */
+/* Sort n keys ascending; `keys` and `tmp` both of n; `count` of
+ * LOW_RADIX + STREAMS · HIGH_RADIX; returns the array holding the result. Two LSD radix
+ * passes order the keys by bits 9..30 (values within 2^-14 relative of each other may stay
+ * out of order); an insertion sort then finishes exactly in time n + (inversions left),
+ * which are few. The high digit (exponent and top 4 mantissa bits) takes few distinct
+ * values in a row, so one counter per digit would chain every increment on the one before
+ * through memory; that pass splits its input in STREAMS quarters, each with its own counters
+ * and offsets (a quarter's keys of a digit go after the earlier quarters' keys of that
+ * digit: stable), and scatters one key of each quarter per step. Only the row's digit range
+ * [dlo, dhi] is cleared and scanned for offsets. */
 static uint32_t *radix_sort(uint32_t *keys, uint32_t *tmp, i64 n, uint32_t *count,
                             uint32_t dlo, uint32_t dhi) {
     uint32_t *c0 = count, *ch = count + LOW_RADIX; /* ch: STREAMS × HIGH_RADIX */
