@@ -53,10 +53,14 @@ def test_stats_equal_dense_recomputation(random_model, backend):
         dense_sum, dense_sumsq = act.double().sum((0, 1)), act.double().square().sum((0, 1))
         torch.testing.assert_close(layer_stats.act_sum, dense_sum, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(layer_stats.act_sumsq, dense_sumsq, rtol=1e-5, atol=1e-6)
-        edges = np.concatenate([[0], stats.config.hist_edges(), [np.inf]])
-        expected_hist = np.histogram(act.abs().numpy(), edges)[0]
-        assert np.abs(layer_stats.abs_hist.numpy() - expected_hist).sum() <= 2  # edge rounding
-        assert int(layer_stats.abs_hist.sum()) == act.numel()
+        edges = np.concatenate([[0], stats.config.sketch_edges(), [np.inf]])
+        expected_sketch = np.histogram(act.abs().numpy(), edges)[0]
+        # edge rounding: the native bin index is float32 (about 1e-4 of a bin)
+        assert (
+            np.abs(layer_stats.abs_sketch.numpy() - expected_sketch).sum()
+            <= 2 + act.numel() // 1000
+        )
+        assert int(layer_stats.abs_sketch.sum()) == act.numel()
         # sparse unigram table equals a dense (neuron, token) count on counted positions
         neuron, token, count = stats.unigram_table(layer)
         dense = np.zeros((act.shape[-1], VOCAB), dtype=np.int64)

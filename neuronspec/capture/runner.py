@@ -65,9 +65,8 @@ def collect_stats(
     batch_state: dict[str, torch.Tensor] = {}
 
     def on_site(site: str, layer: int, value: torch.Tensor) -> None:
-        if site in moment_sites:
+        if site == "dt":  # the mlp window means come with add_layer
             stats.add_window_means(site, layer, value)
-        if site == "dt":
             return
         if site == "mlp_pre":
             pending[layer] = value

@@ -10,8 +10,6 @@ fire_by_pos         (T, W) int32           firings of neuron n at window positio
 act_sum             (W,) float64           Σ a over all tokens (``mlp`` site)
 act_sumsq           (W,) float64           Σ a²
 act_absmax          (W,) float64           max |a|                                 (merge: max)
-abs_hist            (n_bins + 2,) int64    histogram of |a| over all (token, neuron), fixed
-                                           log-spaced edges; first/last bin = under/overflow
 pearson_abs_sum     (W,) float64           Σ over windows of |Pearson r(a, position)|
 abs_sketch          (n_sketch + 2,) int64  |a| over all (token, neuron) in finer log-spaced
                                            bins (quantiles within 1%, METHODS §9; below
@@ -37,8 +35,10 @@ occurrences).
 Window-mean moments (a separate block, METHODS §5; :class:`WindowMeanMoments`): per site in
 ``WINDOW_MEAN_SITES`` that the model has (``mlp``; ``dt`` for Mamba) and layer,
 ``{site}_wmean_sum (W,) float64`` = Σ over windows of the window-mean activation and
-``{site}_wmean_sumsq`` = Σ of its square. A text is a corpus window; the variance across texts
-and the corpus mean (equal-length windows: mean of window means = mean over tokens) follow.
+``{site}_wmean_sumsq`` = Σ of its square (``mlp``: from the window sums that
+:meth:`NeuronStats.add_layer` takes anyway; ``dt``: :meth:`NeuronStats.add_window_means`). A
+text is a corpus window; the variance across texts and the corpus mean (equal-length
+windows: mean of window means = mean over tokens) follow.
 
 Every field merges by addition (``act_absmax`` by maximum, sparse tables by key union),
 so shards of a corpus give the same statistics as the whole. Memory is independent of
@@ -65,7 +65,7 @@ STATS_BACKENDS = ("auto", "native", "torch")
 ops; ``auto``: native where it applies and builds, else torch. Both compute the same
 definitions, but float sums may round differently, so the backend ``auto`` resolves to is
 part of the cache key (:func:`neuronspec.capture.runner.computation_path`)."""
-STATS_FORMAT = "neuronspec-stats-v7"  # v5: trigrams ending at window position 2 count; v6: window-mean moments, sparsity sketch; v7: packed (neuron, token) rows  # part of the cache key: bump when an accumulator changes
+STATS_FORMAT = "neuronspec-stats-v7"  # v5: trigrams ending at window position 2 count; v6: window-mean moments, sparsity sketch; v7: packed (neuron, token) rows, no abs_hist (abs_sketch bins the same |a| finer)  # part of the cache key: bump when an accumulator changes
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,6 @@ class StatsConfig:
     """What the streamed pass collects. Part of the cache key."""
 
     fire_threshold: float = 0.0  # METHODS §1: a neuron fires when mlp_pre > 0
-    hist_bins: int = 160  # log-spaced |a| bins: 16 per decade over 1e-10 .. 1e6
-    hist_min: float = 1e-10
-    hist_max: float = 1e6
     unigrams: bool = True  # sparse (neuron, token) firing counts for METHODS §3
     trigrams: bool = False  # sparse (neuron, trigram) counts: large, opt-in
     # |a| quantile sketch (METHODS §9): 116 bins per decade, bin ratio γ = 10^(1/116), so a
@@ -86,17 +83,13 @@ class StatsConfig:
     sketch_max: float = 1e6
 
     def __post_init__(self) -> None:
-        if not 1 <= self.hist_bins <= 254:  # bin indices (with under/overflow) fit in uint8
-            raise NeuronSpecError(f"hist_bins must be in 1..254, got {self.hist_bins}")
-        if not FLOAT32_TINY <= self.hist_min < self.hist_max <= FLOAT32_MAX:
+        if not FLOAT32_TINY <= self.sketch_min < self.sketch_max <= FLOAT32_MAX:
             raise NeuronSpecError(
-                f"need {FLOAT32_TINY:.4g} <= hist_min < hist_max <= {FLOAT32_MAX:.4g} (normal "
-                f"float32 numbers), got {self.hist_min} and {self.hist_max}"
+                f"need {FLOAT32_TINY:.4g} <= sketch_min < sketch_max <= {FLOAT32_MAX:.4g} "
+                f"(normal float32 numbers), got {self.sketch_min} and {self.sketch_max}"
             )
-
-    def hist_edges(self) -> np.ndarray:
-        """The ``hist_bins + 1`` bin edges of ``abs_hist`` (bin 0 is < hist_min)."""
-        return np.logspace(math.log10(self.hist_min), math.log10(self.hist_max), self.hist_bins + 1)
+        if not 1 <= self.sketch_bins <= 65533:  # bin indices (with the ends) fit in uint16
+            raise NeuronSpecError(f"the sketch needs 1..65533 bins, got {self.sketch_bins}")
 
     @property
     def sketch_bins(self) -> int:
@@ -542,7 +535,6 @@ class LayerStats:
     act_sum: torch.Tensor
     act_sumsq: torch.Tensor
     act_absmax: torch.Tensor
-    abs_hist: torch.Tensor
     pearson_abs_sum: torch.Tensor
     abs_sketch: torch.Tensor
     token_sparsity: torch.Tensor
@@ -565,7 +557,6 @@ class LayerStats:
             act_sum=torch.zeros(width, dtype=torch.float64),
             act_sumsq=torch.zeros(width, dtype=torch.float64),
             act_absmax=torch.zeros(width, dtype=torch.float64),
-            abs_hist=torch.zeros(config.hist_bins + 2, dtype=torch.long),
             pearson_abs_sum=torch.zeros(width, dtype=torch.float64),
             abs_sketch=torch.zeros(config.sketch_bins + 2, dtype=torch.long),
             token_sparsity=torch.zeros(4, dtype=torch.float64),
@@ -718,18 +709,19 @@ class NeuronStats:
         same definitions (float sums may differ by rounding, bin edges by one bin).
         """
         stats = self.layers[layer]
+        wmeans = self.window_means.get(("mlp", layer))  # from the layer's window sums
         input_ids, counted = input_ids.to(pre.device), counted.to(pre.device)
         if _use_native_stats(self.backend, pre, act):
-            fires = self._add_layer_native(stats, pre, act, input_ids, counted)
+            fires = self._add_layer_native(stats, pre, act, input_ids, counted, wmeans)
         else:
-            fires = self._add_layer_torch(stats, pre, act, input_ids, counted)
+            fires = self._add_layer_torch(stats, pre, act, input_ids, counted, wmeans)
         _add_token_sparsity(stats, act, self.config, self.backend)
         if self.config.trigrams:
             keys, valid = _trigram_keys(input_ids, counted, self.vocab_size, self._bos_id)
             b, t, n = torch.nonzero(fires & valid[:, :, None], as_tuple=True)
             stats.trigrams.add(n * self.vocab_size**3 + keys[b, t])
 
-    def _add_layer_torch(self, stats, pre, act, input_ids, counted) -> torch.Tensor:
+    def _add_layer_torch(self, stats, pre, act, input_ids, counted, wmeans) -> torch.Tensor:
         """Torch form of :meth:`add_layer`; returns the firing pattern ``(B, T, W)`` bool."""
         fires = torch.gt(
             pre, self.config.fire_threshold, out=self._buffer("fires", pre, torch.bool)
@@ -747,10 +739,10 @@ class NeuronStats:
         _refuse_non_finite(int((~finite).sum()))
         stats.act_sum += window_sum.sum(0).cpu()
         stats.act_sumsq += window_sumsq.sum(0).cpu()
+        if wmeans is not None:
+            wmeans.add_window_sums(window_sum, act32.shape[1])
         absact = torch.abs(act32, out=work)  # (B, T, W)
         torch.maximum(stats.act_absmax, absact.amax((0, 1)).double().cpu(), out=stats.act_absmax)
-        bins = self._buffer("bins", act32, torch.uint8)
-        stats.abs_hist += _log_histogram_(absact, self.config, bins)
         stats.pearson_abs_sum += _abs_pearson_with_position(
             position_moment, window_sum, window_sumsq, act32.shape[1]
         ).cpu()
@@ -759,10 +751,11 @@ class NeuronStats:
             stats.pairs.add(input_ids.flatten(), fires.reshape(-1, width), counted.flatten())
         return fires
 
-    def _add_layer_native(self, stats, pre, act, input_ids, counted) -> torch.Tensor | None:
+    def _add_layer_native(self, stats, pre, act, input_ids, counted, wmeans) -> torch.Tensor | None:
         """:meth:`add_layer` through ``stats.c``: every accumulator in one pass, the sparse
         (neuron, token) tail keys included (int32 key spaces; else the tail is left to
-        torch). Returns ``fires`` ``(B, T, W)`` when trigrams need it, else None."""
+        torch), and the window sums for ``wmeans`` (the ``mlp`` window-mean moments, or
+        None). Returns ``fires`` ``(B, T, W)`` when trigrams need it, else None."""
         batch, window, width = pre.shape
         pre, act = _unit_channel_stride(pre), _unit_channel_stride(act)
         pairs = stats.pairs if self.config.unigrams else None
@@ -792,10 +785,8 @@ class NeuronStats:
         if self.config.trigrams or torch_tail:
             fires = self._buffer("fires", pre, torch.bool)  # (B, T, W)
         config = self.config
-        lo, hi = math.log2(config.hist_min), math.log2(config.hist_max)
-        per_log2 = config.hist_bins / (hi - lo)
         zpos = _position_basis(window, pre.device)[1].contiguous()  # (T,)
-        hists = torch.zeros(threads, config.hist_bins + 2, dtype=torch.long)  # one per thread
+        window_sums = None if wmeans is None else torch.empty(batch, width, dtype=torch.float64)
         found = load_library().neuronspec_layer_stats_f32(
             threads, batch, window, width,
             pre.data_ptr(), pre.stride(0), pre.stride(1),
@@ -806,13 +797,13 @@ class NeuronStats:
             _data_ptr(tail_spans),
             stats.act_sum.data_ptr(), stats.act_sumsq.data_ptr(),
             stats.act_absmax.data_ptr(), stats.pearson_abs_sum.data_ptr(),
-            hists.data_ptr(), config.hist_bins, config.hist_min, config.hist_max,
-            per_log2, 1 - lo * per_log2, PEARSON_CONSTANT_VARIANCE,
+            _data_ptr(window_sums), PEARSON_CONSTANT_VARIANCE,
         )  # fmt: skip
         if found < 0:
             raise MemoryError("stats kernel: cannot allocate its scratch memory")
         _refuse_non_finite(found)
-        stats.abs_hist += hists.sum(0)
+        if wmeans is not None:
+            wmeans.add_window_sums(window_sums, window)
         if tail_keys is not None:
             spans = [tail_keys[start : start + count] for start, count in tail_spans.tolist()]
             pairs.tail.add(*spans)  # copied: the work buffer is reused
@@ -1037,8 +1028,13 @@ class WindowMeanMoments:
         return cls(torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
 
     def add(self, values: torch.Tensor) -> None:
+        """Add one batch ``(B, T, W)``: each row is a window."""
         # float32 sums over T, then float64 (a float64 reduction of (B, T, W) costs ~10x)
-        means = values.float().sum(1).double() / values.shape[1]  # (B, W)
+        self.add_window_sums(values.float().sum(1).double(), values.shape[1])
+
+    def add_window_sums(self, sums: torch.Tensor, window: int) -> None:
+        """Add the windows' sums over their ``window`` positions, ``(B, W)`` float64."""
+        means = sums / window  # (B, W)
         self.sum += means.sum(0).cpu()
         self.sumsq += (means * means).sum(0).cpu()
 
@@ -1048,7 +1044,6 @@ _DENSE_FIELDS = (
     "act_sum",
     "act_sumsq",
     "act_absmax",
-    "abs_hist",
     "pearson_abs_sum",
     "abs_sketch",
     "token_sparsity",
@@ -1297,20 +1292,6 @@ def _trigram_keys(
     valid = torch.zeros_like(counted)
     valid[:, 2:] = not_bos[:, :-2] & not_bos[:, 1:-1] & counted[:, 2:]
     return keys, valid
-
-
-def _log_histogram_(absact: torch.Tensor, config: StatsConfig, bins: torch.Tensor) -> torch.Tensor:
-    """Counts of |a| in fixed log-spaced bins; index 0 = below hist_min, last = at or above
-    hist_max. Overwrites ``absact`` (float32) and ``bins`` (uint8, same shape) as work space.
-    Computed in float32: a value within rounding of a bin edge may land in either
-    neighbouring bin."""
-    lo, hi = math.log2(config.hist_min), math.log2(config.hist_max)
-    per_log2 = config.hist_bins / (hi - lo)
-    # index = floor((log2|a| - lo) · per_log2) + 1, clamped to 0 .. bins + 1; log2(0) = -inf
-    index = torch.log2(absact, out=absact).mul_(per_log2).add_(1 - lo * per_log2)
-    index.clamp_(0, config.hist_bins + 1)  # non-negative, so the cast below floors
-    bins.copy_(index)
-    return torch.bincount(bins.flatten(), minlength=config.hist_bins + 2).cpu()
 
 
 PEARSON_CONSTANT_VARIANCE = 1e-6  # relative to the mean square: float32 noise level

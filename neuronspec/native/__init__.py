@@ -44,7 +44,7 @@ __all__ = ["KernelUnavailableError", "kernels_available", "load_library"]
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("scan.c", "stats.c", "sparsity.c"))
 HEADERS = (Path(__file__).with_name("fastmath.h"),)  # included by the sources: in the build key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fopenmp")
-ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 9, "neuronspec_sparsity_abi": 1}
+ABI_VERSIONS = {"neuronspec_scan_abi": 3, "neuronspec_stats_abi": 10, "neuronspec_sparsity_abi": 1}
 
 _i64, _ptr, _f32, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
 _SCAN_ARGS = (
@@ -64,8 +64,8 @@ _STATS_ARGS = (
     + [_f32, _ptr, _ptr, _ptr]  # threshold, zpos, row_offset, row_bits
     + [_ptr] * 3  # arena, fires, fire_by_pos
     + [_ptr, _i64, _i64, _ptr, _ptr]  # tail_tokens, V, n_tail, tail_keys, tail_spans
-    + [_ptr] * 4  # act_sum, act_sumsq, act_absmax, pearson_abs_sum
-    + [_ptr, _i64, _f32, _f32, _f32, _f32, _f64]  # hist, n_bins, min, max, per_log2, offset, cv
+    + [_ptr] * 5  # act_sum, act_sumsq, act_absmax, pearson_abs_sum, window_sums
+    + [_f64]  # constant_variance
 )
 _NNZ_ARGS = [_i64] * 3 + [_ptr] * 4  # threads, D, W, arena, row_offset, row_bits, nnz
 # threads, D, W, V; arena, row_offset, row_bits, tokens, tail (keys, counts, starts), out..

@@ -1,4 +1,4 @@
-/* Shared inline math of the statistics kernels (stats.c, sparsity.c). */
+/* Inline math of the sparsity kernel (sparsity.c). */
 #ifndef NEURONSPEC_FASTMATH_H
 #define NEURONSPEC_FASTMATH_H
 #include <stdint.h>
@@ -25,11 +25,11 @@ static inline float log2_pos(float x) {
     return e + 2.0f * s * p * 1.44269504088896341f;
 }
 
-/* Bin of m >= 0 on a log scale: 0 below `lo`, `n_bins + 1` at or above `hi`, else
- * clamp(floor(log2(m) · per_log2 + offset), 1, n_bins) (NaN -> 1). */
-static inline int32_t log_bin(float m, float per_log2, float offset, int32_t n_bins,
-                              float lo, float hi) {
-    float index = log2_pos(m) * per_log2 + offset;
+/* Bin of m >= 0 on a log scale, given log2_m = log2_pos(m): 0 below `lo`, `n_bins + 1` at
+ * or above `hi`, else clamp(floor(log2_m · per_log2 + offset), 1, n_bins) (NaN -> 1). */
+static inline int32_t log_bin(float log2_m, float m, float per_log2, float offset,
+                              int32_t n_bins, float lo, float hi) {
+    float index = log2_m * per_log2 + offset;
     index = index >= 1.0f ? index : 1.0f; /* NaN -> 1 */
     index = index <= (float)n_bins ? index : (float)n_bins;
     int32_t k = (int32_t)index; /* index >= 1: truncation is floor */

@@ -11,9 +11,10 @@
  *       above `hi`, else 1 + floor(log2(m / lo) · per_log2)   (log-spaced, DDSketch-like)
  *
  * Rows are split among `threads` OpenMP threads (torch's runtime, see scan.c); each thread
- * owns row (4,) of sums and one sketch. The ascending order for Gini comes from sorting the
- * float bits of m (non-negative floats order as their bits): see radix_sort. Per-row sums
- * are float64 (LANES partial sums each).
+ * owns row (4,) of sums and one sketch. log2 m is computed once per value (into a row
+ * buffer) for both Σ m ln m and the sketch bin. The ascending order for Gini comes from
+ * sorting the float bits of m (non-negative floats order as their bits): see radix_sort.
+ * Per-row sums are float64 (vectorised: `omp simd` reductions).
  * Returns 0, or -1 when scratch memory cannot be allocated.
  */
 #include <math.h>
@@ -28,40 +29,70 @@
 
 typedef int64_t i64;
 
-#define LANES 8  /* float64 partial sums per quantity */
-#define HLANES 4 /* sketch copies */
-#define RADIX 1024 /* two 10-bit digits: bits 12..21 and 22..31 (the sign bit is 0) */
+#define HLANES 4 /* sketch copies (uint32, flushed before they could overflow) */
+#define LOW_SHIFT 9 /* the low digit: bits 9..18 */
+#define LOW_RADIX 1024
+#define HIGH_SHIFT 19 /* the high digit: bits 19..30 (the sign bit of m is 0) */
+#define HIGH_RADIX 4096
+#define STREAMS 4  /* interleaved quarters of the high-digit pass (see radix_sort) */
 
-/* Sort n keys ascending; `keys` and `tmp` both of n; `count` of 2 · RADIX; returns the
- * array holding the result. Two LSD radix passes order the keys by their top 20 bits
- * (values within 2^-11 relative of each other may stay out of order); an insertion sort
- * then finishes exactly in time n + (inversions left), which are few. */
-static uint32_t *radix_sort(uint32_t *keys, uint32_t *tmp, i64 n, uint32_t *count) {
-    memset(count, 0, 2 * RADIX * sizeof(uint32_t));
-    uint32_t *c0 = count, *c1 = count + RADIX;
+/* Sort n keys ascending; `keys` and `tmp` both of n; `count` of
+ * LOW_RADIX + STREAMS · HIGH_RADIX; returns the array holding the result. Two LSD radix
+ * passes order the keys by bits 9..30 (values within 2^-14 relative of each other may stay
+ * out of order); an insertion sort then finishes exactly in time n + (inversions left),
+ * which are few. The high digit (exponent and top 4 mantissa bits) takes few distinct
+ * values in a row, so one counter per digit would chain every increment on the one before
+ * through memory; that pass splits its input in STREAMS quarters, each with its own counters
+ * and offsets (a quarter's keys of a digit go after the earlier quarters' keys of that
+ * digit: stable), and scatters one key of each quarter per step. Only the row's digit range
+ * [dlo, dhi] is cleared and scanned for offsets. */
+static uint32_t *radix_sort(uint32_t *keys, uint32_t *tmp, i64 n, uint32_t *count,
+                            uint32_t dlo, uint32_t dhi) {
+    uint32_t *c0 = count, *ch = count + LOW_RADIX; /* ch: STREAMS × HIGH_RADIX */
+    memset(c0, 0, LOW_RADIX * sizeof(uint32_t));
+    for (i64 i = 0; i < n; i++) c0[(keys[i] >> LOW_SHIFT) & (LOW_RADIX - 1)]++;
+    uint32_t total = 0;
+    for (int j = 0; j < LOW_RADIX; j++) {
+        const uint32_t here = c0[j];
+        c0[j] = total;
+        total += here;
+    }
     for (i64 i = 0; i < n; i++) {
         const uint32_t k = keys[i];
-        c0[(k >> 12) & 0x3ff]++;
-        c1[k >> 22]++;
+        tmp[c0[(k >> LOW_SHIFT) & (LOW_RADIX - 1)]++] = k;
     }
-    uint32_t *src = keys, *dst = tmp;
-    for (int d = 0; d < 2; d++) {
-        const int shift = d ? 22 : 12;
-        uint32_t *c = d ? c1 : c0;
-        if (c[(src[0] >> shift) & 0x3ff] == (uint32_t)n) continue; /* one digit: no-op */
-        uint32_t total = 0;
-        for (int j = 0; j < RADIX; j++) {
-            const uint32_t here = c[j];
-            c[j] = total;
-            total += here;
+    uint32_t *src = tmp, *dst = keys;
+    if (dhi > dlo) {
+        i64 start[STREAMS + 1];
+        for (int q = 0; q <= STREAMS; q++) start[q] = n * q / STREAMS;
+        for (int q = 0; q < STREAMS; q++)
+            memset(ch + q * HIGH_RADIX + dlo, 0, (dhi - dlo + 1) * sizeof(uint32_t));
+        const i64 span = start[1] - start[0]; /* the shortest quarter */
+        for (i64 i = 0; i < span; i++)
+            for (int q = 0; q < STREAMS; q++) ch[q * HIGH_RADIX + (src[start[q] + i] >> HIGH_SHIFT)]++;
+        for (int q = 0; q < STREAMS; q++)
+            for (i64 i = start[q] + span; i < start[q + 1]; i++) ch[q * HIGH_RADIX + (src[i] >> HIGH_SHIFT)]++;
+        total = 0;
+        for (uint32_t d = dlo; d <= dhi; d++) {
+            for (int q = 0; q < STREAMS; q++) {
+                const uint32_t here = ch[q * HIGH_RADIX + d];
+                ch[q * HIGH_RADIX + d] = total;
+                total += here;
+            }
         }
-        for (i64 i = 0; i < n; i++) {
-            const uint32_t k = src[i];
-            dst[c[(k >> shift) & 0x3ff]++] = k;
+        for (i64 i = 0; i < span; i++) {
+            for (int q = 0; q < STREAMS; q++) {
+                const uint32_t k = src[start[q] + i];
+                dst[ch[q * HIGH_RADIX + (k >> HIGH_SHIFT)]++] = k;
+            }
         }
-        uint32_t *swap = src;
+        for (int q = 0; q < STREAMS; q++) {
+            for (i64 i = start[q] + span; i < start[q + 1]; i++) {
+                const uint32_t k = src[i];
+                dst[ch[q * HIGH_RADIX + (k >> HIGH_SHIFT)]++] = k;
+            }
+        }
         src = dst;
-        dst = swap;
     }
     for (i64 i = 1; i < n; i++) {
         const uint32_t k = src[i];
@@ -74,6 +105,15 @@ static uint32_t *radix_sort(uint32_t *keys, uint32_t *tmp, i64 n, uint32_t *coun
         src[j + 1] = k;
     }
     return src;
+}
+
+static void flush_lanes(uint32_t *lanes, i64 nb2, i64 *hist) {
+    for (i64 k = 0; k < nb2; k++) {
+        for (int j = 0; j < HLANES; j++) {
+            hist[k] += lanes[j * nb2 + k];
+            lanes[j * nb2 + k] = 0;
+        }
+    }
 }
 
 int neuronspec_token_sparsity_f32(
@@ -93,80 +133,68 @@ int neuronspec_token_sparsity_f32(
 #endif
         uint32_t *keys = malloc((size_t)W * sizeof(uint32_t));
         uint32_t *tmp = malloc((size_t)W * sizeof(uint32_t));
-        uint32_t *count = malloc((size_t)(2 * RADIX) * sizeof(uint32_t));
+        float *logs = malloc((size_t)W * sizeof(float));
+        uint32_t *count = malloc((size_t)(LOW_RADIX + STREAMS * HIGH_RADIX) * sizeof(uint32_t));
         uint16_t *bins = malloc((size_t)W * sizeof(uint16_t));
-        /* HLANES interleaved copies of the sketch (see stats.c); int64: no overflow */
-        i64 *lanes = calloc((size_t)(HLANES * nb2), sizeof(i64));
+        /* HLANES interleaved copies of the sketch (see stats.c) */
+        uint32_t *lanes = calloc((size_t)(HLANES * nb2), sizeof(uint32_t));
         i64 *hist = sketch + tid * nb2;
         double *out = sums + 4 * tid;
-        if (!keys || !tmp || !count || !bins || !lanes) {
+        i64 unflushed = 0;
+        if (!keys || !tmp || !logs || !count || !bins || !lanes) {
             failed += 1;
         } else {
             for (i64 r = rows * tid / nt; r < rows * (tid + 1) / nt; r++) {
                 const float *a = act + (r / T) * act_sb + (r % T) * act_st;
-                /* LANES independent float64 partial sums per quantity: they vectorise */
-                double s1v[LANES] = {0}, s2v[LANES] = {0}, slv[LANES] = {0};
-                i64 w = 0;
-                for (; w + LANES <= W; w += LANES) {
-                    for (int j = 0; j < LANES; j++) {
-                        const float m = fabsf(a[w + j]);
-                        const float l = log2_pos(m);
-                        s1v[j] += (double)m;
-                        s2v[j] += (double)m * (double)m;
-                        slv[j] += (double)m * (double)l;
-                    }
-                }
-                for (; w < W; w++) {
+                uint32_t kmin = UINT32_MAX, kmax = 0;
+                double s1 = 0.0, s2 = 0.0, slog = 0.0;
+#pragma omp simd reduction(min : kmin) reduction(max : kmax) reduction(+ : s1, s2, slog)
+                for (i64 w = 0; w < W; w++) {
                     const float m = fabsf(a[w]);
-                    s1v[0] += (double)m;
-                    s2v[0] += (double)m * (double)m;
-                    slv[0] += (double)m * (double)log2_pos(m);
-                }
-                for (w = 0; w < W; w++) {
-                    const float m = fabsf(a[w]);
+                    const float l = log2_pos(m);
                     uint32_t bits;
                     memcpy(&bits, &m, sizeof bits);
                     keys[w] = bits;
-                    bins[w] = (uint16_t)log_bin(m, per_log2, offset, (int32_t)n_bins, lo, hi);
+                    logs[w] = l;
+                    kmin = bits < kmin ? bits : kmin;
+                    kmax = bits > kmax ? bits : kmax;
+                    s1 += (double)m;
+                    s2 += (double)m * (double)m;
+                    slog += (double)m * (double)l;
                 }
-                w = 0;
+#pragma omp simd
+                for (i64 w = 0; w < W; w++)
+                    bins[w] = (uint16_t)log_bin(logs[w], fabsf(a[w]), per_log2, offset,
+                                                   (int32_t)n_bins, lo, hi);
+                if (unflushed + W > (i64)UINT32_MAX) {
+                    flush_lanes(lanes, nb2, hist);
+                    unflushed = 0;
+                }
+                unflushed += W;
+                i64 w = 0;
                 for (; w + HLANES <= W; w += HLANES)
                     for (int j = 0; j < HLANES; j++) lanes[j * nb2 + bins[w + j]]++;
                 for (; w < W; w++) lanes[bins[w]]++;
-                double s1 = 0.0, s2 = 0.0, slog = 0.0;
-                for (int j = 0; j < LANES; j++) {
-                    s1 += s1v[j];
-                    s2 += s2v[j];
-                    slog += slv[j];
-                }
                 if (!(s1 > 0.0)) continue; /* all-zero row: no distribution over neurons */
-                const uint32_t *sorted = radix_sort(keys, tmp, W, count);
-                double wv[LANES] = {0};
-                const double base = (double)(1 - W); /* 2(k + 1) - W - 1 at k = 0 */
-                for (w = 0; w + LANES <= W; w += LANES) {
-                    for (int j = 0; j < LANES; j++) {
-                        float v;
-                        memcpy(&v, &sorted[w + j], sizeof v);
-                        wv[j] += (base + 2.0 * (double)(w + j)) * (double)v;
-                    }
-                }
-                for (; w < W; w++) {
+                const uint32_t *sorted = radix_sort(keys, tmp, W, count, kmin >> HIGH_SHIFT,
+                                                     kmax >> HIGH_SHIFT);
+                double weighted = 0.0; /* Σ_k (2k + 1 - W) m_(k), k from 0 */
+#pragma omp simd reduction(+ : weighted)
+                for (w = 0; w < W; w++) {
                     float v;
                     memcpy(&v, &sorted[w], sizeof v);
-                    wv[0] += (base + 2.0 * (double)w) * (double)v;
+                    weighted += (double)(2 * w + 1 - W) * (double)v;
                 }
-                double weighted = 0.0;
-                for (int j = 0; j < LANES; j++) weighted += wv[j];
                 out[0] += 1.0;
                 out[1] += (log(s1) - slog * 0.69314718055994531 / s1) / ln_w;
                 out[2] += weighted / ((double)W * s1);
                 out[3] += (sqrt_w - s1 / sqrt(s2)) / (sqrt_w - 1.0);
             }
-            for (i64 k = 0; k < nb2; k++)
-                for (int j = 0; j < HLANES; j++) hist[k] += lanes[j * nb2 + k];
+            flush_lanes(lanes, nb2, hist);
         }
         free(keys);
         free(tmp);
+        free(logs);
         free(count);
         free(bins);
         free(lanes);

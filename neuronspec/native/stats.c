@@ -15,11 +15,11 @@
  *   act_sum, act_sumsq (W,) f64 += per-window float32 sums of a, a², widened per window
  *   act_absmax  (W,) f64        = max(., max |a|)
  *   pearson_abs_sum (W,) f64   += |Pearson r(a, position)| per window
- *   hist        (bins + 2,) i64 += log-spaced |a| histogram (this call's own buffer)
+ *   window_sums (B, W) f64      = the per-window float32 sums Σ_t a, widened (when not NULL;
+ *                                the window-mean moments of the `mlp` site come from them)
  *
  * The columns are split among `threads` OpenMP threads (torch's own runtime, see
- * scan.c); every column belongs to one thread, so only the histogram needs a buffer per
- * thread. The tail keys of the thread owning columns [lo, hi) go to
+ * scan.c); every column belongs to one thread. The tail keys of the thread owning columns [lo, hi) go to
  * tail_keys[n_tail·lo ..] (room for n_tail·(hi - lo) keys, n_tail = number of positions
  * with tail_token >= 0), in no particular order; tail_spans[2·tid] and [2·tid + 1] say
  * where they start and how many there are. Returns the number of (window, neuron) pairs with
@@ -34,26 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "fastmath.h"
-
 typedef int64_t i64;
-
-/* The histogram is counted in HIST_LANES interleaved uint32 copies (element w into copy
- * w % HIST_LANES): neighbouring activations often share a bin, and one copy would chain
- * every increment on the one before (store-to-load latency); the copies are added into
- * the int64 histogram before any of them could overflow, and at the end. */
-#define HIST_LANES 4
-
-static void flush_hist_lanes(uint32_t *lanes, i64 nb2, i64 *hist) {
-    for (i64 k = 0; k < nb2; k++) {
-        i64 total = 0;
-        for (int l = 0; l < HIST_LANES; l++) {
-            total += lanes[l * nb2 + k];
-            lanes[l * nb2 + k] = 0;
-        }
-        hist[k] += total;
-    }
-}
 
 /* Packed (neuron, token) count rows: field w of a row of `bits` bits (1, 2, 4, 8, 16 or
  * 32) is bits [w·bits, (w + 1)·bits) of the row, little-endian within each byte (8, 16
@@ -117,8 +98,7 @@ static i64 layer_columns(
     uint8_t *arena, uint8_t *fires, int32_t *fire_by_pos,
     const i64 *tail_tokens, i64 V, int32_t *tail_keys, i64 *tail_found,
     double *act_sum, double *act_sumsq, double *act_absmax, double *pearson_abs_sum,
-    i64 *hist, i64 n_bins, float hist_min, float hist_max, float per_log2, float offset,
-    double constant_variance) {
+    double *window_sums, double constant_variance) {
     const i64 n = w1 - w0;
     *tail_found = 0;
     if (n <= 0) return 0;
@@ -126,19 +106,14 @@ static i64 layer_columns(
     /* per-window float32 sums for every batch row: (3, B, n); positions are the outer
      * loop so that fire_by_pos row t is read and written once per batch, not B times */
     float *scratch = malloc((size_t)(3 * B + 1) * n * sizeof(float));
-    uint8_t *bytes = malloc((size_t)n * 2);
-    const i64 nb2 = n_bins + 2;
-    uint32_t *lanes = calloc((size_t)(HIST_LANES * nb2), sizeof(uint32_t));
-    if (!scratch || !bytes || !lanes) {
+    uint8_t *fire_row = malloc((size_t)n);
+    if (!scratch || !fire_row) {
         free(scratch);
-        free(bytes);
-        free(lanes);
+        free(fire_row);
         return -1;
     }
-    i64 unflushed = 0; /* elements counted in the lanes since their last flush */
     float *sums = scratch, *sumsqs = scratch + B * n, *moments = scratch + 2 * B * n;
     float *amax = scratch + 3 * B * n;
-    uint8_t *bins = bytes, *fire_row = bytes + n;
     i64 nonfinite = 0;
     for (i64 w = 0; w < (3 * B + 1) * n; w++) scratch[w] = 0.0f;
     for (i64 t = 0; t < T; t++) {
@@ -159,10 +134,6 @@ static i64 layer_columns(
                 pm[w] += z * v;
                 amax[w] = m > amax[w] ? m : amax[w];
             }
-            for (i64 w = 0; w < n; w++) {
-                const float m = fabsf(a[w]);
-                bins[w] = (uint8_t)log_bin(m, per_log2, offset, (int32_t)n_bins, hist_min, hist_max);
-            }
             for (i64 w = 0; w < n; w++) f[w] = p[w] > threshold;
             for (i64 w = 0; w < n; w++) fp[w] += f[w];
             if (row >= 0) add_packed(arena + row, row_bits[b * T + t], w0, n, f);
@@ -175,15 +146,6 @@ static i64 layer_columns(
                     found += f[w];
                 }
             }
-            if (unflushed + n > (i64)UINT32_MAX) {
-                flush_hist_lanes(lanes, nb2, hist);
-                unflushed = 0;
-            }
-            unflushed += n;
-            i64 w = 0;
-            for (; w + HIST_LANES <= n; w += HIST_LANES)
-                for (int l = 0; l < HIST_LANES; l++) lanes[l * nb2 + bins[w + l]]++;
-            for (; w < n; w++) lanes[bins[w]]++;
         }
     }
     for (i64 b = 0; b < B; b++) {
@@ -194,6 +156,7 @@ static i64 layer_columns(
             nonfinite += !isfinite(sumsq) || !isfinite(sum) || !isfinite(moment);
             act_sum[w0 + w] += sum;
             act_sumsq[w0 + w] += sumsq;
+            if (window_sums) window_sums[b * W + w0 + w] = sum;
             const double cov = moment / (double)T;
             const double mean_square = sumsq / (double)T;
             const double mean = sum / (double)T;
@@ -211,10 +174,8 @@ static i64 layer_columns(
         const double m = amax[w];
         act_absmax[w0 + w] = m > act_absmax[w0 + w] ? m : act_absmax[w0 + w];
     }
-    flush_hist_lanes(lanes, nb2, hist);
     free(scratch);
-    free(bytes);
-    free(lanes);
+    free(fire_row);
     *tail_found = found;
     return nonfinite;
 }
@@ -227,9 +188,8 @@ i64 neuronspec_layer_stats_f32(
     uint8_t *arena, uint8_t *fires, int32_t *fire_by_pos,
     const i64 *tail_tokens, i64 V, i64 n_tail, int32_t *tail_keys, i64 *tail_spans,
     double *act_sum, double *act_sumsq, double *act_absmax, double *pearson_abs_sum,
-    i64 *hists, i64 n_bins, float hist_min, float hist_max, float per_log2, float offset,
-    double constant_variance) {
-    /* hists: (threads, n_bins + 2), one histogram per thread; tail_spans (threads, 2) */
+    double *window_sums, double constant_variance) {
+    /* tail_spans (threads, 2) */
     if (threads < 1) return -2;
     const i64 blocks = (W + 15) / 16; /* slices of whole 64-byte lines of float32 columns */
     i64 nonfinite = 0, failed = 0;
@@ -248,9 +208,8 @@ i64 neuronspec_layer_stats_f32(
         i64 tail_found = 0;
         const i64 found = layer_columns(
             lo, hi, B, T, W, pre, pre_sb, pre_st, act, act_sb, act_st, threshold, zpos,
-            row_offset, row_bits, arena, fires, fire_by_pos, tail_tokens, V, keys, &tail_found, act_sum, act_sumsq,
-            act_absmax, pearson_abs_sum, hists + tid * (n_bins + 2), n_bins, hist_min,
-            hist_max, per_log2, offset, constant_variance);
+            row_offset, row_bits, arena, fires, fire_by_pos, tail_tokens, V, keys, &tail_found,
+            act_sum, act_sumsq, act_absmax, pearson_abs_sum, window_sums, constant_variance);
         if (tail_spans) tail_spans[2 * tid + 1] = tail_found;
         if (found < 0) failed += 1;
         else nonfinite += found;
@@ -451,4 +410,4 @@ i64 neuronspec_merge_counts(i64 na, const int32_t *a_keys, const int32_t *a_coun
 }
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int neuronspec_stats_abi(void) { return 9; }
+int neuronspec_stats_abi(void) { return 10; }
