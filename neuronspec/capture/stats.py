@@ -381,7 +381,8 @@ class _UnigramCounter:
         fill = self.row_fill[:n] + occurrences
         full = torch.nonzero(fill > _field_max(self.row_bits[:n])).flatten()
         if full.numel():
-            self._widen(full, _bits_for(torch.maximum(2 * fill[full], self.bound[self.row_tokens[full]])))
+            room = torch.maximum(2 * fill[full], self.bound[self.row_tokens[full]])
+            self._widen(full, _bits_for(room))
         self.row_fill[:n] = fill
 
     def _widen(self, rows: torch.Tensor, bits: torch.Tensor) -> None:
@@ -391,26 +392,28 @@ class _UnigramCounter:
         self.row_bits[rows] = bits
         self._write_rows(rows, counts)
 
-    def counts_of(self, rows: torch.Tensor) -> torch.Tensor:
-        """The counts of ``rows (R,)``: ``(R, W)`` int32."""
-        counts = torch.empty(len(rows), self.width, dtype=torch.int32)
-        arena = self.arena.numpy()
+    def _row_bytes_by_width(self, rows: torch.Tensor):
+        """For each field width among ``rows (R,)``: the width, the indices ``(R',)`` into
+        ``rows`` of that width, and the arena positions ``(R', bytes)`` of their bytes."""
         for bits in torch.unique(self.row_bits[rows]).tolist():
             (index,) = torch.nonzero(self.row_bits[rows] == bits, as_tuple=True)
             size = int(_row_bytes(self.width, torch.tensor([bits]))[0])
             starts = self.row_offset[rows[index]].numpy()
-            packed = arena[starts[:, None] + np.arange(size)]  # (R', size) uint8
-            counts[index] = torch.from_numpy(_unpack_counts(packed, bits, self.width))
+            yield bits, index, starts[:, None] + np.arange(size)
+
+    def counts_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The counts of ``rows (R,)``: ``(R, W)`` int32."""
+        counts = torch.empty(len(rows), self.width, dtype=torch.int32)
+        arena = self.arena.numpy()
+        for bits, index, where in self._row_bytes_by_width(rows):
+            counts[index] = torch.from_numpy(_unpack_counts(arena[where], bits, self.width))
         return counts
 
     def _write_rows(self, rows: torch.Tensor, counts: torch.Tensor) -> None:
         """Store ``counts (R, W)`` into ``rows (R,)`` (each count fits its row's fields)."""
         arena = self.arena.numpy()
-        for bits in torch.unique(self.row_bits[rows]).tolist():
-            (index,) = torch.nonzero(self.row_bits[rows] == bits, as_tuple=True)
-            packed = _pack_counts(counts[index].numpy(), bits)  # (R', size) uint8
-            starts = self.row_offset[rows[index]].numpy()
-            arena[starts[:, None] + np.arange(packed.shape[1])] = packed
+        for bits, index, where in self._row_bytes_by_width(rows):
+            arena[where] = _pack_counts(counts[index].numpy(), bits)
 
     def add(self, tokens: torch.Tensor, fires: torch.Tensor, counted: torch.Tensor) -> None:
         """``tokens (M,)``, their firing pattern ``fires (M, W)``, and which positions
@@ -1057,6 +1060,7 @@ tokens a pass has seen: about this at most (plus rows widened past their frequen
 _DENSE_PAIR_FIELDS = ("pair_dense_token", "pair_dense_offset", "pair_dense_bits", "pair_dense")
 COUNT_BITS = (1, 2, 4, 8, 16, 32)
 """Field widths of the packed count rows (``stats.c``, ``add_packed``)."""
+_WHOLE_FIELDS = {8: np.uint8, 16: np.uint16, 32: np.uint32}  # fields of whole bytes: arrays
 
 
 def _bits_for(bound: torch.Tensor) -> torch.Tensor:
@@ -1081,7 +1085,7 @@ def _row_bytes(width: int, bits: torch.Tensor) -> torch.Tensor:
 def _unpack_counts(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
     """``(R, width)`` int32 counts of packed rows ``(R, bytes)`` uint8 of ``bits``."""
     if bits >= 8:
-        dtype = {8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]
+        dtype = _WHOLE_FIELDS[bits]
         return np.ascontiguousarray(packed).view(dtype)[:, :width].astype(np.int32)
     shifts = np.arange(0, 8, bits, dtype=np.uint8)  # field k of a byte at bit k·bits
     fields = (packed[:, :, None] >> shifts) & np.uint8((1 << bits) - 1)
@@ -1094,7 +1098,7 @@ def _pack_counts(counts: np.ndarray, bits: int) -> np.ndarray:
     rows, width = counts.shape
     size = int(_row_bytes(width, torch.tensor([bits]))[0])
     if bits >= 8:
-        dtype = {8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]
+        dtype = _WHOLE_FIELDS[bits]
         out = np.zeros((rows, size // dtype().itemsize), dtype=dtype)
         out[:, :width] = counts
         return out.view(np.uint8)
@@ -1156,12 +1160,12 @@ def _store_fields(
     for width in COUNT_BITS:
         mine = bits == width
         if width >= 8:
-            dtype = {8: np.uint8, 16: np.uint16, 32: np.uint32}[width]
+            dtype = _WHOLE_FIELDS[width]
             step = width // 8  # offsets are multiples of 4 (_row_bytes)
             arena.view(dtype)[offset[mine] // step + neuron[mine]] = count[mine]
         else:  # fields of one byte are distinct entries: add them in
             bit = neuron[mine] * width
-            values = (count[mine].astype(np.uint8) << (bit % 8).astype(np.uint8))
+            values = count[mine].astype(np.uint8) << (bit % 8).astype(np.uint8)
             np.add.at(arena, offset[mine] + bit // 8, values)
 
 

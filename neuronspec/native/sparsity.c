@@ -34,21 +34,15 @@ typedef int64_t i64;
 #define LOW_RADIX 1024
 #define HIGH_SHIFT 19 /* the high digit: bits 19..30 (the sign bit of m is 0) */
 #define HIGH_RADIX 4096
-#define STREAMS 4  /* interleaved quarters of the high-digit pass (see radix_sort) */
 
-/* Sort n keys ascending; `keys` and `tmp` both of n; `count` of
- * LOW_RADIX + STREAMS · HIGH_RADIX; returns the array holding the result. Two LSD radix
- * passes order the keys by bits 9..30 (values within 2^-14 relative of each other may stay
- * out of order); an insertion sort then finishes exactly in time n + (inversions left),
- * which are few. The high digit (exponent and top 4 mantissa bits) takes few distinct
- * values in a row, so one counter per digit would chain every increment on the one before
- * through memory; that pass splits its input in STREAMS quarters, each with its own counters
- * and offsets (a quarter's keys of a digit go after the earlier quarters' keys of that
- * digit: stable), and scatters one key of each quarter per step. Only the row's digit range
- * [dlo, dhi] is cleared and scanned for offsets. */
+/* Sort n keys ascending; `keys` and `tmp` both of n; `count` of LOW_RADIX + HIGH_RADIX;
+ * returns the array holding the result. Two LSD radix passes order the keys by bits 9..30
+ * (values within 2^-14 relative of each other may stay out of order); an insertion sort
+ * then finishes exactly in time n + (inversions left), which are few. Only the row's
+ * high-digit range [dlo, dhi] is cleared and scanned for offsets. */
 static uint32_t *radix_sort(uint32_t *keys, uint32_t *tmp, i64 n, uint32_t *count,
                             uint32_t dlo, uint32_t dhi) {
-    uint32_t *c0 = count, *ch = count + LOW_RADIX; /* ch: STREAMS × HIGH_RADIX */
+    uint32_t *c0 = count, *ch = count + LOW_RADIX;
     memset(c0, 0, LOW_RADIX * sizeof(uint32_t));
     for (i64 i = 0; i < n; i++) c0[(keys[i] >> LOW_SHIFT) & (LOW_RADIX - 1)]++;
     uint32_t total = 0;
@@ -61,38 +55,21 @@ static uint32_t *radix_sort(uint32_t *keys, uint32_t *tmp, i64 n, uint32_t *coun
         const uint32_t k = keys[i];
         tmp[c0[(k >> LOW_SHIFT) & (LOW_RADIX - 1)]++] = k;
     }
-    uint32_t *src = tmp, *dst = keys;
+    uint32_t *src = tmp;
     if (dhi > dlo) {
-        i64 start[STREAMS + 1];
-        for (int q = 0; q <= STREAMS; q++) start[q] = n * q / STREAMS;
-        for (int q = 0; q < STREAMS; q++)
-            memset(ch + q * HIGH_RADIX + dlo, 0, (dhi - dlo + 1) * sizeof(uint32_t));
-        const i64 span = start[1] - start[0]; /* the shortest quarter */
-        for (i64 i = 0; i < span; i++)
-            for (int q = 0; q < STREAMS; q++) ch[q * HIGH_RADIX + (src[start[q] + i] >> HIGH_SHIFT)]++;
-        for (int q = 0; q < STREAMS; q++)
-            for (i64 i = start[q] + span; i < start[q + 1]; i++) ch[q * HIGH_RADIX + (src[i] >> HIGH_SHIFT)]++;
+        memset(ch + dlo, 0, (dhi - dlo + 1) * sizeof(uint32_t));
+        for (i64 i = 0; i < n; i++) ch[src[i] >> HIGH_SHIFT]++;
         total = 0;
         for (uint32_t d = dlo; d <= dhi; d++) {
-            for (int q = 0; q < STREAMS; q++) {
-                const uint32_t here = ch[q * HIGH_RADIX + d];
-                ch[q * HIGH_RADIX + d] = total;
-                total += here;
-            }
+            const uint32_t here = ch[d];
+            ch[d] = total;
+            total += here;
         }
-        for (i64 i = 0; i < span; i++) {
-            for (int q = 0; q < STREAMS; q++) {
-                const uint32_t k = src[start[q] + i];
-                dst[ch[q * HIGH_RADIX + (k >> HIGH_SHIFT)]++] = k;
-            }
+        for (i64 i = 0; i < n; i++) {
+            const uint32_t k = src[i];
+            keys[ch[k >> HIGH_SHIFT]++] = k;
         }
-        for (int q = 0; q < STREAMS; q++) {
-            for (i64 i = start[q] + span; i < start[q + 1]; i++) {
-                const uint32_t k = src[i];
-                dst[ch[q * HIGH_RADIX + (k >> HIGH_SHIFT)]++] = k;
-            }
-        }
-        src = dst;
+        src = keys;
     }
     for (i64 i = 1; i < n; i++) {
         const uint32_t k = src[i];
@@ -134,9 +111,11 @@ int neuronspec_token_sparsity_f32(
         uint32_t *keys = malloc((size_t)W * sizeof(uint32_t));
         uint32_t *tmp = malloc((size_t)W * sizeof(uint32_t));
         float *logs = malloc((size_t)W * sizeof(float));
-        uint32_t *count = malloc((size_t)(LOW_RADIX + STREAMS * HIGH_RADIX) * sizeof(uint32_t));
+        uint32_t *count = malloc((size_t)(LOW_RADIX + HIGH_RADIX) * sizeof(uint32_t));
         uint16_t *bins = malloc((size_t)W * sizeof(uint16_t));
-        /* HLANES interleaved copies of the sketch (see stats.c) */
+        /* HLANES interleaved copies of the sketch (element w into copy w % HLANES):
+         * neighbouring values often share a bin, and one copy would chain every increment
+         * on the one before through memory */
         uint32_t *lanes = calloc((size_t)(HLANES * nb2), sizeof(uint32_t));
         i64 *hist = sketch + tid * nb2;
         double *out = sums + 4 * tid;
