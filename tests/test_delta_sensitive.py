@@ -3,6 +3,7 @@ channels (METHODS §5)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -19,7 +20,7 @@ from neuronspec.analyses.delta_sensitive import (
 )
 from neuronspec.capture.runner import collect_stats
 from neuronspec.errors import NeuronSpecError
-from neuronspec.models.adapters import adapter_for
+from neuronspec.models.adapters import DT_SUM_READERS, adapter_for
 from neuronspec.models.scan import use_fast_scan
 
 pytestmark = pytest.mark.delta
@@ -97,18 +98,58 @@ def test_dt_patch_on_reference_scan_is_a_clear_error():
     )
 
 
+@pytest.mark.parametrize("path", ["kernel", "chunked", "reference"])
+def test_dt_window_sums_equal_the_sums_of_the_read_delta(path, monkeypatch):
+    """The fast scan's Σ_t Δ_t (kernel or chunked torch scan), or the hook's sums on the
+    reference scan, equal the sums of the Δ that ``read`` sees, also under a Δ patch."""
+    import neuronspec.models.scan as scan
+
+    if path == "chunked":
+        monkeypatch.setattr(scan, "kernels_available", lambda: False)
+    model = make_mamba() if path == "reference" else _fast_mamba()
+    adapter = adapter_for(model)
+    patches = [None] if path == "reference" else [None, lambda delta: delta * 2.0 + 0.25]
+    sums, values = {}, {}
+    for patch in patches:
+        sums.clear()
+        values.clear()
+        with (
+            torch.no_grad(),
+            adapter.patch("dt", 1, patch) if patch else contextlib.nullcontext(),
+            adapter.read([("dt", 0), ("dt", 1)], lambda s, layer, v: values.update({layer: v})),
+            adapter.read_window_sums(
+                [("dt", 0), ("dt", 1)], lambda s, layer, w, t: sums.update({layer: (w, t)})
+            ),
+        ):
+            model(input_ids=_ids(batch=3, length=11), use_cache=False)
+        assert sorted(sums) == [0, 1]
+        for layer, (window_sums, positions) in sums.items():
+            assert positions == 11 and window_sums.dtype == torch.float64
+            expected = values[layer].double().sum(1)  # (B, d_inner)
+            torch.testing.assert_close(window_sums, expected, rtol=1e-6, atol=1e-6)
+    assert not any(getattr(b.mixer, DT_SUM_READERS, []) for b in model.backbone.layers)
+
+
+def test_dt_window_sums_refuse_a_generation_step():
+    model = _fast_mamba()
+    with adapter_for(model).read_window_sums([("dt", 0)], lambda *a: None):
+        with pytest.raises(NeuronSpecError, match="single-token"):
+            model.generate(_ids(batch=1, length=4), max_new_tokens=2, do_sample=False)
+
+
 def _windows(n=8, length=16, seed=2):
     return torch.randint(1, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["mamba", "gpt2"])
+@pytest.mark.parametrize("family", ["mamba", "mamba-reference-scan", "gpt2"])
 def test_window_mean_moments_exact_and_mergeable(family):
     """Σ m_w and Σ m_w² equal a dense recomputation; two halves merged equal the whole."""
-    model = _fast_mamba() if family == "mamba" else make_gpt2()
+    builders = {"mamba": _fast_mamba, "mamba-reference-scan": make_mamba, "gpt2": make_gpt2}
+    model = builders[family]()
     loaded = wrap(model, f"random-{family}")
     windows = _windows()
     stats = collect_stats(loaded, windows, bos_id=None, batch_size=3)
-    sites = ["mlp", "dt"] if family == "mamba" else ["mlp"]
+    sites = ["mlp", "dt"] if family.startswith("mamba") else ["mlp"]
     assert sorted({s for s, _ in stats.window_means}) == sorted(sites)
     captured = loaded.adapter.capture(windows, [(s, 1) for s in sites])
     for site in sites:

@@ -19,7 +19,7 @@ from test_scan import _close, _exact_reference_scan
 
 from neuronspec import native
 from neuronspec.models.kernel import kernel_conv_silu, kernel_scan
-from neuronspec.models.scan import UnsupportedScanInputError, selective_scan
+from neuronspec.models.scan import UnsupportedScanInputError, _scan_bl, selective_scan
 from neuronspec.native import KernelUnavailableError, load_library
 
 TOL = {torch.float32: 1e-6, torch.float64: 1e-13}
@@ -59,6 +59,28 @@ def test_kernel_equals_chunked_scan_and_splits_over_threads(dtype):
             torch.set_num_threads(threads)
             out = selective_scan(x, dt, A, B, C, D, z, bias, backend="kernel")
             _close(out, chunked, {torch.float32: 1e-5, torch.float64: 1e-13}[dtype], threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["kernel", "chunked"])
+def test_scan_sums_delta_over_positions(dtype, backend):
+    """``delta_sum`` (B, d) = Σ_t Δ_t, Δ = softplus(dt + bias) or dt as given, in float64."""
+    x, dt, A, B, C, D, z, bias = _inputs(3, 100, 29, 16, dtype, seed=2)
+    bl = lambda t: t.transpose(1, 2)  # noqa: E731  (B, d, L) -> (B, L, d)
+    before = torch.get_num_threads()
+    try:
+        for threads, delta_bias, softplus in ((1, bias, True), (3, None, True), (2, None, False)):
+            torch.set_num_threads(threads)
+            sums = torch.full((3, 100), float("nan"), dtype=torch.float64)
+            _scan_bl(
+                bl(x), bl(dt), A, bl(B), bl(C), D, bl(z), delta_bias, softplus, 8, dtype,
+                backend, sums,
+            )  # fmt: skip
+            delta = dt.double() + (0 if delta_bias is None else delta_bias.double()[:, None])
+            expected = (F.softplus(delta) if softplus else delta).sum(2)  # (B, d)
+            _close(sums, expected, {torch.float32: 1e-6, torch.float64: 1e-13}[dtype], threads)
     finally:
         torch.set_num_threads(before)
 

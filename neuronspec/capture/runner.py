@@ -60,14 +60,19 @@ def collect_stats(
         window_mean_sites=moment_sites,
     )
     targets = [(site, layer) for layer in range(adapter.n_layers) for site in ("mlp_pre", "mlp")]
-    targets += [("dt", layer) for layer in range(adapter.n_layers) if "dt" in moment_sites]
+    # the mlp window sums come with add_layer; the other moment sites' sums are read apart
+    sum_targets = [
+        (s, layer) for s in moment_sites if s != "mlp" for layer in range(adapter.n_layers)
+    ]
     pending: dict[int, torch.Tensor] = {}
+    summed: set[tuple[str, int]] = set()  # window sums read in this batch
     batch_state: dict[str, torch.Tensor] = {}
 
+    def on_window_sums(site: str, layer: int, sums: torch.Tensor, positions: int) -> None:
+        stats.add_window_sums(site, layer, sums, positions)
+        summed.add((site, layer))
+
     def on_site(site: str, layer: int, value: torch.Tensor) -> None:
-        if site == "dt":  # the mlp window means come with add_layer
-            stats.add_window_means(site, layer, value)
-            return
         if site == "mlp_pre":
             pending[layer] = value
             return
@@ -77,7 +82,12 @@ def collect_stats(
     device = loaded.device
     starts = range(0, len(windows), batch_size)
     bar = progress(starts, total=len(starts), desc=f"statistics {loaded.model_id}", unit="batch")
-    with torch.inference_mode(), adapter.read(targets, on_site), bar:
+    with (
+        torch.inference_mode(),
+        adapter.read(targets, on_site),
+        adapter.read_window_sums(sum_targets, on_window_sums),
+        bar,
+    ):
         for start in bar:
             ids = windows[start : start + batch_size]
             batch_state["counted"] = stats.add_tokens(ids, bos_id)
@@ -89,6 +99,10 @@ def collect_stats(
             loaded.model.base_model(input_ids=ids, use_cache=False)
             if pending:
                 raise RuntimeError(f"site mlp of layers {sorted(pending)} never fired")
+            if summed != set(sum_targets):
+                missing = sorted(set(sum_targets) - summed)
+                raise RuntimeError(f"the window sums of {missing} were never read")
+            summed.clear()
     return stats
 
 

@@ -36,7 +36,7 @@ Window-mean moments (a separate block, METHODS §5; :class:`WindowMeanMoments`):
 ``WINDOW_MEAN_SITES`` that the model has (``mlp``; ``dt`` for Mamba) and layer,
 ``{site}_wmean_sum (W,) float64`` = Σ over windows of the window-mean activation and
 ``{site}_wmean_sumsq`` = Σ of its square (``mlp``: from the window sums that
-:meth:`NeuronStats.add_layer` takes anyway; ``dt``: :meth:`NeuronStats.add_window_means`). A
+:meth:`NeuronStats.add_layer` takes anyway; ``dt``: :meth:`NeuronStats.add_window_sums`). A
 text is a corpus window; the variance across texts and the corpus mean (equal-length
 windows: mean of window means = mean over tokens) follow.
 
@@ -832,9 +832,10 @@ class NeuronStats:
         return buffer[:size]
 
     # -- window-mean moments (METHODS §5) --------------------------------------------------------
-    def add_window_means(self, site: str, layer: int, values: torch.Tensor) -> None:
-        """Accumulate one batch ``(B, T, W)`` of ``site`` at ``layer``: each row is a window."""
-        self._window_moments(site, layer).add(values)
+    def add_window_sums(self, site: str, layer: int, sums: torch.Tensor, window: int) -> None:
+        """Accumulate one batch of ``site`` at ``layer``: ``sums`` ``(B, W)`` float64, each
+        window's sum over its ``window`` positions."""
+        self._window_moments(site, layer).add_window_sums(sums, window)
 
     def window_mean_variance(self, site: str, layer: int) -> torch.Tensor:
         """(W,) float64: variance across windows of the window-mean activation (population
@@ -1029,11 +1030,6 @@ class WindowMeanMoments:
     @classmethod
     def empty(cls, width: int) -> WindowMeanMoments:
         return cls(torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
-
-    def add(self, values: torch.Tensor) -> None:
-        """Add one batch ``(B, T, W)``: each row is a window."""
-        # float32 sums over T, then float64 (a float64 reduction of (B, T, W) costs ~10x)
-        self.add_window_sums(values.float().sum(1).double(), values.shape[1])
 
     def add_window_sums(self, sums: torch.Tensor, window: int) -> None:
         """Add the windows' sums over their ``window`` positions, ``(B, W)`` float64."""

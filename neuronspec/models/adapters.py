@@ -45,6 +45,8 @@ SITES: tuple[str, ...] = ("mlp", "mlp_pre", "dt", "resid")
 ReadCallback = Callable[[str, int, torch.Tensor], None]
 # fn(tensor (batch, pos, width)) -> replacement of the same shape, for patches
 PatchFn = Callable[[torch.Tensor], torch.Tensor]
+# callback(site, layer, sums (batch, width) float64, positions) for window-sum reads
+WindowSumCallback = Callable[[str, int, torch.Tensor, int], None]
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,20 @@ class SiteAdapter:
         finally:
             for handle in handles:
                 handle.remove()
+
+    @contextmanager
+    def read_window_sums(
+        self, targets: Iterable[tuple[str, int]], callback: WindowSumCallback
+    ) -> Iterator[None]:
+        """Call ``callback(site, layer, sums, T)`` on every forward in the block: ``sums``
+        ``(batch, width)`` float64 is each row's sum over its ``T`` positions (float32 sums
+        of the values read by :meth:`read`; an adapter may produce them more cheaply)."""
+
+        def on_value(site: str, layer: int, value: torch.Tensor) -> None:
+            callback(site, layer, value.float().sum(1).double(), value.shape[1])
+
+        with self.read(targets, on_value):
+            yield
 
     @contextmanager
     def patch(self, site: str, layer: int, fn: PatchFn) -> Iterator[None]:
@@ -244,6 +260,37 @@ class MambaAdapter(SiteAdapter):
         with patch_delta(self.model.backbone.layers[layer].mixer, fn):
             yield
 
+    @contextmanager
+    def read_window_sums(
+        self, targets: Iterable[tuple[str, int]], callback: WindowSumCallback
+    ) -> Iterator[None]:
+        """As :meth:`SiteAdapter.read_window_sums`; on the fast scan, the sums of ``dt`` come
+        from the scan itself (float64, :data:`DT_SUM_READERS`): Δ is not computed twice."""
+        from neuronspec.models.scan import is_fast_mixer
+
+        targets = list(targets)
+        for site, layer in targets:
+            self.check(site, layer)
+        mixers = {
+            layer: self.model.backbone.layers[layer].mixer for s, layer in targets if s == "dt"
+        }
+        from_scan = {layer: mixer for layer, mixer in mixers.items() if is_fast_mixer(mixer)}
+        hooked = [(s, layer) for s, layer in targets if not (s == "dt" and layer in from_scan)]
+        readers = []
+        try:
+            for layer, mixer in from_scan.items():
+
+                def reader(sums: torch.Tensor, positions: int, layer: int = layer) -> None:
+                    callback("dt", layer, sums, positions)
+
+                mixer.__dict__.setdefault(DT_SUM_READERS, []).append(reader)
+                readers.append((mixer, reader))
+            with super().read_window_sums(hooked, callback):
+                yield
+        finally:
+            for mixer, reader in readers:
+                getattr(mixer, DT_SUM_READERS).remove(reader)
+
     def _hook(self, site: str, layer: int) -> _Hook:
         block = self.model.backbone.layers[layer]
         mixer = block.mixer
@@ -266,6 +313,9 @@ class MambaAdapter(SiteAdapter):
 
 DT_PATCHES = "_neuronspec_dt_patches"
 """Attribute of a ``MambaMixer``: the list of active Δ patches, applied in order."""
+DT_SUM_READERS = "_neuronspec_dt_sum_readers"
+"""Attribute of a ``MambaMixer``: functions ``(sums (B, d_inner) float64, L)`` that the fast
+scan calls with Σ_t Δ_t (patches applied) after each full-sequence forward."""
 
 
 def mamba_delta(mixer: nn.Module, x_proj_out: torch.Tensor) -> torch.Tensor:

@@ -40,13 +40,15 @@ def kernel_scan(
     z: torch.Tensor | None,
     delta_bias: torch.Tensor | None,
     delta_softplus: bool,
+    delta_sum: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, h_L)`` of the selective scan, no autograd; see ``neuronspec/native/scan.c``.
 
     Shapes: dt (raw; Δ = softplus(dt + delta_bias) when ``delta_softplus``), x, z
     ``(B, L, d)``; A ``(d, N)``; B, C ``(B, L, N)``; D, delta_bias ``(d,)``; all of one
     dtype (float32 or float64) on the CPU. Returns ``y`` ``(B, L, d)`` =
-    ``(C·h + D·x) · SiLU(z)`` and ``h_L`` ``(B, d, N)``.
+    ``(C·h + D·x) · SiLU(z)`` and ``h_L`` ``(B, d, N)``. ``delta_sum``, if given, a
+    contiguous ``(B, d)`` float64 tensor, receives Σ_t Δ_t (summed in float64).
     """
     fn = getattr(load_library(), f"neuronspec_scan_{_SUFFIX[x.dtype]}")
     b, L, d = x.shape
@@ -58,11 +60,18 @@ def kernel_scan(
     delta_bias = None if delta_bias is None else delta_bias.contiguous()
     y = x.new_empty(b, L, d)
     h_last = x.new_empty(b, d, N)
+    if delta_sum is not None and (
+        delta_sum.shape != (b, d)
+        or delta_sum.dtype != torch.float64
+        or not delta_sum.is_contiguous()
+    ):
+        raise ValueError(f"kernel_scan: delta_sum must be a contiguous ({b}, {d}) float64 tensor")
     status = fn(
         torch.get_num_threads(), b, L, d, N,
         *_strided(dt), _pointer(delta_bias), int(delta_softplus),
         *_strided(x), At.data_ptr(), *_strided(B), *_strided(C), _pointer(D),
         *([None, 0, 0] if z is None else _strided(z)), *_strided(y), h_last.data_ptr(),
+        _pointer(delta_sum),
     )  # fmt: skip
     if status != 0:
         raise KernelUnavailableError(f"scan kernel rejected its arguments (status {status})")

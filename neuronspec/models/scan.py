@@ -87,7 +87,7 @@ from transformers.models.mamba import modeling_mamba
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from neuronspec.errors import NeuronSpecError
-from neuronspec.models.adapters import DT_PATCHES, mamba_delta
+from neuronspec.models.adapters import DT_PATCHES, DT_SUM_READERS, mamba_delta
 from neuronspec.models.kernel import kernel_conv_silu, kernel_scan
 from neuronspec.native import kernels_available, load_library
 
@@ -213,10 +213,13 @@ def selective_scan(
     return (y, h_last) if return_last_state else y
 
 
-def _scan_bl(x, dt, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, dtype, backend):
+def _scan_bl(
+    x, dt, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, dtype, backend, delta_sum=None
+):
     """:func:`selective_scan` on batch-major ``(B, L, ·)`` inputs (already checked).
 
-    Returns ``y`` ``(B, L, d)`` (skip and gate applied) and ``h_L`` ``(B, d, N)``.
+    Returns ``y`` ``(B, L, d)`` (skip and gate applied) and ``h_L`` ``(B, d, N)``; fills
+    ``delta_sum`` ``(B, d)`` float64, if given, with Σ_t Δ_t (no gradient).
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise UnsupportedScanInputError(
@@ -227,12 +230,14 @@ def _scan_bl(x, dt, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, dtype
     )
     if _use_kernel(backend, needs_grad, x.device):
         cast = [None if t is None else t.to(dtype) for t in (dt, x, A, B, C, D, z, delta_bias)]
-        return kernel_scan(*cast, delta_softplus)  # (B, L, d), (B, d, N)
+        return kernel_scan(*cast, delta_softplus, delta_sum)  # (B, L, d), (B, d, N)
     delta = dt.to(dtype)  # (B, L, d)
     if delta_bias is not None:
         delta = delta + delta_bias.to(dtype)  # (B, L, d)
     if delta_softplus:
         delta = F.softplus(delta)  # (B, L, d)
+    if delta_sum is not None:
+        delta_sum.copy_(delta.detach().sum(1, dtype=torch.float64))  # (B, d)
     inputs = (
         delta.contiguous(),  # (B, L, d)
         x.to(dtype).contiguous(),  # (B, L, d)
@@ -413,10 +418,11 @@ def _fast_mixer_forward(
     single-token steps (generation) run the class's own ``forward``.
     """
     if cache_params is not None and hidden_states.shape[1] == 1:
-        if getattr(self, DT_PATCHES, None):
+        if getattr(self, DT_PATCHES, None) or getattr(self, DT_SUM_READERS, None):
             raise NeuronSpecError(
-                "a patch of site 'dt' is active but this is a single-token generation step, "
-                "which runs transformers' own forward; patch Δ on full-sequence forwards only"
+                "a patch or window-sum read of site 'dt' is active but this is a single-token "
+                "generation step, which runs transformers' own forward; patch Δ or read its "
+                "window sums on full-sequence forwards only"
             )
         return type(self).forward(
             self, hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs
@@ -466,6 +472,8 @@ def _fast_full_sequence(self: MambaMixer, hidden_states, cache_params, attention
         # a patch of site dt is active: the scan takes the patched Δ itself (adapters.py)
         time_step = mamba_delta(self, projected_x)  # (B, L, d), softplus and patches applied
         time_proj_bias, delta_softplus = None, False
+    readers = getattr(self, DT_SUM_READERS, None)
+    delta_sum = x.new_zeros(x.shape[0], x.shape[2], dtype=torch.float64) if readers else None
     D = self.D.float()  # (d,)
     z = gate.transpose(1, 2)  # (B, L, d)
     dtype_scan = _check_inputs(
@@ -474,8 +482,10 @@ def _fast_full_sequence(self: MambaMixer, hidden_states, cache_params, attention
     )  # fmt: skip
     scan_output, final_state = _scan_bl(
         x, time_step, A, B, C, D, z, time_proj_bias, delta_softplus, DEFAULT_CHUNK, dtype_scan,
-        "auto",
+        "auto", delta_sum,
     )  # fmt: skip  # (B, L, d), (B, d, N)
+    for reader in readers or ():
+        reader(delta_sum, seq_len)  # Σ_t Δ_t (B, d), patches applied
     if cache_params is not None:
         cache_params.update_recurrent_state(final_state.contiguous(), self.layer_idx)
     return self.out_proj(scan_output.to(dtype))  # (B, L, D)

@@ -12,6 +12,8 @@
  * bias may be NULL). Layout: dt, x, z, out are (B, L, d) with channel stride 1 and the
  * given batch / time strides; Bm, Cm are (B, L, N) with state stride 1; At is Aᵀ,
  * (N, d) contiguous; h_last is (B, d, N) contiguous. D, z may be NULL (no skip / no gate).
+ * delta_sum, when not NULL, is (B, d) contiguous float64 and receives Σ_t Δ_t[c] per batch
+ * row: the window sums of Δ that the statistics pass needs (it costs one add per value).
  *
  * Channels are processed in blocks of CB lanes so that the inner loops over lanes
  * vectorise; the state h of a block, (N, CB), stays in registers or L1. Blocks are shared
@@ -109,14 +111,17 @@ static inline double softplus_f64(double v) {
                             const REAL *Bm, i64 B_sb, i64 B_sl,                             \
                             const REAL *Cm, i64 C_sb, i64 C_sl,                             \
                             const REAL *D, const REAL *z, i64 z_sb, i64 z_sl,               \
-                            REAL *out, i64 o_sb, i64 o_sl, REAL *h_last) {                  \
+                            REAL *out, i64 o_sb, i64 o_sl, REAL *h_last,                    \
+                            double *delta_sum) {                                            \
         REAL h[NS][CB];                                                                     \
         REAL a[NS][CB];                                                                     \
         REAL dl[CB], dx[CB], y[CB], bl[CB];                                                 \
+        double dsum[CB];                                                                    \
         for (int l = 0; l < CB; l++) bl[l] = bias && l < cb ? bias[c + l] : 0;              \
         for (i64 b = 0; b < B; b++) {                                                       \
             for (int n = 0; n < NS; n++)                                                    \
                 for (int l = 0; l < CB; l++) h[n][l] = 0;                                   \
+            for (int l = 0; l < CB; l++) dsum[l] = 0;                                       \
             for (int n = 0; n < NS; n++)                                                    \
                 for (int l = 0; l < CB; l++) a[n][l] = l < cb ? At[n * d + c + l] : 0;      \
             for (i64 t = 0; t < L; t++) {                                                   \
@@ -128,6 +133,7 @@ static inline double softplus_f64(double v) {
                 for (int l = 0; l < CB; l++) dl[l] = (l < cb ? dl_t[l] : 0) + bl[l];        \
                 if (softplus)                                                               \
                     for (int l = 0; l < CB; l++) dl[l] = SOFTPLUS(dl[l]);                   \
+                for (int l = 0; l < CB; l++) dsum[l] += dl[l];                              \
                 for (int l = 0; l < CB; l++) {                                              \
                     dx[l] = l < cb ? dl[l] * x_t[l] : 0;                                    \
                     y[l] = 0;                                                               \
@@ -151,6 +157,8 @@ static inline double softplus_f64(double v) {
             REAL *hl = h_last + b * d * NS + c * NS;                                        \
             for (int l = 0; l < cb; l++)                                                    \
                 for (int n = 0; n < NS; n++) hl[l * NS + n] = h[n][l];                      \
+            if (delta_sum)                                                                  \
+                for (int l = 0; l < cb; l++) delta_sum[b * d + c + l] = dsum[l];            \
         }                                                                                   \
     }
 
@@ -162,7 +170,7 @@ static inline double softplus_f64(double v) {
              const REAL *At, const REAL *Bm, i64 B_sb, i64 B_sl,                            \
              const REAL *Cm, i64 C_sb, i64 C_sl, const REAL *D,                             \
              const REAL *z, i64 z_sb, i64 z_sl, REAL *out, i64 o_sb, i64 o_sl,              \
-             REAL *h_last) {                                                                \
+             REAL *h_last, double *delta_sum) {                                             \
         if (N < 1 || N > 256 || threads < 1) return 1;                                      \
         const i64 blocks = (d + CB - 1) / CB;                                               \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")                   \
@@ -172,12 +180,13 @@ static inline double softplus_f64(double v) {
             if (N == 16)                                                                    \
                 BLOCK(c, cb, 16, B, L, d, delta, dl_sb, dl_sl, bias, softplus, x, x_sb, x_sl,  \
                       At, Bm, B_sb,                                                         \
-                      B_sl, Cm, C_sb, C_sl, D, z, z_sb, z_sl, out, o_sb, o_sl, h_last);     \
+                      B_sl, Cm, C_sb, C_sl, D, z, z_sb, z_sl, out, o_sb, o_sl, h_last,      \
+                      delta_sum);                                                           \
             else                                                                            \
                 BLOCK(c, cb, (int)N, B, L, d, delta, dl_sb, dl_sl, bias, softplus, x, x_sb,  \
                       x_sl, At, Bm,                                                         \
                       B_sb, B_sl, Cm, C_sb, C_sl, D, z, z_sb, z_sl, out, o_sb, o_sl,        \
-                      h_last);                                                              \
+                      h_last, delta_sum);                                                   \
         }                                                                                   \
         return 0;                                                                           \
     }
@@ -221,4 +230,4 @@ DEFINE_CONV(neuronspec_conv_silu_f32, float, exp_f32)
 DEFINE_CONV(neuronspec_conv_silu_f64, double, exp_f64)
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int neuronspec_scan_abi(void) { return 3; }
+int neuronspec_scan_abi(void) { return 4; }
