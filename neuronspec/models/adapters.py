@@ -25,6 +25,10 @@ softplus; neuronspec's fast scan (:mod:`neuronspec.models.scan`) takes Δ from
 :func:`mamba_delta` whenever a patch is active, and a read of ``dt`` inside the patch sees
 the patched Δ. transformers' reference scan computes Δ inside its own loop, so patching
 ``dt`` there raises :class:`~neuronspec.errors.NeuronSpecError` (use the fast scan).
+
+Window sums of ``dt`` (:meth:`SiteAdapter.read_window_sums`, what the statistics pass needs
+for the window-mean moments) come from the fast scan itself, which computes Δ anyway
+(:data:`DT_SUM_READERS`); on the reference scan they are the sums of the ``dt`` read.
 """
 
 from __future__ import annotations
