@@ -65,7 +65,7 @@ STATS_BACKENDS = ("auto", "native", "torch")
 ops; ``auto``: native where it applies and builds, else torch. Both compute the same
 definitions, but float sums may round differently, so the backend ``auto`` resolves to is
 part of the cache key (:func:`neuronspec.capture.runner.computation_path`)."""
-STATS_FORMAT = "neuronspec-stats-v7"  # v5: trigrams ending at window position 2 count; v6: window-mean moments, sparsity sketch; v7: packed (neuron, token) rows, no abs_hist (abs_sketch bins the same |a| finer)  # part of the cache key: bump when an accumulator changes
+STATS_FORMAT = "neuronspec-stats-v8"  # v5: trigrams ending at window position 2 count; v6: window-mean moments, sparsity sketch; v7: packed (neuron, token) rows, no abs_hist (abs_sketch bins the same |a| finer); v8: Mamba dt window sums from the scan, in float64  # part of the cache key: bump when an accumulator changes
 
 
 @dataclass(frozen=True)
