@@ -106,6 +106,12 @@ def _add_options(parser: pytest.Parser) -> None:
         help="comma-separated layer indices the per-layer analyses run on (default: all)",
     )
     group.addoption(
+        "--trigrams",
+        action="store_true",
+        help="also count (neuron, trigram) firings and report trigram-detecting neurons "
+        "(Voita et al. §4, trigram variant: 1-50 trigrams, same 95%% rules); larger statistics",
+    )
+    group.addoption(
         "--top-k",
         type=int,
         default=10,
@@ -238,7 +244,7 @@ def _run_config(config: pytest.Config) -> RunConfig:
     return RunConfig(
         models=models,
         corpus=corpus,
-        stats=StatsConfig(),
+        stats=StatsConfig(trigrams=option.trigrams),
         cache_dir=None if cache.lower() == "none" else Path(cache),
         plots_dir=Path(option.plots_dir) if option.plots_dir else None,
         device=option.device,

@@ -70,6 +70,10 @@ def ngram_findings(neuronspec_session, model_id, neuron_stats):
         neuronspec_session.record_neuron_set(
             model_id, "token_detecting", finding.layer, finding.detector_tokens
         )
+        if finding.detector_trigrams is not None:  # --trigrams
+            neuronspec_session.record_neuron_set(
+                model_id, "trigram_detecting", finding.layer, finding.detector_trigrams
+            )
     return _record(neuronspec_session, model_id, "ngram", findings)
 
 

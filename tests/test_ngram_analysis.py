@@ -7,6 +7,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+import torch
 
 from neuronspec.analyses.ngram import (
     NEVER_FIRES,
@@ -18,10 +19,13 @@ from neuronspec.analyses.ngram import (
     covering_histogram,
     decode_trigram_key,
     ngram_detectors,
+    ngram_layer_from_stats,
     summarise_token_detectors,
     token_detectors,
     trigram_key,
 )
+from neuronspec.capture.stats import NeuronStats, StatsConfig
+from neuronspec.native import kernels_available
 
 
 def _triples(rows: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -403,3 +407,38 @@ def test_neuron_blocks_bound_the_working_memory(monkeypatch) -> None:
             tracemalloc.stop()
         assert finding.n_alive == n_neurons
     assert peaks[1] < 0.25 * peaks[0], [f"{p / 1e6:.0f} MB" for p in peaks]
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_planted_trigram_detector_end_to_end(backend) -> None:
+    """Planted firings through the real counting pass (``NeuronStats``, trigrams on) and
+    :func:`ngram_layer_from_stats`: neuron 0 fires exactly where the trigram (5, 6, 7) ends,
+    neuron 1 on every token 9 (in many contexts), neuron 2 at random. Only neuron 0 is a
+    trigram detector, of that one trigram; only neuron 1 is a token detector, of token 9."""
+    if backend == "native" and not kernels_available():
+        pytest.skip("native kernels unavailable")
+    vocab, n, length = 20, 96, 24
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, vocab, (n, length), generator=g)  # (n, T); 0 is BOS, never drawn
+    ids[:, 0] = 0
+    for row in range(0, n, 2):  # plant (5, 6, 7) once in every other window
+        start = int(torch.randint(1, length - 2, (1,), generator=g))
+        ids[row, start : start + 3] = torch.tensor([5, 6, 7])
+    ends = torch.zeros(n, length, dtype=torch.bool)
+    ends[:, 2:] = (ids[:, :-2] == 5) & (ids[:, 1:-1] == 6) & (ids[:, 2:] == 7)
+    fires = torch.stack(
+        [ends, ids == 9, torch.rand(n, length, generator=g) < 0.5], dim=-1
+    )  # (n, T, 3)
+    pre = torch.where(fires, 1.0, -1.0).float()  # (n, T, 3): fires where mlp_pre > 0
+    stats = NeuronStats.empty([3], length, vocab, StatsConfig(trigrams=True), backend=backend)
+    for batch in range(0, n, 32):
+        window_ids = ids[batch : batch + 32]
+        counted = stats.add_tokens(window_ids, bos_id=0)
+        stats.add_layer(0, pre[batch : batch + 32], pre[batch : batch + 32], window_ids, counted)
+    finding = ngram_layer_from_stats(stats, 0, model="planted")
+    planted = int(trigram_key(5, 6, 7, vocab_size=vocab))
+    assert int(ends.sum()) >= n // 2
+    assert finding.detector_trigrams == {0: [planted]}
+    assert finding.n_trigram_detectors == 1
+    assert list(finding.detector_tokens) == [1]
+    assert list(finding.detector_tokens[1]) == [9]

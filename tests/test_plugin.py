@@ -85,6 +85,21 @@ def test_results_file_and_model_ids_in_test_ids(run, checkpoint, pytester):
     assert entry["analyses"]["dead"]["0"]["n_tokens"] == entry["info"]["n_tokens"]
 
 
+def test_trigrams_option_counts_trigrams(run, pytester):
+    """``--trigrams`` turns on the (neuron, trigram) counts of the pass (off by default)."""
+    pytester.makepyfile(
+        test_trigram_spec="""
+def test_trigram_counts(neuron_stats, request):
+    assert neuron_stats.config.trigrams == request.config.getoption("trigrams")
+    if neuron_stats.config.trigrams:
+        neuron, key, count = neuron_stats.trigram_table(0)
+        assert len(key) > 0 and int(count.min()) >= 1
+"""
+    )
+    run("test_trigram_spec.py").assert_outcomes(passed=1)
+    run("test_trigram_spec.py", "--trigrams").assert_outcomes(passed=1)
+
+
 def test_unavailable_real_model_skips_with_reason(run):
     result = run("-rs", models="mamba130m")
     result.assert_outcomes(skipped=2)
