@@ -125,6 +125,13 @@ def _add_options(parser: pytest.Parser) -> None:
         "rollout (default all three)",
     )
     group.addoption(
+        "--attention-aggregate",
+        default="abs",
+        choices=("abs", "mean"),
+        help="channel mean of |α̃| (abs, default) or of α̃ (mean, METHODS §7; undefined where "
+        "a row of I + mean α̃ sums to <= 0, which raises) that the Mamba rollout takes",
+    )
+    group.addoption(
         "--attention-prompts",
         type=_positive_int,
         default=4,

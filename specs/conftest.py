@@ -115,8 +115,11 @@ def attention_run(neuronspec_session, model_id, loaded_model, corpus, request):
         layers=layers,
         methods=methods,
         top_k=neuronspec_session.config.top_k,
+        aggregate=option.attention_aggregate,
     )
-    run.fact_relevance = fact_relevance(loaded_model, load_facts(), model=model_id)
+    run.fact_relevance = fact_relevance(
+        loaded_model, load_facts(), model=model_id, aggregate=option.attention_aggregate
+    )
     record = neuronspec_session.record
     for finding in run.layer_findings:
         record(model_id, "hidden_attention", finding, layer=finding.layer)

@@ -77,6 +77,26 @@ def test_mamba_methods_equal_dense_recomputation():
     assert run.layer_findings[0].above_diagonal_max == 0.0
 
 
+def test_signed_mean_rollout_option():
+    """``aggregate="mean"`` rolls out the signed channel mean of α̃ (METHODS §7); a layer
+    matrix with a row of I + A summing to <= 0 is refused with the way out."""
+    loaded = wrap(use_fast_scan(make_mamba(dtype=torch.float64)), "random-mamba")
+    ids = _ids()
+    s = capture_scan_inputs(loaded.model, ids, [0, 1])
+    signed = [hidden_attention(s[layer]).mean(1) for layer in (0, 1)]  # (B, L, L) each
+    absolute = [hidden_attention(s[layer]).abs().mean(1) for layer in (0, 1)]
+    for a in signed:  # this random model's α̃ is small: every row of I + mean α̃ is > 0.99
+        assert float((torch.eye(ids.shape[1], dtype=a.dtype) + a).sum(-1).min()) > 0.99
+    run = analyse_attention(loaded, ids, model="m", layers=[1], aggregate="mean")
+    np.testing.assert_allclose(run.relevance["rollout"], rollout(signed)[:, -1].numpy(), rtol=1e-10)
+    assert not np.allclose(run.relevance["rollout"], rollout(absolute)[:, -1].numpy())
+    assert [f.aggregate for f in run.rollout_findings] == ["mean", "mean"]
+    with pytest.raises(NeuronSpecError, match="sums to -2.+attention-aggregate abs"):
+        rollout([torch.tensor([[[-3.0, 0.0], [0.5, 0.5]]], dtype=torch.float64)])
+    with pytest.raises(NeuronSpecError, match="unknown attention aggregate"):
+        analyse_attention(loaded, ids, model="m", layers=[1], aggregate="median")
+
+
 def test_gpt2_rollout_of_real_attention():
     model = make_gpt2()
     before = model.config._attn_implementation

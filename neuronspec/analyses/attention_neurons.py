@@ -39,6 +39,7 @@ from neuronspec.analyses.hidden_attention import (
     HiddenAttentionLayerFinding,
     RolloutFinding,
     attention_distance,
+    channel_aggregate,
     gpt2_attention,
     gradient_attention,
     gradient_rollout_layer,
@@ -151,11 +152,12 @@ def _neuron_finding(model, method, layer, importance, activation, top_k) -> Atte
     )
 
 
-def _rollout_finding(model, method, relevance: torch.Tensor) -> RolloutFinding:
+def _rollout_finding(model, method, aggregate, relevance: torch.Tensor) -> RolloutFinding:
     rel = relevance.double()  # (P, L)
     return RolloutFinding(
         model=model,
         method=method,
+        aggregate=aggregate,
         n_prompts=rel.shape[0],
         length=rel.shape[1],
         relevance_first_prompt=tuple(float(v) for v in rel[0]),
@@ -165,17 +167,22 @@ def _rollout_finding(model, method, relevance: torch.Tensor) -> RolloutFinding:
 
 
 def mamba_relevance(
-    loaded: LoadedModel, prompts: torch.Tensor, *, memory_bytes: int = DEFAULT_MEMORY_BYTES
+    loaded: LoadedModel,
+    prompts: torch.Tensor,
+    *,
+    aggregate: str = "abs",
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Last-token relevance ``(P, L)`` of the rollout and of the gradient-guided rollout, and
-    the per-layer pieces ``{"inputs", "attention", "grads", "acts"}`` they were built from."""
+    """Last-token relevance ``(P, L)`` of the rollout (of the ``aggregate`` channel mean,
+    :func:`channel_aggregate`) and of the gradient-guided rollout, and the per-layer pieces
+    ``{"inputs", "attention", "grads", "acts"}`` they were built from."""
     layers = list(range(loaded.n_layers))
     inputs = capture_scan_inputs(loaded.model, prompts.to(loaded.device), layers)
     grads, acts, _ = mlp_gradients(loaded, prompts, layers)
     attention = {
         layer: layer_attention(inputs[layer], memory_bytes=memory_bytes) for layer in layers
     }
-    plain = rollout([attention[layer].abs_mean for layer in layers])  # (P, L, L)
+    plain = rollout([channel_aggregate(attention[layer], aggregate) for layer in layers])
     guided = rollout(
         [
             gradient_rollout_layer(
@@ -196,9 +203,11 @@ def analyse_attention(
     layers: Sequence[int],
     methods: Sequence[str] = METHODS,
     top_k: int = 10,
+    aggregate: str = "abs",
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> AttentionRun:
-    """Hidden attention (Mamba), rollouts and attention neurons of ``layers`` on ``prompts``."""
+    """Hidden attention (Mamba), rollouts and attention neurons of ``layers`` on ``prompts``;
+    ``aggregate``: the channel mean the Mamba rollout takes (:func:`channel_aggregate`)."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise NeuronSpecError(f"unknown attention methods {unknown}; known: {', '.join(METHODS)}")
@@ -207,11 +216,13 @@ def analyse_attention(
         return _analyse_gpt2(loaded, prompts, run, layers, methods, top_k)
     if loaded.family != "mamba":
         raise NeuronSpecError(f"attention analyses support mamba and gpt2, not {loaded.family}")
-    plain, guided, parts = mamba_relevance(loaded, prompts, memory_bytes=memory_bytes)
+    plain, guided, parts = mamba_relevance(
+        loaded, prompts, aggregate=aggregate, memory_bytes=memory_bytes
+    )
     run.relevance = {"rollout": plain.cpu().numpy(), "gradient_rollout": guided.cpu().numpy()}
     run.rollout_findings = [
-        _rollout_finding(model, "rollout", plain),
-        _rollout_finding(model, "gradient_rollout", guided),
+        _rollout_finding(model, "rollout", aggregate, plain),
+        _rollout_finding(model, "gradient_rollout", "mean", guided),
     ]
     length = prompts.shape[1]
     relevant = plain > 1.0 / length  # (P, L): T*, the tokens the rollout marks
@@ -274,7 +285,7 @@ def _analyse_gpt2(loaded, prompts, run, layers, methods, top_k) -> AttentionRun:
     attentions = gpt2_attention(loaded.model, prompts.to(loaded.device))
     plain = rollout(attentions)[:, -1]  # (P, L)
     run.relevance = {"rollout": plain.cpu().numpy()}
-    run.rollout_findings = [_rollout_finding(run.model, "rollout", plain)]
+    run.rollout_findings = [_rollout_finding(run.model, "rollout", "heads", plain)]
     for layer in layers:
         run.mean_attention[layer] = attentions[layer][0].cpu().numpy()
     chosen = [m for m in methods if m in GPT2_METHODS]
@@ -318,10 +329,16 @@ def fact_prompt_tokens(tokenizer, prompt: str, subject: str) -> tuple[list[int],
 
 
 def fact_relevance(
-    loaded: LoadedModel, facts, *, model: str, memory_bytes: int = DEFAULT_MEMORY_BYTES
+    loaded: LoadedModel,
+    facts,
+    *,
+    model: str,
+    aggregate: str = "abs",
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> list[FactRelevanceFinding]:
     """Relevance findings (rollout, and for Mamba the gradient-guided rollout) on the first
-    training template of each fact; prompts of equal token length share a forward."""
+    training template of each fact; prompts of equal token length share a forward.
+    ``aggregate``: as in :func:`analyse_attention`."""
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise NeuronSpecError("fact relevance needs the model's tokenizer")
@@ -336,7 +353,9 @@ def fact_relevance(
         ids = torch.tensor([i for i, _ in items])  # (P, L)
         masks = torch.tensor([m for _, m in items])  # (P, L)
         if loaded.family == "mamba":
-            plain, guided, _ = mamba_relevance(loaded, ids, memory_bytes=memory_bytes)
+            plain, guided, _ = mamba_relevance(
+                loaded, ids, aggregate=aggregate, memory_bytes=memory_bytes
+            )
             relevances = {"rollout": plain, "gradient_rollout": guided}
         else:
             relevances = {"rollout": rollout(gpt2_attention(loaded.model, ids))[:, -1]}

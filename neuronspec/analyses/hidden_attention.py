@@ -20,12 +20,14 @@ state, decays and inputs stay within ``memory_bytes`` (:func:`channel_chunk`; de
 the naive ``[B, d, L, L, N]`` temporary is never formed.
 
 **Rollout** (Abnar & Zuidema 2020): ``Â_l = row-normalise(I + Ā_l)``, ``R = Â_{L-1} ⋯ Â_0``;
-the last row of R is the relevance of each input token for the last position. Where METHODS
-is silent: the per-layer matrix is the channel mean of **|α̃|** (``aggregate="abs"``, the
-default): α̃ can be negative (C·B products have either sign), and a signed row of I + mean α̃
-can sum to ≤ 0, where normalising is undefined; ``aggregate="mean"`` uses the signed mean
-and raises if a row sum is not positive. GPT-2's counterpart uses its real attention
-probabilities, mean over heads (:func:`gpt2_attention`).
+the last row of R is the relevance of each input token for the last position. METHODS
+defines Ā_l as the channel mean of α̃, optionally of |α̃|; the default here is **|α̃|**
+(``aggregate="abs"``, :func:`channel_aggregate`): α̃ can be negative (C·B products have
+either sign), and a signed row of I + mean α̃ can sum to ≤ 0, where normalising is
+undefined. On tiny-mamba a row of layer 2 sums to −3.27 on the first 4 corpus windows.
+``aggregate="mean"`` (``--attention-aggregate mean``) rolls out the signed mean and raises
+if a row sum is not positive. GPT-2's counterpart uses its real attention probabilities,
+mean over heads (:func:`gpt2_attention`).
 
 **Gradient-guided rollout** (Mamba-Attr flavour, METHODS §7): with ŷ the gated output (the
 ``mlp`` site) and g = ∂logit_target/∂ŷ, the gradient of the logit with respect to α̃ is
@@ -50,6 +52,7 @@ DEFAULT_MEMORY_BYTES = 256 * 2**20
 """Bound on one channel chunk's working set (state ``M`` and rows α̃): 256 MiB."""
 
 AGGREGATES = ("abs", "mean")
+"""Channel aggregates of α̃ that the rollout can take (:func:`channel_aggregate`)."""
 
 
 def channel_chunk(
@@ -162,6 +165,16 @@ def layer_attention(
 # -- rollout -------------------------------------------------------------------------------------
 
 
+def channel_aggregate(attention: LayerAttention, aggregate: str) -> torch.Tensor:
+    """The layer matrix a rollout takes, ``(B, L, L)``: mean over channels of |α̃| (``abs``)
+    or of α̃ (``mean``)."""
+    if aggregate not in AGGREGATES:
+        raise NeuronSpecError(
+            f"unknown attention aggregate {aggregate!r}; known: {', '.join(AGGREGATES)}"
+        )
+    return attention.abs_mean if aggregate == "abs" else attention.mean
+
+
 def rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
     """R = Â_{L-1} ⋯ Â_0 with Â_l = row-normalise(I + A_l); ``attentions`` are ``(B, L, L)``
     in layer order. Returns ``(B, L, L)``; ``R[:, -1]`` is the last token's relevance."""
@@ -176,7 +189,7 @@ def rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
         if not bool((rows > 0).all()):
             raise NeuronSpecError(
                 f"rollout: a row of I + A at layer {layer} sums to {float(rows.min()):.3g} <= 0; "
-                "roll out a non-negative aggregate (aggregate='abs')"
+                "roll out a non-negative aggregate (aggregate='abs', --attention-aggregate abs)"
             )
         result = torch.matmul(mixed / rows, result)  # (B, L, L)
     return result
@@ -232,6 +245,7 @@ class RolloutFinding(Finding):
 
     model: str
     method: str  # "rollout" or "gradient_rollout"
+    aggregate: str  # layer matrix: "abs" or "mean" of α̃ over channels; GPT-2: "heads"
     n_prompts: int
     length: int
     relevance_first_prompt: tuple[float, ...]  # (L,) last token's relevance, first prompt
