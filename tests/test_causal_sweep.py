@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from builders import VOCAB, make_gpt2, make_mamba, wrap
 
 from neuronspec.analyses.causal import causal_neurons, single_neuron_sweep, upstream_leaks
+from neuronspec.analyses.delta_sensitive import NeuronSets
 from neuronspec.capture.runner import collect_stats
-from neuronspec.interventions.ablation import AblationEngine
+from neuronspec.interventions.ablation import AblationEngine, AblationError
 from neuronspec.models.adapters import adapter_for
+from neuronspec.models.scan import use_fast_scan
 
 
 def _windows(n: int, length: int = 16, seed: int = 1) -> torch.Tensor:
@@ -106,3 +108,46 @@ def test_a_leak_upstream_is_caught(three_layers, monkeypatch):
     stats = collect_stats(three_layers, _windows(8, seed=9), bos_id=None, batch_size=8)
     leaky = causal_neurons(three_layers, _windows(3), stats, top_k=2, max_rows=32)
     assert {(s, t) for s, t, _ in upstream_leaks(leaky)} >= {(1, 0), (2, 1)}
+
+
+def test_delta_channel_sets_match_a_weight_edited_peer():
+    """Given delta-sensitive sets, the candidates are those Δ channels, zeroed at the ``dt``
+    site (fast scan): their KL and inter-layer change equal a peer whose dt_proj row is 0 and
+    bias −1e4 (softplus → Δ = 0), and the controls are other Δ channels of the same layer."""
+    loaded = wrap(use_fast_scan(make_mamba(n_layer=3, dtype=torch.float64)), "random-mamba-3")
+    prompts = _windows(3)
+    stats = collect_stats(loaded, _windows(8, seed=9), bos_id=None, batch_size=8)
+    sets = NeuronSets(kind="delta_sensitive", site="dt", by_layer={0: [4, 9], 2: [7]})
+    finding = causal_neurons(loaded, prompts, stats, top_k=2, max_rows=32, neuron_sets=sets)
+    assert (finding.site, finding.candidates_by, finding.source_layers) == (
+        "dt",
+        "delta_sensitive",
+        [0, 2],
+    )
+    assert upstream_leaks(finding) == []
+    targets = [("dt", t) for t in range(3)]
+    clean = loaded.adapter.capture(prompts, targets)
+    with torch.no_grad():
+        # HF Mamba returns float32 logits: log-softmax in float64, as the sweep does
+        base_logp = torch.log_softmax(loaded.model(input_ids=prompts).logits.double(), -1)
+    for layer_finding in finding.layers:
+        layer = layer_finding.layer
+        assert sorted(c.neuron for c in layer_finding.candidates) == sorted(sets.by_layer[layer])
+        assert not set(layer_finding.control_neurons) & set(sets.by_layer[layer])
+        for candidate in layer_finding.candidates:
+            assert candidate.intervention_size is None
+            edited = copy.deepcopy(loaded.model)
+            with torch.no_grad():
+                dt_proj = edited.backbone.layers[layer].mixer.dt_proj
+                dt_proj.weight[candidate.neuron] = 0.0
+                dt_proj.bias[candidate.neuron] = -1e4
+                logp = torch.log_softmax(edited(input_ids=prompts).logits.double(), -1)
+            expected = F.kl_div(logp, base_logp, log_target=True, reduction="none").sum(-1).mean()
+            assert candidate.kl == pytest.approx(float(expected), rel=1e-4, abs=1e-13)
+            after = adapter_for(edited).capture(prompts, targets)
+            for t in range(layer + 1, 3):
+                a, b = clean[("dt", t)], after[("dt", t)]
+                expected_change = float((b - a).norm() / a.norm())
+                assert candidate.downstream[t] == pytest.approx(expected_change, rel=1e-8)
+    with pytest.raises(AblationError, match="no neurons for layers"):
+        causal_neurons(loaded, prompts, stats, layers=[1], neuron_sets=sets)

@@ -19,7 +19,10 @@ For one neuron (l, n) at the site it was identified on (``mlp`` by default), set
 
 Where METHODS is silent: the **candidates** of a layer are its ``top_k`` neurons by
 intervention size E[(a − v)²] (:func:`neuronspec.analyses.ablation.intervention_size`,
-from the cached statistics of the analysis windows); they are then ranked by KL. The
+from the cached statistics of the analysis windows); they are then ranked by KL. Given a
+set of identified neurons instead (``neuron_sets``, e.g. the delta-sensitive Δ channels of
+the ``dt`` site, METHODS §5, or GPT-2's high-variance ``mlp`` neurons), those are the
+candidates, intervened on at their own site, and the inter-layer impact is read there too. The
 **random control**: ``top_k`` other neurons of the same layer (not candidates), drawn
 with ``torch.Generator(seed)``, measured the same way (KL and the control matrix). A
 candidate is recorded as a *causal neuron* when its KL > control mean + 2 std (sample
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from neuronspec.analyses.ablation import intervention_size
+from neuronspec.analyses.delta_sensitive import NeuronSets
 from neuronspec.capture.stats import NeuronStats
 from neuronspec.findings import Finding
 from neuronspec.interventions.ablation import (
@@ -60,7 +64,7 @@ class CausalNeuron(Finding):
     layer: int
     neuron: int
     kl: float  # mean KL(p_base ‖ p_mod) per position, nats
-    intervention_size: float  # E[(a − v)²] on the analysis windows
+    intervention_size: float | None  # E[(a − v)²] on the analysis windows (mlp site only)
     downstream: dict[int, float]  # later layer t → ‖a'_t − a_t‖ / ‖a_t‖
 
 
@@ -79,6 +83,7 @@ class CausalLayerFinding(Finding):
 class CausalFinding(Finding):
     model: str
     site: str
+    candidates_by: str  # "intervention_size", or the kind of the given neuron sets
     method: str
     n_prompts: int
     n_positions: int
@@ -170,23 +175,34 @@ def causal_neurons(
     means: Mapping | None = None,
     seed: int = 0,
     max_rows: int = DEFAULT_MAX_ROWS,
+    neuron_sets: NeuronSets | None = None,
 ) -> CausalFinding:
-    """Candidates and random controls of each layer, swept on ``prompts`` (module docstring)."""
+    """Candidates and random controls of each layer, swept on ``prompts`` (module docstring).
+    ``neuron_sets``: the candidates and their site, per layer (default: by intervention size
+    at the ``mlp`` site); ``layers`` then defaults to the layers of the sets."""
     if method not in ("zero", "mean"):
         raise AblationError(
             f"causal interventions are 'zero' or 'mean' (METHODS §6), got {method!r}"
         )
     if top_k < 1:
         raise AblationError(f"top_k must be at least 1, got {top_k}")
-    site = "mlp"
+    site = "mlp" if neuron_sets is None else neuron_sets.site
     engine = AblationEngine(loaded, method=method, means=means, max_rows=max_rows)
     n_layers = loaded.adapter.n_layers
     width = loaded.adapter.width(site)
-    layers = list(range(n_layers)) if layers is None else list(layers)
+    if layers is None:
+        layers = range(n_layers) if neuron_sets is None else sorted(neuron_sets.by_layer)
+    layers = list(layers)
+    if neuron_sets is not None and set(layers) - set(neuron_sets.by_layer):
+        missing = sorted(set(layers) - set(neuron_sets.by_layer))
+        raise AblationError(f"the {neuron_sets.kind} sets have no neurons for layers {missing}")
     plan: list[tuple[int, int]] = []
     chosen: dict[int, tuple[list[int], list[int]]] = {}
     for layer in layers:
-        candidates = causal_candidates(stats, layer, method=method, top_k=top_k)
+        if neuron_sets is None:
+            candidates = causal_candidates(stats, layer, method=method, top_k=top_k)
+        else:
+            candidates = [int(n) for n in neuron_sets.by_layer[layer][:top_k]]
         control = _control_neurons(
             width, candidates, min(top_k, width - len(candidates)), seed + layer
         )
@@ -198,13 +214,13 @@ def causal_neurons(
     matrix, control_matrix = [], []
     for layer in layers:
         candidates, control = chosen[layer]
-        size = intervention_size(stats, layer, method)
+        size = intervention_size(stats, layer, method) if site == "mlp" else None
         measured = [
             CausalNeuron(
                 layer=layer,
                 neuron=n,
                 kl=result[(layer, n)][0],
-                intervention_size=float(size[n]),
+                intervention_size=None if size is None else float(size[n]),
                 downstream={t: result[(layer, n)][1][t] for t in range(layer + 1, n_layers)},
             )
             for n in candidates
@@ -229,6 +245,7 @@ def causal_neurons(
     return CausalFinding(
         model=loaded.model_id,
         site=site,
+        candidates_by="intervention_size" if neuron_sets is None else neuron_sets.kind,
         method=method,
         n_prompts=prompts.shape[0],
         n_positions=prompts.numel(),

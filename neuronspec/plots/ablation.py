@@ -81,10 +81,13 @@ def plot_causal_neurons(finding: CausalFinding, path: str | Path) -> Path:
         top = layer.control_kl_mean + 2 * layer.control_kl_std
         axis.axhspan(0, top, color="tab:gray", alpha=0.3, label="random: mean + 2 std")
         axis.axhline(layer.control_kl_mean, color="tab:gray")
-        axis.set(title=f"layer {layer.layer}", xlabel="neuron")
+        axis.set(title=f"layer {layer.layer}", xlabel=f"{finding.site} channel")
     axes[0].set_ylabel("KL(p_base ‖ p_mod) per position")
     axes[0].legend(fontsize=7)
-    figure.suptitle(f"{finding.model}: single-neuron {finding.method} interventions")
+    figure.suptitle(
+        f"{finding.model}: single-neuron {finding.method} interventions, "
+        f"{finding.site} site, candidates by {finding.candidates_by.replace('_', ' ')}"
+    )
     return save_figure(figure, path)
 
 
@@ -101,5 +104,8 @@ def plot_cross_layer(finding: CausalFinding, path: str | Path) -> Path:
         axis.set_yticks(range(len(finding.source_layers)), finding.source_layers)
         axis.set(xlabel="target layer", ylabel="source layer", title=title)
     figure.colorbar(image, ax=axes, label="‖a' − a‖ / ‖a‖ (baseline subtracted)")
-    figure.suptitle(f"{finding.model}: cross-layer impact of single-neuron interventions")
+    figure.suptitle(
+        f"{finding.model}: cross-layer impact of single-neuron interventions "
+        f"({finding.site} site, candidates by {finding.candidates_by.replace('_', ' ')})"
+    )
     return save_figure(figure, path)
