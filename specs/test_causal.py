@@ -104,6 +104,10 @@ def sensitive_causal_finding(
         neuron_sets=sensitive_sets,
     )
     neuronspec_session.record(model_id, "causal_delta_sensitive", finding)
+    for layer in finding.layers:  # joins the neuron-type overlap, within its site
+        neuronspec_session.record_neuron_set(
+            model_id, "causal_delta_sensitive", layer.layer, layer.causal_neurons, site=finding.site
+        )
     return finding
 
 
