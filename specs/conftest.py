@@ -97,12 +97,13 @@ def positional_findings(neuronspec_session, model_id, neuron_stats):
 @pytest.fixture(scope="session")
 def attention_run(neuronspec_session, model_id, loaded_model, corpus, request):
     """Hidden attention (Mamba), rollouts and attention neurons on the first
-    ``--attention-prompts`` corpus windows, plus rollout relevance on the toy-world fact
-    prompts: an :class:`~neuronspec.analyses.attention_neurons.AttentionRun` whose
+    ``--attention-prompts`` corpus windows, plus rollout relevance on the run's fact
+    prompts (``--facts``, else the toy world or the English set, as knowledge neurons): an :class:`~neuronspec.analyses.attention_neurons.AttentionRun` whose
     ``fact_relevance`` attribute holds the fact findings. Recorded under ``hidden_attention``
     (per layer; ``all``: rollouts and fact relevance) and ``attention_neurons`` (per layer)."""
     from neuronspec.analyses.attention_neurons import analyse_attention, fact_relevance
-    from neuronspec.data.toyworld import load_facts
+    from neuronspec.data.facts import run_facts
+    from neuronspec.models.registry import EMBEDDED_MODELS
 
     option = request.config.option
     layers = neuronspec_session.config.layers_of(loaded_model.n_layers, model=model_id)
@@ -117,8 +118,10 @@ def attention_run(neuronspec_session, model_id, loaded_model, corpus, request):
         top_k=neuronspec_session.config.top_k,
         aggregate=option.attention_aggregate,
     )
+    # every fact of the run's set (--facts, the toy world, or the English set), first prompt
+    facts = run_facts(option.facts, embedded=model_id in EMBEDDED_MODELS)
     run.fact_relevance = fact_relevance(
-        loaded_model, load_facts(), model=model_id, aggregate=option.attention_aggregate
+        loaded_model, facts, model=model_id, aggregate=option.attention_aggregate
     )
     record = neuronspec_session.record
     for finding in run.layer_findings:

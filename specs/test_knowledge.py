@@ -12,12 +12,7 @@ from __future__ import annotations
 import pytest
 
 from neuronspec.analyses.knowledge import knowledge_neurons
-from neuronspec.data.facts import (
-    english_facts,
-    load_fact_file,
-    select_per_relation,
-    toyworld_knowledge_facts,
-)
+from neuronspec.data.facts import run_facts, select_per_relation
 from neuronspec.models.registry import EMBEDDED_MODELS
 from neuronspec.plots.figure import plot_path
 from neuronspec.plots.knowledge import plot_attribution_heatmap, plot_interventions, plot_overlap
@@ -33,12 +28,11 @@ ENHANCE_DOES_NOT_HOLD = {
 
 def _facts(config, model_id: str):
     option = config.getoption
-    if option("--facts"):
-        facts = load_fact_file(option("--facts"))
-    elif model_id in EMBEDDED_MODELS:
-        facts = toyworld_knowledge_facts(option("--knowledge-templates"))
-    else:
-        facts = english_facts()
+    facts = run_facts(
+        option("--facts"),
+        embedded=model_id in EMBEDDED_MODELS,
+        templates=option("--knowledge-templates"),
+    )
     per_relation = option("--knowledge-facts-per-relation")
     return select_per_relation(facts, per_relation if per_relation > 0 else None)
 

@@ -17,9 +17,10 @@ diversity: the entropy (nats) of the normalised importances I_c / Σ I, next to 
 ln W. GPT-2 has no per-channel attention: its counterparts are the rollout of its real
 attention (mean over heads) and ``gradient_guided`` on its ``mlp`` site.
 
-Relevance on toy-world fact prompts (:func:`fact_relevance`): the last-token rollout relevance
-averaged over the subject's tokens against the average over the template's other tokens, the
-BOS and the last (query) token excluded: the last token keeps the identity's share for
+Relevance on fact prompts (:func:`fact_relevance`; the run's facts, as for knowledge neurons:
+the toy world for the embedded models): the last-token rollout relevance averaged over the
+subject's tokens against the average over the template's other tokens, the BOS and the last
+(query) token excluded: the last token keeps the identity's share for
 itself, so counting it would favour whatever word ends the template.
 """
 
@@ -337,14 +338,15 @@ def fact_relevance(
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> list[FactRelevanceFinding]:
     """Relevance findings (rollout, and for Mamba the gradient-guided rollout) on the first
-    training template of each fact; prompts of equal token length share a forward.
+    prompt of each fact (:class:`~neuronspec.data.facts.KnowledgeFact`; for the toy world,
+    its first training template); prompts of equal token length share a forward.
     ``aggregate``: as in :func:`analyse_attention`."""
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise NeuronSpecError("fact relevance needs the model's tokenizer")
     groups: dict[int, list[tuple[list[int], list[bool]]]] = {}
     for fact in facts:
-        ids, mask = fact_prompt_tokens(tokenizer, fact.train_prompts[0], fact.subject)
+        ids, mask = fact_prompt_tokens(tokenizer, fact.prompts[0], fact.subject)
         if any(mask[1:-1]) and not all(mask[1:-1]):
             groups.setdefault(len(ids), []).append((ids, mask))
     methods = ["rollout"] + (["gradient_rollout"] if loaded.family == "mamba" else [])

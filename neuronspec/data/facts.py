@@ -64,6 +64,15 @@ def toyworld_knowledge_facts(templates: str = "train") -> list[KnowledgeFact]:
     return facts
 
 
+def run_facts(facts_file: str | Path | None, *, embedded: bool, templates: str = "train"):
+    """The facts a run uses (knowledge neurons, fact relevance): the ``--facts`` file if
+    given, else the toy world's (``templates`` prompts) for an embedded model, trained on
+    it, else the shipped English set. Returns ``list[KnowledgeFact]``."""
+    if facts_file:
+        return load_fact_file(facts_file)
+    return toyworld_knowledge_facts(templates) if embedded else english_facts()
+
+
 def english_facts() -> list[KnowledgeFact]:
     """The shipped English fact set (``data/assets/english_facts.json``)."""
     return load_fact_file(ENGLISH_FACTS_JSON)
