@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from neuronspec.analyses.ngram import summarise_token_detectors
+from neuronspec.analyses.positional import positional_measures
 from neuronspec.plots.dead import plot_dead_neurons
 from neuronspec.plots.figure import plot_path
 from neuronspec.plots.voita import (
@@ -15,6 +16,7 @@ from neuronspec.plots.voita import (
     plot_detected_tokens,
     plot_new_tokens,
     plot_positional,
+    plot_positional_measures,
     plot_token_detectors,
 )
 
@@ -26,9 +28,12 @@ def figures_dir(plots_dir):
     return plots_dir
 
 
-def test_voita_figures(model_id, dead_findings, ngram_findings, positional_findings, figures_dir):
+def test_voita_figures(
+    model_id, dead_findings, ngram_findings, positional_findings, neuron_stats, figures_dir
+):
     """Fig. 1 (dead), Fig. 2 (covering unigrams), Fig. 3a/3b (detectors, tokens), Fig. 4 (new
-    tokens), and firing frequency against position for the layer with most positional neurons."""
+    tokens), firing frequency against position for the layer with most positional neurons,
+    and I(act; pos) against the predecessor's |Pearson r| for every neuron of each layer."""
     summary = summarise_token_detectors(ngram_findings)
     busiest = max(positional_findings, key=lambda f: (f.n_positional, -f.layer))
     written = [
@@ -44,6 +49,12 @@ def test_voita_figures(model_id, dead_findings, ngram_findings, positional_findi
         plot_new_tokens(summary, plot_path(figures_dir, "fig4_new_tokens", model_id)),
         plot_positional(
             busiest, plot_path(figures_dir, f"positional_layer{busiest.layer}", model_id), top_k=6
+        ),
+        plot_positional_measures(
+            {f.layer: positional_measures(neuron_stats, f.layer) for f in positional_findings},
+            plot_path(figures_dir, "positional_measures", model_id),
+            model=model_id,
+            threshold=positional_findings[0].threshold,
         ),
     ]
     assert all(path.stat().st_size > 0 for path in written)

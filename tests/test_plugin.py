@@ -191,5 +191,6 @@ def test_spec_suite_writes_every_figure_for_both_embedded_models(pytester, tmp_p
         for figure in EXPECTED_FIGURES:
             assert written[f"{figure}_{model_id}.png"] > 0
         assert any(name.startswith("positional_layer") and model_id in name for name in written)
+        assert written[f"positional_measures_{model_id}.png"] > 0
     for figure in EXPECTED_FIGURES:
         assert written[f"{figure}_all_models.png"] > 0

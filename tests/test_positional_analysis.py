@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from builders import VOCAB, make_gpt2, wrap
 
 from neuronspec.analyses.positional import (
     above_rate_ranges,
@@ -13,8 +15,11 @@ from neuronspec.analyses.positional import (
     firing_by_position,
     main_range,
     overall_firing_rate,
+    positional_layer_from_stats,
+    positional_measures,
     positional_mutual_information,
 )
+from neuronspec.capture.runner import collect_stats
 from neuronspec.errors import CountTableError
 
 
@@ -125,3 +130,24 @@ def test_pearson_needs_both() -> None:
             tokens_by_pos=np.array([2, 2]),
             pearson_sum=np.zeros(2),
         )
+
+
+def test_positional_measures_agree_with_the_finding() -> None:
+    """``positional_measures`` (every neuron, the scatter figure's axes) gives the finding's
+    I and mean |r| for its positional neurons, from the same streamed statistics."""
+    loaded = wrap(make_gpt2(), "random-gpt2")
+    windows = torch.randint(1, VOCAB, (16, 24), generator=torch.Generator().manual_seed(5))
+    stats = collect_stats(loaded, windows, bos_id=None, batch_size=8)
+    for layer in range(stats.n_layers):
+        finding = positional_layer_from_stats(stats, layer, model="m", threshold=0.01)
+        mi, pearson = positional_measures(stats, layer)
+        assert mi.shape == pearson.shape == (finding.n_neurons,)
+        assert finding.positional_neurons == [
+            n for n in np.argsort(-mi, kind="stable") if mi[n] > 0.01
+        ]
+        np.testing.assert_array_equal(mi[finding.positional_neurons], finding.mutual_information)
+        np.testing.assert_array_equal(pearson[finding.positional_neurons], finding.mean_abs_pearson)
+    assert any(
+        positional_layer_from_stats(stats, layer, model="m", threshold=0.01).n_positional
+        for layer in range(stats.n_layers)
+    )

@@ -20,6 +20,7 @@ from neuronspec.plots.voita import (
     plot_detected_tokens,
     plot_new_tokens,
     plot_positional,
+    plot_positional_measures,
     plot_token_detectors,
 )
 
@@ -101,6 +102,15 @@ def test_fig3_fig4(plot, summaries, tmp_path: Path) -> None:
 
 def test_positional_plot(tmp_path: Path) -> None:
     _assert_png(plot_positional(synthetic_positional_finding(), tmp_path / "pos.png"))
+
+
+def test_positional_measures_plot(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    measures = {layer: (rng.random(32) * 0.1, rng.random(32)) for layer in (0, 1)}
+    path = plot_positional_measures(measures, tmp_path / "m.png", model="m", threshold=0.05)
+    _assert_png(path)
+    with pytest.raises(PlotInputError, match="no layers"):
+        plot_positional_measures({}, tmp_path / "x.png", model="m", threshold=0.05)
 
 
 def test_nothing_to_plot_raises(tmp_path: Path) -> None:

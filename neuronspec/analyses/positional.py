@@ -211,6 +211,16 @@ def analyse_positional_layer(
     )
 
 
+def positional_measures(stats: NeuronStats, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both measures for every neuron of ``layer``: I(act; pos) in nats and the
+    predecessor's mean |Pearson r(act, pos)|, each float64[W] (the scatter figure's axes)."""
+    layer_stats = stats.layer(layer)
+    mi = positional_mutual_information(
+        layer_stats.fire_by_pos.numpy(), stats.tokens_by_pos.numpy()
+    )  # (W,)
+    return mi, mean_abs_pearson(layer_stats.pearson_abs_sum.numpy(), stats.n_windows)  # (W,)
+
+
 def positional_layer_from_stats(
     stats: NeuronStats, layer: int, *, model: str, **options
 ) -> PositionalLayerFinding:

@@ -240,3 +240,32 @@ def plot_positional(
         f"(I > {finding.threshold:g})"
     )
     return save_figure(fig, path)
+
+
+def plot_positional_measures(
+    measures: dict[int, tuple[np.ndarray, np.ndarray]],
+    path: str | Path,
+    *,
+    model: str,
+    threshold: float,
+) -> Path:
+    """Per layer, every neuron's mean |Pearson r(act, pos)| (the predecessor's measure, x)
+    against I(act; pos) (the definition, y; positional above ``threshold``), from
+    ``{layer: (I (W,), |r| (W,))}`` (:func:`~neuronspec.analyses.positional.positional_measures`)."""
+    if not measures:
+        raise PlotInputError("no layers to plot")
+    layers = sorted(measures)
+    fig = new_figure(3.0 * len(layers), 3.4)
+    axes = fig.subplots(1, len(layers), squeeze=False, sharey=True)[0]
+    for ax, layer in zip(axes, layers, strict=True):
+        mi, pearson = measures[layer]
+        positional = mi > threshold
+        ax.scatter(pearson[~positional], mi[~positional], s=4, color="tab:gray", alpha=0.5)
+        ax.scatter(pearson[positional], mi[positional], s=6, color="tab:red", label="positional")
+        ax.axhline(threshold, color="tab:red", lw=0.8, ls=":")
+        ax.set(title=f"layer {layer}: {int(positional.sum())} positional", xlabel="mean |r|")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("I(act; pos), nats")
+    axes[0].legend(fontsize="x-small")
+    fig.suptitle(f"{model}: positional information against |Pearson r(act, pos)|")
+    return save_figure(fig, path)
