@@ -63,6 +63,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 
 
 def _add_options(parser: pytest.Parser) -> None:
+    from neuronspec.analyses.attention_options import AGGREGATES, DEFAULT_AGGREGATE
     from neuronspec.data.corpus import DEFAULT_CORPUS, DEFAULT_WINDOW
     from neuronspec.models.registry import DEFAULT_MODELS
 
@@ -126,8 +127,8 @@ def _add_options(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--attention-aggregate",
-        default="abs",
-        choices=("abs", "mean"),
+        default=DEFAULT_AGGREGATE,
+        choices=AGGREGATES,
         help="channel mean of |α̃| (abs, default) or of α̃ (mean, METHODS §7; undefined where "
         "a row of I + mean α̃ sums to <= 0, which raises) that the Mamba rollout takes",
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from neuronspec.analyses.attention_options import DEFAULT_AGGREGATE
+
 pytestmark = pytest.mark.attention
 
 # Where the rollout hypothesis does not hold on an embedded model: measured numbers (mean over
@@ -59,7 +61,7 @@ def test_attention_neuron_summaries_snapshot(
     model_id, default_selection, request, attention_run, findings_snapshot
 ):
     """Per (method, layer): neurons analysed, top neurons, diversity, must not drift."""
-    if request.config.getoption("attention_aggregate") != "abs":
+    if request.config.getoption("attention_aggregate") != DEFAULT_AGGREGATE:
         pytest.skip("the snapshot holds the default rollout; run without --attention-aggregate")
     summary = [
         {

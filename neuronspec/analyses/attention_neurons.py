@@ -33,7 +33,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from neuronspec.analyses.attention_options import METHODS, parse_methods  # noqa: F401
+from neuronspec.analyses.attention_options import (  # noqa: F401
+    DEFAULT_AGGREGATE,
+    METHODS,
+    parse_methods,
+)
 from neuronspec.analyses.delta_sensitive import top_channels
 from neuronspec.analyses.hidden_attention import (
     DEFAULT_MEMORY_BYTES,
@@ -171,7 +175,7 @@ def mamba_relevance(
     loaded: LoadedModel,
     prompts: torch.Tensor,
     *,
-    aggregate: str = "abs",
+    aggregate: str = DEFAULT_AGGREGATE,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Last-token relevance ``(P, L)`` of the rollout (of the ``aggregate`` channel mean,
@@ -204,7 +208,7 @@ def analyse_attention(
     layers: Sequence[int],
     methods: Sequence[str] = METHODS,
     top_k: int = 10,
-    aggregate: str = "abs",
+    aggregate: str = DEFAULT_AGGREGATE,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> AttentionRun:
     """Hidden attention (Mamba), rollouts and attention neurons of ``layers`` on ``prompts``;
@@ -334,7 +338,7 @@ def fact_relevance(
     facts,
     *,
     model: str,
-    aggregate: str = "abs",
+    aggregate: str = DEFAULT_AGGREGATE,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> list[FactRelevanceFinding]:
     """Relevance findings (rollout, and for Mamba the gradient-guided rollout) on the first

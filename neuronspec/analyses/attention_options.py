@@ -1,4 +1,5 @@
-"""The attention-neuron method names (METHODS §7) and their command-line parsing.
+"""The attention-neuron method names and rollout aggregates (METHODS §7), and their
+command-line parsing.
 
 Kept free of torch imports: the pytest plugin parses ``--attention-methods`` at start-up.
 """
@@ -8,6 +9,9 @@ from __future__ import annotations
 from neuronspec.errors import NeuronSpecError
 
 METHODS = ("attention_weighted", "gradient_guided", "rollout")
+AGGREGATES = ("abs", "mean")
+"""Channel aggregates of α̃ the Mamba rollout can take (``hidden_attention.channel_aggregate``)."""
+DEFAULT_AGGREGATE = "abs"  # |α̃|: the signed mean can make a rollout row sum to <= 0
 
 
 def parse_methods(text: str) -> tuple[str, ...]:

@@ -44,15 +44,13 @@ from dataclasses import dataclass
 
 import torch
 
+from neuronspec.analyses.attention_options import AGGREGATES
 from neuronspec.errors import NeuronSpecError
 from neuronspec.findings import Finding
 from neuronspec.models.mamba_internals import ScanInputs
 
 DEFAULT_MEMORY_BYTES = 256 * 2**20
 """Bound on one channel chunk's working set (state ``M`` and rows α̃): 256 MiB."""
-
-AGGREGATES = ("abs", "mean")
-"""Channel aggregates of α̃ that the rollout can take (:func:`channel_aggregate`)."""
 
 
 def channel_chunk(

@@ -66,6 +66,7 @@ def collect_stats(
     ]
     pending: dict[int, torch.Tensor] = {}
     summed: set[tuple[str, int]] = set()  # window sums read in this batch
+    expected_sums = set(sum_targets)
     batch_state: dict[str, torch.Tensor] = {}
 
     def on_window_sums(site: str, layer: int, sums: torch.Tensor, positions: int) -> None:
@@ -99,8 +100,8 @@ def collect_stats(
             loaded.model.base_model(input_ids=ids, use_cache=False)
             if pending:
                 raise RuntimeError(f"site mlp of layers {sorted(pending)} never fired")
-            if summed != set(sum_targets):
-                missing = sorted(set(sum_targets) - summed)
+            if summed != expected_sums:
+                missing = sorted(expected_sums - summed)
                 raise RuntimeError(f"the window sums of {missing} were never read")
             summed.clear()
     return stats

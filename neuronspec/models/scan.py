@@ -473,7 +473,7 @@ def _fast_full_sequence(self: MambaMixer, hidden_states, cache_params, attention
         time_step = mamba_delta(self, projected_x)  # (B, L, d), softplus and patches applied
         time_proj_bias, delta_softplus = None, False
     readers = getattr(self, DT_SUM_READERS, None)
-    delta_sum = x.new_zeros(x.shape[0], x.shape[2], dtype=torch.float64) if readers else None
+    delta_sum = x.new_empty(x.shape[0], x.shape[2], dtype=torch.float64) if readers else None
     D = self.D.float()  # (d,)
     z = gate.transpose(1, 2)  # (B, L, d)
     dtype_scan = _check_inputs(
