@@ -227,3 +227,30 @@ def test_layer_out_of_range_is_a_clear_error(random_model):
         dead_neurons(stats, 2)
     with pytest.raises(LayerOutOfRangeError):
         stats.unigram_table(-1)
+
+
+
+class _FireCounts:
+    """Just the firing counts ``dead_neurons`` reads, with frequencies chosen by hand."""
+
+    def __init__(self, counts: list[int], n_tokens: int):
+        self.n_tokens, self.n_layers = n_tokens, 1
+        self._layer = type("Layer", (), {"fire_count": torch.tensor(counts)})()
+
+    def require_tokens(self, min_tokens):
+        assert min_tokens is None
+
+    def layer(self, layer):
+        return self._layer
+
+
+def test_dead_and_rare_sets_are_disjoint():
+    """Rare is freq_cutoff < freq < rare_cutoff: with a positive cutoff no dead neuron is
+    also counted as rare (frequencies 0, 0.005, 0.01, 0.02, 0.04, 0.06, 0.5)."""
+    stats = _FireCounts([0, 5, 10, 20, 40, 60, 500], n_tokens=1000)
+    finding = dead_neurons(stats, 0, freq_cutoff=0.01, rare_cutoff=0.05)
+    assert finding.dead_neurons == (0, 1, 2)
+    assert finding.rare_fraction == pytest.approx(2 / 7)  # 0.02 and 0.04 only
+    default = dead_neurons(stats, 0)
+    assert default.dead_neurons == (0,)
+    assert default.rare_fraction == pytest.approx(4 / 7)

@@ -3,7 +3,8 @@ Positional", §3; METHODS.md §2).
 
 A neuron is *dead* if its firing frequency (fraction of tokens with ``mlp_pre`` > 0) is
 ≤ ``freq_cutoff`` (default 0: it never fires on the corpus); *rarely firing* if
-0 < frequency < ``rare_cutoff`` (default 0.05). Per layer we report both fractions and
+``freq_cutoff`` < frequency < ``rare_cutoff`` (default 0.05), so the two sets are disjoint
+for every cutoff. Per layer we report both fractions and
 the mean frequency of the alive neurons (their Figure 1a/1b against relative depth).
 """
 
@@ -25,7 +26,7 @@ class DeadLayerFinding(Finding):
     rare_cutoff: float
     n_dead: int
     dead_fraction: float
-    rare_fraction: float  # 0 < freq < rare_cutoff, as a fraction of all neurons
+    rare_fraction: float  # freq_cutoff < freq < rare_cutoff, as a fraction of all neurons
     mean_alive_frequency: float  # nan-free: 0.0 when no neuron is alive
     dead_neurons: tuple[int, ...]
 
@@ -43,7 +44,7 @@ def dead_neurons(
     n_tokens = stats.n_tokens
     frequency = stats.layer(layer).fire_count.double() / n_tokens  # (W,)
     dead = frequency <= freq_cutoff
-    rare = (frequency > 0) & (frequency < rare_cutoff)
+    rare = (frequency > freq_cutoff) & (frequency < rare_cutoff)  # disjoint from dead
     alive = ~dead
     width = frequency.numel()
     return DeadLayerFinding(
