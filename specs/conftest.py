@@ -182,6 +182,7 @@ def delta_run(
         site=sets.site,
         layers=layers,
         substitutions=DEFAULT_SUBSTITUTIONS,
+        bos_id=corpus.bos_id,
         seed=DEFAULT_SEED,
         vocab_size=min(corpus.vocab_size, int(loaded_model.model.config.vocab_size)),
     )

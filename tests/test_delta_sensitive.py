@@ -15,6 +15,7 @@ from neuronspec.analyses.delta_sensitive import (
     delta_sensitive_layer,
     delta_sensitive_sets,
     perturbation_scores,
+    substitution_positions,
     top_channels,
     variance_scores,
 )
@@ -186,7 +187,9 @@ def test_planted_delta_channels_rank_first_on_both_scores():
     loaded = wrap(model, "planted")
     windows = _windows(n=10)
     stats = collect_stats(loaded, windows, bos_id=None)
-    perturbation = perturbation_scores(loaded, windows[:4], site="dt", layers=[0, 1], seed=1)
+    perturbation = perturbation_scores(
+        loaded, windows[:4], site="dt", layers=[0, 1], bos_id=None, seed=1
+    )
     others = np.setdiff1d(np.arange(64), planted)
     for layer in (0, 1):
         variance = variance_scores(stats, layer)
@@ -211,11 +214,13 @@ def test_perturbation_score_by_hand_on_gpt2_mlp():
     model = make_gpt2()
     loaded = wrap(model, "random-gpt2")
     windows = _windows(n=2, length=10)
-    scores = perturbation_scores(loaded, windows, site="mlp", layers=[1], substitutions=3, seed=7)
+    scores = perturbation_scores(
+        loaded, windows, site="mlp", layers=[1], substitutions=3, bos_id=None, seed=7
+    )
     generator = torch.Generator().manual_seed(7)
     total = torch.zeros(64, dtype=torch.float64)
     for p in range(2):
-        where = torch.randint(0, 10, (3,), generator=generator)
+        where = 1 + torch.randint(0, 9, (3,), generator=generator)  # never the window start
         shift = torch.randint(1, VOCAB, (3,), generator=generator)
         base = loaded.adapter.capture(windows[p : p + 1], [("mlp", 1)])[("mlp", 1)][0]
         for k, s in zip(where.tolist(), shift.tolist(), strict=True):
@@ -227,3 +232,15 @@ def test_perturbation_score_by_hand_on_gpt2_mlp():
     np.testing.assert_allclose(scores[1], (total / 6).numpy(), rtol=1e-5, atol=1e-7)
     stats = collect_stats(loaded, windows, bos_id=None)
     assert delta_sensitive_sets(stats, top_k=3).kind == "high_variance"
+
+
+def test_substitutions_never_replace_the_window_start_or_bos():
+    """All 64 default substitutions land on positions 1..T-1 that hold no BOS token; every
+    such position can be chosen."""
+    bos = 0
+    window = torch.tensor([bos, 5, 6, bos, 7, 8, 9, bos, 4, 3])
+    generator = torch.Generator().manual_seed(0)
+    chosen = torch.cat([substitution_positions(window, 64, generator, bos) for _ in range(8)])
+    assert set(chosen.tolist()) == {1, 2, 4, 5, 6, 8, 9}
+    with pytest.raises(NeuronSpecError, match="no position to substitute"):
+        substitution_positions(torch.tensor([bos, bos]), 4, generator, bos)

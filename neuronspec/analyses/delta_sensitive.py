@@ -11,7 +11,8 @@ each channel c gets two scores:
   exactly 0 instead of ±1e-20).
 - **perturbation**: mean |Δ_c(x') − Δ_c(x)| over positions t ≥ k after replacing the token at
   k with a random token (uniform over the vocabulary, never the original; k uniform over the
-  window), averaged over positions ≥ k, then over substitutions and prompts. The prompts are
+  window's positions other than the window start and any BOS token, as the n-gram counts
+  exclude them: :func:`substitution_positions`), averaged over positions ≥ k, then over substitutions and prompts. The prompts are
   the first ``n_prompts`` analysis windows; ``substitutions`` rows per prompt go through the
   model in one batched forward with the unmodified window.
 
@@ -105,6 +106,7 @@ def perturbation_scores(
     site: str,
     layers: list[int],
     substitutions: int = DEFAULT_SUBSTITUTIONS,
+    bos_id: int | None,
     seed: int = DEFAULT_SEED,
     vocab_size: int | None = None,
 ) -> dict[int, np.ndarray]:
@@ -133,7 +135,7 @@ def perturbation_scores(
     with torch.inference_mode(), loaded.adapter.read([(site, layer) for layer in layers], on_site):
         for p in range(prompts):
             base = windows[p]  # (T,)
-            where = torch.randint(0, length, (substitutions,), generator=generator)  # (S,)
+            where = substitution_positions(base, substitutions, generator, bos_id)  # (S,)
             shift = torch.randint(1, vocab, (substitutions,), generator=generator)  # (S,)
             new = (base[where] + shift) % vocab  # uniform over the other tokens
             batch = base.repeat(substitutions + 1, 1)  # (S+1, T)
@@ -141,6 +143,24 @@ def perturbation_scores(
             state["after"] = torch.arange(length)[None, :] >= where[:, None]  # (S, T)
             loaded.model.base_model(input_ids=batch.to(device), use_cache=False)
     return {layer: (total / (prompts * substitutions)).numpy() for layer, total in totals.items()}
+
+
+def substitution_positions(
+    window: torch.Tensor, substitutions: int, generator: torch.Generator, bos_id: int | None
+) -> torch.Tensor:
+    """``(S,)`` positions k to substitute in ``window`` ``(T,)``, uniform over the positions
+    that are neither the window start nor a BOS token."""
+    eligible = torch.ones(window.shape[0], dtype=torch.bool)
+    eligible[0] = False
+    if bos_id is not None:
+        eligible &= window.cpu() != bos_id
+    positions = eligible.nonzero().flatten()
+    if positions.numel() == 0:
+        raise NeuronSpecError(
+            f"a window of {window.shape[0]} tokens has no position to substitute (only the "
+            "window start or BOS tokens): use longer windows (--window)"
+        )
+    return positions[torch.randint(0, positions.numel(), (substitutions,), generator=generator)]
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
