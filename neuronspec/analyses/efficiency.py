@@ -1,19 +1,11 @@
 """Efficiency of a model (METHODS.md §11): parameters, neurons per layer, the fraction of
 neurons firing per token, forward FLOPs per token, measured tokens/s.
 
-FLOPs are analytic, per family, 2 per multiply-add, for one token of the full LM forward:
-
-- ``matmul_flops_per_token``: the weight matrix products, i.e. what
-  ``torch.utils.flop_counter.FlopCounterMode`` counts on the path neuronspec runs (CPU
-  SDPA attention and the fast Mamba scan are not counted by it):
-  GPT-2 ``L·24·d² + 2·d·V`` (QKV 6d², attention out 2d², MLP 16d², LM head);
-  Mamba ``L·(4·d·E + 2·E·(R + 2N) + 2·R·E + 2·E·d) + 2·d·V`` (in_proj, x_proj, dt_proj,
-  out_proj with E = d_inner, R = dt rank, N = state size; LM head).
-- ``other_flops_per_token``: the rest, at window length T: GPT-2 attention scores and
-  weighted sum, ``L·4·d·(T + 1)/2`` (causal: (T+1)/2 keys per query on average);
-  Mamba the depthwise conv ``L·2·E·K`` and the selective scan ``L·8·E·N`` (per state and
-  token: exp(Δ·A) 2, Δ·B·x 2, h = dA·h + dBx 2, y += C·h 2). An estimate of the
-  elementwise work (exp counted as one FLOP), not checked against a counter.
+FLOPs per token come from :func:`neuronspec.models.shapes.forward_flops`, the one formula
+(its docstring says what it counts): ``matmul_flops_per_token`` = the weight products of the
+layers and the LM head (FlopCounterMode's mm/addmm count), ``other_flops_per_token`` = what
+mixes positions at the statistics window T (GPT-2 attention 4·T·d per layer; Mamba conv and
+selective scan).
 
 The fraction firing per token is the mean over tokens of (neurons with ``mlp_pre`` > 0)/W,
 which equals Σ firings / (tokens · W) from the streamed counts.
@@ -27,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from neuronspec.capture.stats import NeuronStats
-from neuronspec.errors import NeuronSpecError
 from neuronspec.findings import Finding
+from neuronspec.models.shapes import forward_flops
 
 
 @dataclass(frozen=True)
@@ -56,26 +48,9 @@ class ThroughputFinding(Finding):
 
 
 def flops_per_token(config, window: int) -> tuple[int, int]:
-    """``(matmul, other)`` analytic forward FLOPs per token for a HF GPT-2 or Mamba config."""
-    vocab = int(config.vocab_size)
-    if config.model_type == "gpt2":
-        d, layers = int(config.n_embd), int(config.n_layer)
-        inner = int(config.n_inner or 4 * d)
-        matmul = layers * (2 * d * 3 * d + 2 * d * d + 2 * 2 * d * inner) + 2 * d * vocab
-        other = layers * 4 * d * (window + 1) // 2
-        return matmul, other
-    if config.model_type == "mamba":
-        d, layers = int(config.hidden_size), int(config.num_hidden_layers)
-        inner, n = int(config.intermediate_size), int(config.state_size)
-        rank = int(config.time_step_rank)
-        per_layer = 2 * d * 2 * inner + 2 * inner * (rank + 2 * n) + 2 * rank * inner
-        per_layer += 2 * inner * d
-        matmul = layers * per_layer + 2 * d * vocab
-        other = layers * (2 * inner * int(config.conv_kernel) + 8 * inner * n)
-        return matmul, other
-    raise NeuronSpecError(
-        f"no analytic FLOPs for model_type {config.model_type!r}; known: gpt2, mamba"
-    )
+    """``(matmul, other)`` forward FLOPs per token (module docstring)."""
+    flops = forward_flops(config, window)
+    return flops.weights + flops.lm_head, flops.mixing
 
 
 def efficiency(model: torch.nn.Module, stats: NeuronStats) -> EfficiencyFinding:

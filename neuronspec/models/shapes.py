@@ -9,13 +9,18 @@ initialisation and dropout fields as published). With them, shapes, neuron count
 parameters, FLOPs and memory are known without downloading anything, and
 :func:`random_model` builds a random-weight model of a real shape (the scale benchmark).
 
-FLOPs per token of a forward (2 per multiply-add, matrix products only, plus the scan):
-- GPT-2 layer: 24·d² (QKV 3d², output d², MLP 8d²) + 4·T·d (scores and values over a
-  context of T; HF computes the full T×T product, so T, not T/2).
-- Mamba layer: 2·(2·d·di + di·(R + 2N) + R·di + di·d + K·di) for in_proj, x_proj, dt_proj,
-  out_proj and the depthwise conv, plus about 7·di·N for the selective scan (exp, two
-  products and an add for the state, a product and an add for the readout; Gu & Dao 2023).
-- The LM head 2·d·V is reported apart: the statistics pass does not compute logits.
+FLOPs per token of a forward, counted in one place (:func:`forward_flops`, 2 per
+multiply-add, at window length T; d = width, di = d_inner, R = Δ rank, N = state size,
+K = conv kernel, V = vocabulary):
+- ``weights``: the layers' weight matrix products, what ``torch.utils.flop_counter.
+  FlopCounterMode`` counts as mm/addmm. GPT-2 24·d² per layer (QKV 6d², output 2d², MLP 16d²);
+  Mamba 2·(2·d·di + di·(R + 2N) + R·di + di·d) per layer (in_proj, x_proj, dt_proj, out_proj).
+- ``mixing``: what mixes positions. GPT-2 4·T·d per layer: QKᵀ and the weighted sum of values
+  over all T keys, as HF eager attention computes the full T×T product before masking
+  (FlopCounterMode's bmm count, exactly). Mamba 2·K·di (depthwise conv) + 7·di·N (selective
+  scan per channel and state: Δ·A, exp, (Δx)·B, Ā·h, + , C·h, +; exp counted as one FLOP;
+  Gu & Dao 2023), an analytic count the fast C scan runs and no counter sees.
+- ``lm_head``: 2·d·V, apart: the statistics pass computes no logits.
 """
 
 from __future__ import annotations
@@ -31,6 +36,42 @@ from neuronspec.models.registry import HUB_MODELS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SCAN_FLOPS_PER_STATE = 7  # per (channel, state) and token: see the module docstring
+
+
+@dataclass(frozen=True)
+class ForwardFlops:
+    """Analytic forward FLOPs per token of all layers and the LM head (module docstring)."""
+
+    weights: int
+    mixing: int
+    lm_head: int
+
+    @property
+    def layers(self) -> int:
+        return self.weights + self.mixing
+
+
+def forward_flops(config, window: int) -> ForwardFlops:
+    """:class:`ForwardFlops` of a GPT-2 or Mamba config (a HF config or its ``config.json``
+    dict) at window length ``window``."""
+    field = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)
+    model_type, vocab = field("model_type"), int(field("vocab_size"))
+    if model_type == "gpt2":
+        d, layers = int(field("n_embd")), int(field("n_layer"))
+        inner = int(field("n_inner") or 4 * d)
+        weights = layers * (2 * d * 3 * d + 2 * d * d + 2 * 2 * d * inner)
+        mixing = layers * 4 * window * d
+    elif model_type == "mamba":
+        d, layers = int(field("hidden_size")), int(field("num_hidden_layers"))
+        di, n = int(field("intermediate_size")), int(field("state_size"))
+        rank, kernel = int(field("time_step_rank")), int(field("conv_kernel"))
+        weights = layers * 2 * (2 * d * di + di * (rank + 2 * n) + rank * di + di * d)
+        mixing = layers * (2 * kernel * di + SCAN_FLOPS_PER_STATE * di * n)
+    else:
+        raise UnknownModelError(
+            f"no analytic FLOPs for model_type {model_type!r}; known: gpt2, mamba"
+        )
+    return ForwardFlops(weights=weights, mixing=mixing, lm_head=2 * d * vocab)
 
 
 def config_path(model_id: str) -> Path:
@@ -77,7 +118,6 @@ def model_shape(model_id: str, *, context: int = 64) -> ModelShape:
     if config["model_type"] == "gpt2":
         d, layers = int(config["n_embd"]), int(config["n_layer"])
         neurons = int(config.get("n_inner") or 4 * d)
-        per_layer = 24 * d * d + 4 * context * d
         params = layers * (12 * d * d + 13 * d) + vocab * d + int(config["n_positions"]) * d
         params += 2 * d  # final layer norm
     elif config["model_type"] == "mamba":
@@ -85,12 +125,12 @@ def model_shape(model_id: str, *, context: int = 64) -> ModelShape:
         di, n = int(config["intermediate_size"]), int(config["state_size"])
         rank, kernel = int(config["time_step_rank"]), int(config["conv_kernel"])
         macs = 2 * d * di + di * (rank + 2 * n) + rank * di + di * d + kernel * di
-        per_layer = 2 * macs + SCAN_FLOPS_PER_STATE * di * n
         neurons = di
         layer_params = macs + di * n + 2 * di + di + d  # + A_log, D, conv bias, dt bias, norm
         params = layers * layer_params + vocab * d + d  # tied LM head, final norm
     else:
         raise UnknownModelError(f"unknown model_type {config['model_type']!r} for {model_id}")
+    flops = forward_flops(config, context)
     return ModelShape(
         model_id=model_id,
         family=config["model_type"],
@@ -99,8 +139,8 @@ def model_shape(model_id: str, *, context: int = 64) -> ModelShape:
         neurons=neurons,
         vocab_size=vocab,
         parameters=params,
-        layer_flops_per_token=float(layers * per_layer),
-        lm_head_flops_per_token=float(2 * d * vocab),
+        layer_flops_per_token=float(flops.layers),
+        lm_head_flops_per_token=float(flops.lm_head),
         context=context,
     )
 
