@@ -54,15 +54,29 @@ def test_mamba_methods_equal_dense_recomputation():
     run = analyse_attention(loaded, ids, model="m", layers=[1], methods=METHODS, top_k=5)
     s = capture_scan_inputs(loaded.model, ids, [0, 1])
     alpha = {layer: hidden_attention(s[layer]) for layer in (0, 1)}  # (B, d, L, L)
-    relevance = rollout([alpha[0].abs().mean(1), alpha[1].abs().mean(1)])[:, -1]  # (B, L)
+    clamped = [alpha[layer].mean(1).clamp_min(0) for layer in (0, 1)]  # (B, L, L) each
+    unit = [a / a.sum(-1, keepdim=True).where(a.sum(-1, keepdim=True) > 0, 1.0) for a in clamped]
+    eye = torch.eye(ids.shape[1], dtype=torch.float64)
+    relevance = (
+        ((eye + unit[1]) / (1 + unit[1].sum(-1, keepdim=True)))
+        @ ((eye + unit[0]) / (1 + unit[0].sum(-1, keepdim=True)))
+    )[:, -1]  # (B, L)
+    np.testing.assert_allclose(run.relevance["rollout"], relevance.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(
+        run.relevance["rollout"], rollout(clamped)[:, -1].numpy(), rtol=1e-10
+    )
     np.testing.assert_allclose(run.relevance["rollout"], relevance.numpy(), rtol=1e-10)
     x = s[1].x.transpose(1, 2)  # (B, d, L)
     weighted = (alpha[1] * x[:, :, None, :]).abs().sum(-1).mean(-1)  # (B, d)
     np.testing.assert_allclose(run.scores["attention_weighted", 1].importance, weighted.numpy())
     marked = relevance > 1 / ids.shape[1]  # (B, L)
-    mass = alpha[1].abs().sum(2)  # (B, d, L)
+    mass = alpha[1].abs()[:, :, -1]  # (B, d, L): the last query row
     share = (mass * marked[:, None, :]).sum(-1) / mass.sum(-1)
     np.testing.assert_allclose(run.scores["rollout", 1].importance, share.numpy(), rtol=1e-10)
+    assert [f.normalisation for f in run.rollout_findings] == [
+        "rows to unit mass",
+        "min-max per prompt, then rows to unit mass",
+    ]
     g, y, _ = mlp_gradients(loaded, ids, [1])
     np.testing.assert_allclose(
         run.scores["gradient_guided", 1].importance, (g[1] * y[1]).abs().mean(1).numpy()
@@ -88,11 +102,14 @@ def test_signed_mean_rollout_option():
     for a in signed:  # this random model's α̃ is small: every row of I + mean α̃ is > 0.99
         assert float((torch.eye(ids.shape[1], dtype=a.dtype) + a).sum(-1).min()) > 0.99
     run = analyse_attention(loaded, ids, model="m", layers=[1], aggregate="mean")
-    np.testing.assert_allclose(run.relevance["rollout"], rollout(signed)[:, -1].numpy(), rtol=1e-10)
+    np.testing.assert_allclose(
+        run.relevance["rollout"], rollout(signed, unit=False)[:, -1].numpy(), rtol=1e-10
+    )
     assert not np.allclose(run.relevance["rollout"], rollout(absolute)[:, -1].numpy())
-    assert [f.aggregate for f in run.rollout_findings] == ["mean", "mean"]
-    with pytest.raises(NeuronSpecError, match="sums to -2.+attention-aggregate abs"):
-        rollout([torch.tensor([[[-3.0, 0.0], [0.5, 0.5]]], dtype=torch.float64)])
+    assert run.rollout_findings[0].aggregate == "mean"
+    assert run.rollout_findings[0].normalisation.startswith("none")
+    with pytest.raises(NeuronSpecError, match="sums to -2.+attention-aggregate clamped or abs"):
+        rollout([torch.tensor([[[-3.0, 0.0], [0.5, 0.5]]], dtype=torch.float64)], unit=False)
     with pytest.raises(NeuronSpecError, match="unknown attention aggregate"):
         analyse_attention(loaded, ids, model="m", layers=[1], aggregate="median")
 

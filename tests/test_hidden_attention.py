@@ -6,18 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import VOCAB
+from builders import VOCAB, wrap
 from transformers import MambaConfig, MambaForCausalLM
 
+from neuronspec.analyses.attention_neurons import mlp_gradients
 from neuronspec.analyses.hidden_attention import (
     alpha_gradient,
     channel_chunk,
     channel_mean_attention,
     gradient_attention,
+    gradient_rollout_layer,
     hidden_attention,
     iter_hidden_attention,
     layer_attention,
     rollout,
+    unit_rows,
 )
 from neuronspec.errors import NeuronSpecError
 from neuronspec.models.adapters import adapter_for
@@ -143,18 +146,19 @@ def test_chunking_changes_nothing_and_respects_the_bound():
     torch.testing.assert_close(channel_mean_attention(s, absolute=True), att.abs_mean)
     weighted = (whole * s.x.transpose(1, 2)[:, :, None, :]).abs().sum(-1).mean(-1)  # (B, d)
     torch.testing.assert_close(att.weighted, weighted)
-    torch.testing.assert_close(att.column_mass, whole.abs().sum(2))
+    torch.testing.assert_close(att.last_row_mass, whole.abs()[:, :, -1])
 
 
 def test_rollout_by_hand():
     a0 = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])
     a1 = torch.tensor([[[2.0, 0.0], [0.0, 3.0]]])
     r = rollout([a0, a1])
-    n0 = torch.tensor([[1.0, 0.0], [1 / 3, 2 / 3]])
+    # rows scaled to unit mass first: a0 row 1 -> (1/2, 1/2), a1 -> I; row 0 of a0 stays 0
+    n0 = torch.tensor([[1.0, 0.0], [1 / 4, 3 / 4]])
     n1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     torch.testing.assert_close(r[0], n1 @ n0)
     torch.testing.assert_close(r.sum(-1), torch.ones(1, 2))
-    with pytest.raises(NeuronSpecError, match="aggregate='abs'"):
+    with pytest.raises(NeuronSpecError, match="clamped or abs"):
         rollout([torch.tensor([[[-2.0, 0.0], [0.0, 0.0]]])])
 
 
@@ -210,3 +214,53 @@ def test_gradient_guided_agrees_with_finite_differences():
         assert numeric == pytest.approx(float(alpha_grad[i, j]), rel=1e-3, abs=1e-4)
     full = alpha_gradient(s, grad, range(s.x.shape[-1])).mean(1)  # (1, L, L)
     torch.testing.assert_close(gradient_attention(s, grad), full, rtol=0, atol=1e-12)
+
+
+def test_rollout_of_row_stochastic_attention_is_abnar_zuidema():
+    """GPT-2's attention rows sum to 1: scaling rows to unit mass changes nothing, and the
+    rollout is row-normalise(I + A) multiplied over layers."""
+    generator = torch.Generator().manual_seed(0)
+    layers = [torch.rand(2, 5, 5, generator=generator).tril() for _ in range(3)]
+    layers = [a / a.sum(-1, keepdim=True) for a in layers]
+    expected = torch.eye(5).expand(2, 5, 5)
+    for a in layers:
+        expected = ((torch.eye(5) + a) / 2) @ expected
+    torch.testing.assert_close(rollout(layers), expected)
+
+
+def test_rollout_relevance_lands_on_the_planted_token():
+    """Layer matrices whose every query row attends only to token 2 (and itself at 2): the
+    last token's relevance puts the most mass after itself on token 2, under raw scales of
+    0.01 and 50 alike (rows are scaled to unit mass)."""
+    for scale in (0.01, 50.0):
+        a = torch.zeros(1, 6, 6)
+        a[0, 2:, 2] = scale
+        a[0, :2, 0] = scale
+        relevance = rollout([a, a, a])[0, -1]  # (L,)
+        assert int(relevance[:-1].argmax()) == 2
+        assert float(relevance[2]) > 0.5
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_gradient_guided_rollout_is_not_the_identity(config):
+    """After min-max normalisation each layer matrix row with mass carries exactly half of
+    its row of Â (the other half is I), and the last token keeps less than 90% of the
+    relevance (without it: 99.8-99.99%, the identity)."""
+    model = _mamba(*config)
+    ids = _ids()
+    layers = list(range(model.config.num_hidden_layers))
+    inputs = capture_scan_inputs(model, ids, layers)
+    loaded = wrap(model, "random-mamba")
+    grads, _, _ = mlp_gradients(loaded, ids, layers)
+    matrices = []
+    for layer in layers:
+        att = layer_attention(inputs[layer])
+        guided = gradient_rollout_layer(att.mean, gradient_attention(inputs[layer], grads[layer]))
+        assert bool((guided >= 0).all()) and float(guided.max()) <= 1.0
+        unit = unit_rows(guided)
+        mass = unit.sum(-1)  # (B, L)
+        assert bool(((mass - 1).abs() < 1e-9).logical_or(mass == 0).all())
+        assert float((mass == 1).double().mean()) > 0.5
+        matrices.append(guided)
+    relevance = rollout(matrices)[:, -1]  # (B, L)
+    assert float(relevance[:, -1].mean()) < 0.9

@@ -229,7 +229,6 @@ def test_layer_out_of_range_is_a_clear_error(random_model):
         stats.unigram_table(-1)
 
 
-
 class _FireCounts:
     """Just the firing counts ``dead_neurons`` reads, with frequencies chosen by hand."""
 

@@ -6,11 +6,13 @@ g = ∂logit_target/∂ŷ, target = the model's top-1 token at the last position
 
     attention_weighted  I_c = mean_i Σ_j |α̃_c[i, j] · x_j[c]|
     gradient_guided     I_c = mean_i |g_i[c] · ŷ_i[c]|
-    rollout             I_c = Σ_i Σ_{j ∈ T*} |α̃_c[i, j]| / Σ_i Σ_j |α̃_c[i, j]|
+    rollout             I_c = Σ_{j ∈ T*} |α̃_c[L−1, j]| / Σ_j |α̃_c[L−1, j]|
 
 each averaged over the prompts. Where METHODS is silent: ``rollout``'s "tokens the rollout
 marks most relevant" T* are the tokens whose last-token rollout relevance exceeds the uniform
-1/L, and the "attention mass" is the share of the channel's |α̃| mass on them (in [0, 1]). Per
+1/L, and the "attention mass" is the share of the channel's |α̃| mass on them (in [0, 1]) in
+the last query row, the row whose relevance a causal LM's output has (summing over all query
+rows i would favour early tokens: token j collects mass from L − j rows). Per
 (method, layer) a finding reports the neurons analysed, the mean activation (mean of ŷ over
 prompts, positions and channels), the top-k neurons with their importances and the neuron
 diversity: the entropy (nats) of the normalised importances I_c / Σ I, next to its maximum
@@ -157,12 +159,21 @@ def _neuron_finding(model, method, layer, importance, activation, top_k) -> Atte
     )
 
 
+ROW_NORMALISATION = {
+    "rollout": "rows to unit mass",
+    "gradient_rollout": "min-max per prompt, then rows to unit mass",
+}
+SIGNED_NORMALISATION = "none (signed mean, as METHODS §7 writes it)"
+
+
 def _rollout_finding(model, method, aggregate, relevance: torch.Tensor) -> RolloutFinding:
     rel = relevance.double()  # (P, L)
+    signed = method == "rollout" and aggregate == "mean"
     return RolloutFinding(
         model=model,
         method=method,
         aggregate=aggregate,
+        normalisation=SIGNED_NORMALISATION if signed else ROW_NORMALISATION[method],
         n_prompts=rel.shape[0],
         length=rel.shape[1],
         relevance_first_prompt=tuple(float(v) for v in rel[0]),
@@ -187,7 +198,10 @@ def mamba_relevance(
     attention = {
         layer: layer_attention(inputs[layer], memory_bytes=memory_bytes) for layer in layers
     }
-    plain = rollout([channel_aggregate(attention[layer], aggregate) for layer in layers])
+    plain = rollout(
+        [channel_aggregate(attention[layer], aggregate) for layer in layers],
+        unit=aggregate != "mean",
+    )
     guided = rollout(
         [
             gradient_rollout_layer(
@@ -227,7 +241,7 @@ def analyse_attention(
     run.relevance = {"rollout": plain.cpu().numpy(), "gradient_rollout": guided.cpu().numpy()}
     run.rollout_findings = [
         _rollout_finding(model, "rollout", aggregate, plain),
-        _rollout_finding(model, "gradient_rollout", "mean", guided),
+        _rollout_finding(model, "gradient_rollout", "min-max gradient ⊙ mean", guided),
     ]
     length = prompts.shape[1]
     relevant = plain > 1.0 / length  # (P, L): T*, the tokens the rollout marks
@@ -239,7 +253,7 @@ def analyse_attention(
         importances = {
             "attention_weighted": att.weighted,
             "gradient_guided": (parts["grads"][layer] * parts["acts"][layer]).abs().mean(1),
-            "rollout": _rollout_mass(att.column_mass, relevant),
+            "rollout": _rollout_mass(att.last_row_mass, relevant),
         }
         for method in methods:
             importance = importances[method].double().cpu().numpy()  # (P, W)
@@ -250,10 +264,10 @@ def analyse_attention(
     return run
 
 
-def _rollout_mass(column_mass: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
-    """Σ_{j ∈ T*} mass_c[j] / Σ_j mass_c[j], ``(P, W)``, from column masses ``(P, W, L)``."""
-    on_relevant = (column_mass * relevant[:, None, :].to(column_mass.dtype)).sum(-1)  # (P, W)
-    total = column_mass.sum(-1)  # (P, W)
+def _rollout_mass(row_mass: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """Σ_{j ∈ T*} mass_c[j] / Σ_j mass_c[j], ``(P, W)``, from last-row masses ``(P, W, L)``."""
+    on_relevant = (row_mass * relevant[:, None, :].to(row_mass.dtype)).sum(-1)  # (P, W)
+    total = row_mass.sum(-1)  # (P, W)
     return torch.where(total > 0, on_relevant / total.clamp_min(1e-300), torch.zeros_like(total))
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 from neuronspec.errors import NeuronSpecError
 
 METHODS = ("attention_weighted", "gradient_guided", "rollout")
-AGGREGATES = ("abs", "mean")
-"""Channel aggregates of α̃ the Mamba rollout can take (``hidden_attention.channel_aggregate``)."""
-DEFAULT_AGGREGATE = "abs"  # |α̃|: the signed mean can make a rollout row sum to <= 0
+AGGREGATES = ("clamped", "abs", "mean")
+"""Channel aggregates of α̃ the Mamba rollout can take (``hidden_attention.channel_aggregate``):
+the positive part of the channel mean (the official code's clamp), the mean of |α̃| (counts
+inhibition as relevance), the signed mean (METHODS §7 as written; undefined where a row's
+mass is negative)."""
+DEFAULT_AGGREGATE = "clamped"
 
 
 def parse_methods(text: str) -> tuple[str, ...]:

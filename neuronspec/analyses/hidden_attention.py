@@ -19,22 +19,29 @@ processed in chunks of k so that one chunk's rows ``(B, k, L, L)`` and its ``(B,
 state, decays and inputs stay within ``memory_bytes`` (:func:`channel_chunk`; default :data:`DEFAULT_MEMORY_BYTES`);
 the naive ``[B, d, L, L, N]`` temporary is never formed.
 
-**Rollout** (Abnar & Zuidema 2020): ``Â_l = row-normalise(I + Ā_l)``, ``R = Â_{L-1} ⋯ Â_0``;
-the last row of R is the relevance of each input token for the last position. METHODS
-defines Ā_l as the channel mean of α̃, optionally of |α̃|; the default here is **|α̃|**
-(``aggregate="abs"``, :func:`channel_aggregate`): α̃ can be negative (C·B products have
-either sign), and a signed row of I + mean α̃ can sum to ≤ 0, where normalising is
-undefined. On tiny-mamba a row of layer 2 sums to −3.27 on the first 4 corpus windows.
-``aggregate="mean"`` (``--attention-aggregate mean``) rolls out the signed mean and raises
-if a row sum is not positive. GPT-2's counterpart uses its real attention probabilities,
+**Rollout** (Abnar & Zuidema 2020): ``Â_l = row-normalise(I + U(A_l))``, ``R = Â_{L-1} ⋯ Â_0``;
+the last row of R is the relevance of each input token for the last position. ``U`` scales
+each row of the layer matrix to unit mass (Σ_j |A[i, j]| = 1; an all-zero row stays zero),
+so that I and the attention weigh equally in every row, as in GPT-2 whose attention rows sum
+to 1 (there U changes nothing): Mamba's raw rows of mean |α̃| reach 5.9 on tiny-mamba, where
+I would carry a different share in every row. The layer matrix A_l is the channel aggregate
+of α̃ (:func:`channel_aggregate`, ``--attention-aggregate``): by default **clamped**, the
+positive part of the channel mean (mean_c α̃)⁺ as the official code clamps, so inhibition
+(negative α̃) is not counted as relevance; ``abs`` takes mean_c |α̃| (it does count it);
+``mean`` the signed mean of METHODS §7, rolled out as METHODS writes it, without U (scaling a
+signed row by its mass would make a row of all-negative α̃ cancel I), which raises where a
+row of I + A sums to ≤ 0: on tiny-mamba a row of layer 2 sums to −3.27. GPT-2's counterpart uses its real attention probabilities,
 mean over heads (:func:`gpt2_attention`).
 
 **Gradient-guided rollout** (Mamba-Attr flavour, METHODS §7): with ŷ the gated output (the
 ``mlp`` site) and g = ∂logit_target/∂ŷ, the gradient of the logit with respect to α̃ is
 exactly ``∇_c[i, j] = g_i[c] · SiLU(z_i[c]) · x_j[c]`` (ŷ is linear in α̃), so
-``E_c[∇] = (g ⊙ SiLU(z)) xᵀ / d`` is one matmul per layer, and
-``Â_l = row-normalise(I + (E_c[∇] ⊙ E_c[α̃])⁺)`` with the signed channel mean of α̃. The
-target is the model's top-1 prediction at the last position (where METHODS is silent).
+``E_c[∇] = (g ⊙ SiLU(z)) xᵀ / d`` is one matmul per layer. As Mamba-Attr's code does, both
+factors are min-max normalised over the causal entries (j ≤ i) of each prompt before they are
+combined: ``A_l = mm(E_c[∇]) ⊙ mm(E_c[α̃])`` (≥ 0), then rolled out as above. Without it
+(``I + (E_c[∇] ⊙ E_c[α̃])⁺`` with the raw products) the non-identity part of a row was
+1e-7–1e-3 against 1 for I, and the last token kept 99.8–99.99% of the relevance: the rollout
+was the identity. The target is the model's top-1 prediction at the last position.
 """
 
 from __future__ import annotations
@@ -122,7 +129,7 @@ class LayerAttention:
     abs_mean: torch.Tensor  # (B, L, L) channel mean of |α̃|
     y: torch.Tensor  # (B, L, d) Σ_j α̃_c[i, j] x_j[c]: the scan output before skip and gate
     weighted: torch.Tensor  # (B, d) mean_i Σ_j |α̃_c[i, j] x_j[c]| (attention_weighted)
-    column_mass: torch.Tensor  # (B, d, L) Σ_i |α̃_c[i, j]|: attention mass on each token j
+    last_row_mass: torch.Tensor  # (B, d, L) |α̃_c[L-1, j]|: the last query's mass on token j
     above_diagonal_max: float  # max |α̃_c[i, j]| over j > i (0 for a causal α̃)
 
 
@@ -136,7 +143,7 @@ def layer_attention(
     total_abs = x.new_zeros(b, length, length)  # (B, L, L)
     y = torch.empty_like(x)  # (B, L, d)
     weighted = x.new_empty(b, d)  # (B, d)
-    column_mass = x.new_empty(b, d, length)  # (B, d, L)
+    last_row_mass = x.new_empty(b, d, length)  # (B, d, L)
     above = 0.0
     upper = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)  # (L, L)
     # alpha, |alpha| and alpha·x are alive at once: a third of the budget each
@@ -148,14 +155,14 @@ def layer_attention(
         contribution = alpha * xc[:, :, None, :]  # (B, k, L, L): α̃_c[i, j] x_j[c]
         y[:, :, chunk] = contribution.sum(-1).transpose(1, 2)  # (B, L, k)
         weighted[:, chunk] = contribution.abs_().sum(-1).mean(-1)  # (B, k)
-        column_mass[:, chunk] = magnitude.sum(2)  # (B, k, L)
+        last_row_mass[:, chunk] = magnitude[:, :, -1]  # (B, k, L)
         above = max(above, float(magnitude[..., upper].max()) if length > 1 else 0.0)
     return LayerAttention(
         mean=total / d,
         abs_mean=total_abs / d,
         y=y,
         weighted=weighted,
-        column_mass=column_mass,
+        last_row_mass=last_row_mass,
         above_diagonal_max=above,
     )
 
@@ -164,30 +171,39 @@ def layer_attention(
 
 
 def channel_aggregate(attention: LayerAttention, aggregate: str) -> torch.Tensor:
-    """The layer matrix a rollout takes, ``(B, L, L)``: mean over channels of |α̃| (``abs``)
-    or of α̃ (``mean``)."""
+    """The layer matrix a rollout takes, ``(B, L, L)``: (mean_c α̃)⁺ (``clamped``),
+    mean_c |α̃| (``abs``) or mean_c α̃ (``mean``)."""
     if aggregate not in AGGREGATES:
         raise NeuronSpecError(
             f"unknown attention aggregate {aggregate!r}; known: {', '.join(AGGREGATES)}"
         )
+    if aggregate == "clamped":
+        return attention.mean.clamp_min(0)
     return attention.abs_mean if aggregate == "abs" else attention.mean
 
 
-def rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
-    """R = Â_{L-1} ⋯ Â_0 with Â_l = row-normalise(I + A_l); ``attentions`` are ``(B, L, L)``
-    in layer order. Returns ``(B, L, L)``; ``R[:, -1]`` is the last token's relevance."""
+def unit_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` ``(B, L, L)`` with each row scaled to Σ_j |·| = 1 (all-zero rows stay 0)."""
+    mass = matrix.abs().sum(-1, keepdim=True)  # (B, L, 1)
+    return torch.where(mass > 0, matrix / mass.clamp_min(torch.finfo(matrix.dtype).tiny), 0.0)
+
+
+def rollout(attentions: Sequence[torch.Tensor], *, unit: bool = True) -> torch.Tensor:
+    """R = Â_{L-1} ⋯ Â_0 with Â_l = row-normalise(I + U(A_l)) (:func:`unit_rows`; without U
+    when ``unit`` is false: the signed aggregate); ``attentions`` are ``(B, L, L)`` in layer
+    order. Returns ``(B, L, L)``; ``R[:, -1]`` is the last token's relevance."""
     if not attentions:
         raise NeuronSpecError("rollout needs at least one layer's attention")
     b, length, _ = attentions[0].shape
     eye = torch.eye(length, dtype=attentions[0].dtype, device=attentions[0].device)  # (L, L)
     result = eye.expand(b, length, length)
     for layer, attention in enumerate(attentions):
-        mixed = eye + attention  # (B, L, L)
+        mixed = eye + (unit_rows(attention) if unit else attention)  # (B, L, L)
         rows = mixed.sum(-1, keepdim=True)  # (B, L, 1)
         if not bool((rows > 0).all()):
             raise NeuronSpecError(
                 f"rollout: a row of I + A at layer {layer} sums to {float(rows.min()):.3g} <= 0; "
-                "roll out a non-negative aggregate (aggregate='abs', --attention-aggregate abs)"
+                "roll out a non-negative aggregate (--attention-aggregate clamped or abs)"
             )
         result = torch.matmul(mixed / rows, result)  # (B, L, L)
     return result
@@ -213,9 +229,24 @@ def alpha_gradient(
     return (g[..., :, None] * x[..., None, :]).tril()  # (B, k, L, L)
 
 
+def min_max_causal(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` ``(B, L, L)`` mapped to [0, 1] per prompt over its causal entries (j ≤ i),
+    0 above the diagonal; a constant prompt maps to 0."""
+    length = matrix.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=matrix.device).tril()
+    low = matrix.masked_fill(~causal, float("inf")).amin((-2, -1), keepdim=True)
+    high = matrix.masked_fill(~causal, float("-inf")).amax((-2, -1), keepdim=True)
+    span = high - low
+    scaled = torch.where(
+        span > 0, (matrix - low) / span.clamp_min(torch.finfo(matrix.dtype).tiny), 0.0
+    )
+    return scaled.masked_fill(~causal, 0.0)
+
+
 def gradient_rollout_layer(mean_alpha: torch.Tensor, grad_attention: torch.Tensor) -> torch.Tensor:
-    """The gradient-guided layer matrix before ``I +`` and normalising: (E_c[∇] ⊙ E_c[α̃])⁺."""
-    return (grad_attention * mean_alpha).clamp_min(0)
+    """The gradient-guided layer matrix before ``I +`` and normalising:
+    mm(E_c[∇]) ⊙ mm(E_c[α̃]) with mm = :func:`min_max_causal` (module docstring)."""
+    return min_max_causal(grad_attention) * min_max_causal(mean_alpha)
 
 
 # -- findings ------------------------------------------------------------------------------------
@@ -243,9 +274,11 @@ class RolloutFinding(Finding):
 
     model: str
     method: str  # "rollout" or "gradient_rollout"
-    aggregate: str  # layer matrix: "abs" or "mean" of α̃ over channels; GPT-2: "heads"
+    aggregate: str  # layer matrix: "clamped", "abs" or "mean" of α̃ over channels (gradient
+    # rollout: min-max gradient ⊙ mean); GPT-2: "heads". Rows are scaled to unit mass before I.
     n_prompts: int
     length: int
+    normalisation: str  # how each layer matrix is scaled before I is added
     relevance_first_prompt: tuple[float, ...]  # (L,) last token's relevance, first prompt
     last_token_share: float  # mean relevance the last token keeps for itself
     first_token_share: float  # mean relevance of the first token
