@@ -280,7 +280,7 @@ def _layer_finding(model, layer, s, att, loaded) -> HiddenAttentionLayerFinding:
         s.C.transpose(1, 2),
         delta_softplus=False,
     ).transpose(1, 2)  # (P, L, d) fmt: skip
-    mixer = loaded.model.backbone.layers[layer].mixer
+    mixer = loaded.adapter.mixer(layer)
     with torch.no_grad():
         rebuilt = mixer.out_proj(
             ((att.y + s.D * s.x) * torch.nn.functional.silu(s.z)).to(s.out.dtype)

@@ -54,6 +54,7 @@ import torch
 from neuronspec.analyses.attention_options import AGGREGATES
 from neuronspec.errors import NeuronSpecError
 from neuronspec.findings import Finding
+from neuronspec.models.adapters import adapter_for
 from neuronspec.models.mamba_internals import ScanInputs
 
 DEFAULT_MEMORY_BYTES = 256 * 2**20
@@ -303,16 +304,11 @@ def gpt2_attention(model: torch.nn.Module, input_ids: torch.Tensor) -> list[torc
     Runs one eager-attention forward (sdpa returns no probabilities); the model's attention
     implementation is restored afterwards.
     """
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                output_attentions=True,
-                use_cache=False,
-            )
-    finally:
-        model.set_attn_implementation(previous)
+    with adapter_for(model).eager_attention(), torch.no_grad():
+        out = model(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            output_attentions=True,
+            use_cache=False,
+        )
     return [a.mean(1) for a in out.attentions]  # L × (B, L, L)

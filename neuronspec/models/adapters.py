@@ -225,6 +225,17 @@ class GPT2Adapter(SiteAdapter):
         self.check(site, 0)
         raise AssertionError("unreachable")
 
+    @contextmanager
+    def eager_attention(self) -> Iterator[None]:
+        """Run GPT-2's attention in eager mode inside the block (SDPA returns no attention
+        probabilities); the model's implementation is restored afterwards."""
+        previous = self.model.config._attn_implementation
+        self.model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(previous)
+
     def _hook(self, site: str, layer: int) -> _Hook:
         block = self.model.transformer.h[layer]
         identity = lambda value: value  # noqa: E731
@@ -252,6 +263,11 @@ class MambaAdapter(SiteAdapter):
             return config.hidden_size
         self.check(site, 0)
         raise AssertionError("unreachable")
+
+    def mixer(self, layer: int) -> nn.Module:
+        """The ``MambaMixer`` of ``layer`` (its ``in_proj``, ``x_proj``, ``out_proj``, …)."""
+        self.check("mlp", layer)
+        return self.model.backbone.layers[layer].mixer
 
     @contextmanager
     def patch(self, site: str, layer: int, fn: PatchFn) -> Iterator[None]:
