@@ -264,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             if group.rank == 0:
                 _report(summary, group)
             session._models.pop(model_id, None)  # one model in memory at a time
+        # Every rank leaves the last collective before any rank tears its connections down:
+        # a peer that destroys the group while another still completes a collective on it can
+        # abort that rank at exit (gloo's threads, SIGABRT).
+        dist.barrier()
     except NeuronSpecError as error:
         print(f"neuronspec collect (rank {group.rank}): {error}", file=sys.stderr)
         return 1
