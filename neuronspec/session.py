@@ -50,8 +50,8 @@ class RunConfig:
     batch_size: int = 16
     fast_scan: bool = True
     layers: tuple[int, ...] | None = None  # per-layer analyses run on these (None: all)
-    top_k: int = 10  # neurons reported per ranking (predecessor's --top-k)
-    pruning_ratio: float = 0.15  # fraction of each layer pruned (predecessor's --pruning_ratio)
+    top_k: int = 10  # neurons reported per ranking
+    pruning_ratio: float = 0.15  # fraction of each layer pruned
 
     def layers_of(self, n_layers: int, *, model: str = "") -> list[int]:
         """The layers per-layer analyses run on for a model with ``n_layers`` layers.

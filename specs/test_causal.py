@@ -130,7 +130,7 @@ def test_sensitive_channel_interventions_leave_upstream_layers_unchanged(
 def test_strongest_sensitive_channel_of_each_layer_beats_random(
     request, model_id, sensitive_causal_finding
 ):
-    """Seed 003's pairing of delta-sensitive and causal neurons: in every layer, the
+    """The pairing of delta-sensitive and causal neurons: in every layer, the
     delta-sensitive Δ channel (Mamba) or high-variance neuron (GPT-2) with the largest KL
     impact exceeds random channels of the same site and layer: KL > control mean + 2 std."""
     _assert_strongest_beats_random(request, model_id, sensitive_causal_finding, SENSITIVE_MEASURED)

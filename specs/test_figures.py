@@ -33,7 +33,7 @@ def test_voita_figures(
 ):
     """Fig. 1 (dead), Fig. 2 (covering unigrams), Fig. 3a/3b (detectors, tokens), Fig. 4 (new
     tokens), firing frequency against position for the layer with most positional neurons,
-    and I(act; pos) against the predecessor's |Pearson r| for every neuron of each layer."""
+    and I(act; pos) against the mean |Pearson r| for every neuron of each layer."""
     summary = summarise_token_detectors(ngram_findings)
     busiest = max(positional_findings, key=lambda f: (f.n_positional, -f.layer))
     written = [

@@ -160,7 +160,7 @@ def test_overlap_by_hand():
 # -- fact sets ------------------------------------------------------------------------------
 
 
-def test_english_fact_set_shape_and_predecessor_facts():
+def test_english_fact_set_shape_and_classic_facts():
     facts = english_facts()
     by_relation: dict[str, list[KnowledgeFact]] = {}
     for fact in facts:

@@ -55,7 +55,7 @@ from neuronspec.models.registry import LoadedModel
 DEFAULT_METHOD = "mean"
 DEFAULT_N_WINDOWS = 64  # held-out windows per study: 4032 targets at T = 64
 DEFAULT_N_SEEDS = 5  # random-control seeds (METHODS §10: mean ± std over seeds)
-DEFAULT_PRUNING_RATIO = 0.15  # the predecessor's --pruning_ratio
+DEFAULT_PRUNING_RATIO = 0.15  # METHODS §10
 CONTROL_STDS = 2.0  # "exceeds its control": change > control mean + 2 std
 
 

@@ -1,4 +1,4 @@
-"""Neuron-type overlap (the predecessor's "intersections between neuron types").
+"""Neuron-type overlap (intersections between neuron types).
 
 Input: the neuron sets a run recorded with ``SpecSession.record_neuron_set`` (results
 analysis ``neuron_sets``: ``{layer: {kind: {"site", "neurons"}}}``), whatever kinds were

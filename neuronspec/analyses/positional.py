@@ -6,7 +6,7 @@ its overall frequency,
 
     I(act; pos) = (1/T) Σ_p [ fr_n(p)·ln(fr_n(p)/fr_n) + (1−fr_n(p))·ln((1−fr_n(p))/(1−fr_n)) ]
 
-(natural log, 0·ln0 = 0); a neuron is positional if I > 0.05. The predecessor's mean
+(natural log, 0·ln0 = 0); a neuron is positional if I > 0.05. The secondary mean
 |Pearson r(activation, position)| over windows is reported alongside, never used to decide.
 
 Decisions where METHODS.md is silent:
@@ -59,7 +59,7 @@ def positional_mutual_information(fire_by_pos: np.ndarray, tokens_by_pos: np.nda
 
 
 def mean_abs_pearson(pearson_sum: np.ndarray, n_windows: int) -> np.ndarray:
-    """The predecessor's secondary column: mean over windows of |Pearson r(act, pos)|."""
+    """The secondary column: mean over windows of |Pearson r(act, pos)|."""
     values = np.asarray(pearson_sum, dtype=np.float64)
     if values.ndim != 1:
         raise CountTableError(f"pearson_sum must be 1-D, got shape {values.shape}")
@@ -213,7 +213,7 @@ def analyse_positional_layer(
 
 def positional_measures(stats: NeuronStats, layer: int) -> tuple[np.ndarray, np.ndarray]:
     """Both measures for every neuron of ``layer``: I(act; pos) in nats and the
-    predecessor's mean |Pearson r(act, pos)|, each float64[W] (the scatter figure's axes)."""
+    secondary mean |Pearson r(act, pos)|, each float64[W] (the scatter figure's axes)."""
     layer_stats = stats.layer(layer)
     mi = positional_mutual_information(
         layer_stats.fire_by_pos.numpy(), stats.tokens_by_pos.numpy()

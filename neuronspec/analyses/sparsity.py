@@ -5,7 +5,7 @@ batches folded into ``abs_sketch`` and ``token_sparsity``, see
 :mod:`neuronspec.capture.stats`):
 
 - threshold sparsity: fraction of (token, neuron) with m < τ; family defaults τ = 0.01
-  (Mamba) and 1e-5 (Transformer), as the predecessor; always reported with τ. Exact when τ
+  (Mamba) and 1e-5 (Transformer); always reported with τ. Exact when τ
   is an edge of the sketch (every decade is); otherwise interpolated log-linearly inside
   the bin holding τ, with the bin's bounds reported.
 - percentile profile P5..P95: values of m. P_q is the nearest-rank quantile (the smallest
@@ -32,7 +32,7 @@ from neuronspec.errors import NeuronSpecError
 from neuronspec.findings import Finding
 
 PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
-FAMILY_TAU = {"mamba": 0.01, "gpt2": 1e-5}  # METHODS §9, the predecessor's defaults
+FAMILY_TAU = {"mamba": 0.01, "gpt2": 1e-5}  # METHODS §9
 TARGET_SPARSITY = 0.3
 
 

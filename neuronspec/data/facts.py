@@ -6,7 +6,7 @@ space BPE vocabularies need), scored by its first token.
 - ``toyworld``: the toy world's fact table (:mod:`neuronspec.data.toyworld`), for the
   embedded models; prompts from the training templates, the held-out ones, or both.
 - ``english``: the shipped English set ``data/assets/english_facts.json`` for real models
-  (7 relations, ≥ 10 facts each, 3 paraphrases), including the predecessor's facts.
+  (7 relations, ≥ 10 facts each, 3 paraphrases).
 - a user's file (``--facts FILE``): JSON (a list of facts, or ``{"facts": [...]}``) or JSONL
   (one fact per line), each with ``subject``, ``relation``, ``object``, ``prompts``.
 """

@@ -249,7 +249,7 @@ def plot_positional_measures(
     model: str,
     threshold: float,
 ) -> Path:
-    """Per layer, every neuron's mean |Pearson r(act, pos)| (the predecessor's measure, x)
+    """Per layer, every neuron's mean |Pearson r(act, pos)| (the secondary measure, x)
     against I(act; pos) (the definition, y; positional above ``threshold``), from
     ``{layer: (I (W,), |r| (W,))}`` (:func:`~neuronspec.analyses.positional.positional_measures`)."""
     if not measures:
