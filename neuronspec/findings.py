@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,3 +44,41 @@ class Finding:
 
     def to_json(self) -> dict[str, Any]:
         return to_plain(self)
+
+    def snapshot_view(self) -> Any:
+        """What a snapshot spec compares: ``assert finding.snapshot_view() == findings_snapshot``.
+        Every field by default; a finding type narrows it where a field is not a finding."""
+        return self.to_json()
+
+
+class LayerFindings(Sequence):
+    """Per-layer findings of one model, indexed by layer number: ``dead[2].dead_fraction``.
+
+    Iterating yields the findings in layer order; ``layers`` lists the layers analysed
+    (all, or those of ``--layers``). A layer that was not analysed raises a ``KeyError``
+    that says which were."""
+
+    def __init__(self, analysis: str, findings: Iterable[Any]):
+        self.analysis = analysis
+        self._by_layer = {int(f.layer): f for f in findings}
+        self.layers = sorted(self._by_layer)
+
+    def __getitem__(self, layer: int) -> Any:  # type: ignore[override]
+        try:
+            return self._by_layer[layer]
+        except KeyError:
+            raise KeyError(
+                f"{self.analysis} has no finding for layer {layer}; analysed layers: {self.layers}"
+            ) from None
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self._by_layer[layer] for layer in self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def to_json(self) -> list[Any]:
+        return [to_plain(f.to_json() if hasattr(f, "to_json") else f) for f in self]
+
+    def snapshot_view(self) -> list[Any]:
+        return [f.snapshot_view() if hasattr(f, "snapshot_view") else to_plain(f) for f in self]

@@ -9,56 +9,57 @@ from neuronspec.analyses.attention_options import DEFAULT_AGGREGATE
 
 pytestmark = pytest.mark.attention
 
-# Where the rollout hypothesis does not hold on an embedded model: measured numbers (mean over
-# the 182 toy-world fact prompts of the per-token relevance, subject vs other template tokens).
-SUBJECT_RELEVANCE_XFAIL = {
-    ("tiny-mamba", "rollout"): "measured (clamped mean α̃, unit rows): subject 0.0411 < "
-    "template 0.0917 per token; subject higher on 22% of prompts",
-    ("tiny-mamba", "gradient_rollout"): "measured (min-max, unit rows): subject 0.0733 < "
-    "template 0.1094 per token; subject higher on 20% of prompts",
-}
-
 
 def _layer_finding(run, layer):
     return next(f for f in run.layer_findings if f.layer == layer)
 
 
-def test_hidden_attention_is_causal_and_exact(model_id, layer, model_files, attention_run):
+def test_hidden_attention_is_causal_and_exact(model_id, layer, model_files, hidden_attention):
     """α̃ is zero above the diagonal, Σ_j α̃ x equals the scan output before the skip and the
     gate, and out_proj(((α̃x) + D⊙x) ⊙ SiLU(z)) equals the mixer output, on the run's model
     and prompts (float32 runs: to 1e-5 relative; the float64 identity is a unit test)."""
     if model_files.model_type != "mamba":
         pytest.skip("hidden attention is Mamba's; GPT-2 attention is causal by its mask")
-    finding = _layer_finding(attention_run, layer)
+    finding = _layer_finding(hidden_attention, layer)
     assert finding.above_diagonal_max == 0.0, finding
     assert finding.identity_rel_error < 1e-5, finding
     assert finding.mixer_rel_error < 1e-5, finding
 
 
-@pytest.mark.parametrize("method", ["rollout", "gradient_rollout"])
+# measured: mean over the 182 toy-world fact prompts of the per-token relevance
+SUBJECT_RELEVANCE = [
+    pytest.param("rollout", marks=pytest.mark.measured({
+        "tiny-mamba": "clamped mean α̃, unit rows: subject 0.0411 < template 0.0917 per "
+        "token; subject higher on 22% of prompts",
+    })),
+    pytest.param("gradient_rollout", marks=pytest.mark.measured({
+        "tiny-mamba": "min-max, unit rows: subject 0.0733 < template 0.1094 per token; "
+        "subject higher on 20% of prompts",
+    })),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", SUBJECT_RELEVANCE)
 def test_rollout_prefers_subject_tokens_on_fact_prompts(
-    model_id, model_files, attention_run, method, request
+    model_id, model_files, hidden_attention, method
 ):
     """On toy-world fact prompts ("The capital of Velmora is"), the last token's rollout
     relevance per token is higher on the subject's tokens than on the template's other tokens
     (BOS and the last token excluded)."""
     if method == "gradient_rollout" and model_files.model_type != "mamba":
         pytest.skip("the gradient-guided rollout is defined on Mamba's hidden attention")
-    reason = SUBJECT_RELEVANCE_XFAIL.get((model_id, method))
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-    finding = next(f for f in attention_run.fact_relevance if f.method == method)
+    finding = next(f for f in hidden_attention.fact_relevance if f.method == method)
     assert finding.mean_subject > finding.mean_template, finding
 
 
-def test_rollout_rows_are_distributions(model_id, attention_run):
+def test_rollout_rows_are_distributions(model_id, hidden_attention):
     """Each rollout's last-token relevance sums to 1 over the prompt (row-stochastic product)."""
-    for method, relevance in attention_run.relevance.items():
+    for method, relevance in hidden_attention.relevance.items():
         assert abs(relevance.sum(-1) - 1).max() < 1e-4, method
 
 
 def test_attention_neuron_summaries_snapshot(
-    model_id, default_selection, request, attention_run, findings_snapshot
+    model_id, default_selection, request, hidden_attention, findings_snapshot
 ):
     """Per (method, layer): neurons analysed, top neurons, diversity, must not drift."""
     if request.config.getoption("attention_aggregate") != DEFAULT_AGGREGATE:
@@ -73,12 +74,12 @@ def test_attention_neuron_summaries_snapshot(
             "diversity": f.diversity,
             "mean_activation": f.mean_activation,
         }
-        for f in attention_run.neuron_findings
+        for f in hidden_attention.neuron_findings
     ]
     assert summary == findings_snapshot
 
 
-def test_attention_figures(model_id, attention_run, loaded_model, plots_dir):
+def test_attention_figures(model_id, hidden_attention, loaded_model, plots_dir):
     """α̃ heatmap per layer, rollout relevance, six-panel attention-neuron figures."""
     if plots_dir is None:
         pytest.skip("no --plots-dir given")
@@ -89,12 +90,12 @@ def test_attention_figures(model_id, attention_run, loaded_model, plots_dir):
     )
     from neuronspec.plots.figure import plot_path
 
-    ids = attention_run.prompts[0].tolist()
+    ids = hidden_attention.prompts[0].tolist()
     tokenizer = loaded_model.tokenizer
     tokens = (
         tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else [str(i) for i in ids]
     )
-    kind = "channel-mean α̃" if attention_run.family == "mamba" else "mean-over-heads attention"
+    kind = "channel-mean α̃" if hidden_attention.family == "mamba" else "mean-over-heads attention"
     written = [
         plot_hidden_attention(
             attention,
@@ -102,18 +103,18 @@ def test_attention_figures(model_id, attention_run, loaded_model, plots_dir):
             plot_path(plots_dir, f"hidden_attention_layer{layer}", model_id),
             title=f"{model_id} layer {layer}: {kind}, prompt 0",
         )  # fmt: skip
-        for layer, attention in attention_run.mean_attention.items()
+        for layer, attention in hidden_attention.mean_attention.items()
     ]
     written.append(
         plot_rollout_relevance(
-            {method: values[0] for method, values in attention_run.relevance.items()},
+            {method: values[0] for method, values in hidden_attention.relevance.items()},
             tokens,
             plot_path(plots_dir, "rollout_relevance", model_id),
             title=f"{model_id}: last-token rollout relevance, prompt 0",
         )
     )
-    for finding in attention_run.neuron_findings:
-        scores = attention_run.scores[finding.method, finding.layer]
+    for finding in hidden_attention.neuron_findings:
+        scores = hidden_attention.scores[finding.method, finding.layer]
         name = f"attention_neurons_{finding.method}_layer{finding.layer}"
         written.append(
             plot_attention_neurons(scores, finding, plot_path(plots_dir, name, model_id))

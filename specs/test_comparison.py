@@ -9,73 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from neuronspec.analyses.comparison import FAMILIES, compare_models, family_rows
-from neuronspec.analyses.dead import dead_neurons_all_layers
-from neuronspec.analyses.efficiency import efficiency
-from neuronspec.analyses.neuron_overlap import neuron_overlap_layer
-from neuronspec.analyses.ngram import ngram_layer_from_stats
-from neuronspec.analyses.positional import positional_layer_from_stats
-from neuronspec.analyses.sparsity import default_tau, sparsity_all_layers
-from neuronspec.errors import ModelNotAvailableError
-from neuronspec.plots.sparsity import plot_measures_vs_depth, plot_table
+from neuronspec.analyses.comparison import family_rows
 
 pytestmark = pytest.mark.comparison
-
-OVERLAP_KINDS = ("dead", "rarely_firing", "token_detecting", "positional")  # this file's sets
-
-
-def _pair(session) -> tuple[str, str]:
-    """The first Mamba and the first Transformer of the run's models (skip if there are none)."""
-    found: dict[str, str] = {}
-    for model_id in session.config.models:
-        try:
-            family = "mamba" if session.files(model_id).model_type == "mamba" else "transformer"
-        except ModelNotAvailableError as error:
-            pytest.skip(str(error).splitlines()[0])
-        found.setdefault(family, model_id)
-    if len(found) < 2:
-        pytest.skip(f"the comparison needs a Mamba and a Transformer in --models, got {found}")
-    return found["mamba"], found["transformer"]
-
-
-@pytest.fixture(scope="module")
-def comparison(neuronspec_session):
-    session = neuronspec_session
-    models = _pair(session)
-    findings, efficiencies = {}, {}
-    for model_id in models:
-        stats = session.stats(model_id)
-        layers = range(stats.n_layers)
-        findings[model_id] = {
-            "sparsity": sparsity_all_layers(
-                stats, tau=default_tau(session.files(model_id).model_type)
-            ),
-            "dead": dead_neurons_all_layers(stats),
-            "positional": [positional_layer_from_stats(stats, i, model=model_id) for i in layers],
-            "ngram": [ngram_layer_from_stats(stats, i, model=model_id) for i in layers],
-        }
-        findings[model_id] = {
-            analysis: [f.to_json() for f in per_layer]
-            for analysis, per_layer in findings[model_id].items()
-        }
-        efficiencies[model_id] = efficiency(session.model(model_id).model, stats).to_json()
-    result = compare_models(findings, efficiencies)
-    for model_id in models:
-        session.record(model_id, "comparison", result)
-    plots_dir = session.config.plots_dir
-    if plots_dir is not None:
-        plots_dir.mkdir(parents=True, exist_ok=True)
-        name = "_vs_".join(m.replace("/", "_") for m in models)
-        for family, measures in FAMILIES.items():
-            table = result.tables[family]
-            plot_measures_vs_depth(family_rows(table), measures,
-                                   plots_dir / f"comparison_{family}_{name}.png",
-                                   f"{family}: {' vs '.join(models)}")  # fmt: skip
-            plot_table(table.columns, table.rows, plots_dir / f"comparison_{family}_table_{name}.png",
-                       f"{family}: {' vs '.join(models)}")  # fmt: skip
-        plot_table(result.efficiency.columns, result.efficiency.rows,
-                   plots_dir / f"comparison_efficiency_table_{name}.png", "efficiency")  # fmt: skip
-    return result
 
 
 def _mean_at_depth(comparison, model: str, family: str, measure: str, min_depth: float) -> float:
@@ -126,30 +62,14 @@ def test_gini_rises_with_depth(comparison, family, request):
     assert all(a < b for a, b in zip(ginis, ginis[1:], strict=False)), ginis
 
 
-@pytest.fixture(scope="session")
-def overlap_findings(
-    neuronspec_session, model_id, dead_findings, ngram_findings, positional_findings
-):
-    """Overlap of the sets the Voita fixtures recorded for this model (the run-wide overlap,
-    over every kind any analysis recorded, is computed at session finish)."""
-    sets = neuronspec_session.findings[model_id]["neuron_sets"]
-    return [
-        neuron_overlap_layer(
-            int(layer),
-            {kind: entry["neurons"] for kind, entry in kinds.items() if kind in OVERLAP_KINDS},
-        )
-        for layer, kinds in sorted(sets.items(), key=lambda item: int(item[0]))
-    ]
-
-
-def test_neuron_overlap_snapshot(model_id, default_selection, overlap_findings, findings_snapshot):
+def test_neuron_overlap_snapshot(model_id, default_selection, neuron_overlap, findings_snapshot):
     """Sizes, intersections and Jaccard of dead, rarely firing, token-detecting and positional
     neurons per layer must not drift."""
-    assert [f.to_json() for f in overlap_findings] == findings_snapshot
+    assert [f.to_json() for f in neuron_overlap] == findings_snapshot
 
 
-def test_token_detectors_are_not_positional(model_id, overlap_findings):
+def test_token_detectors_are_not_positional(model_id, neuron_overlap):
     """Hypothesis (Voita et al. §4–5 describe them as different neurons): no neuron is both
     token-detecting and positional."""
-    both = {f.layer: f.intersections["positional&token_detecting"] for f in overlap_findings}
+    both = {f.layer: f.intersections["positional&token_detecting"] for f in neuron_overlap}
     assert not any(both.values()), both

@@ -9,9 +9,9 @@ from neuronspec.analyses.dead import dead_neurons
 pytestmark = pytest.mark.dead
 
 
-def test_dead_neurons_per_layer_snapshot(model_id, dead_findings, findings_snapshot):
+def test_dead_neurons_per_layer_snapshot(model_id, dead, findings_snapshot):
     """The per-layer dead / rarely-firing fractions are a finding that must not drift."""
-    findings = dead_findings
+    findings = dead
     summary = [
         {k: v for k, v in f.to_json().items() if k != "dead_neurons"} | {"n_dead": f.n_dead}
         for f in findings

@@ -7,7 +7,7 @@ import pytest
 pytestmark = pytest.mark.delta
 
 
-def test_delta_sensitive_snapshot(model_id, default_selection, delta_run, findings_snapshot):
+def test_delta_sensitive_snapshot(model_id, default_selection, delta_sensitive, findings_snapshot):
     """The top channels by variance across texts and by token-substitution perturbation."""
     summary = [
         {
@@ -19,29 +19,29 @@ def test_delta_sensitive_snapshot(model_id, default_selection, delta_run, findin
             "top_by_perturbation": list(f.top_by_perturbation),
             "top_perturbation": list(f.top_perturbation),
         }
-        for f in delta_run["findings"]
+        for f in delta_sensitive.findings
     ]
     assert summary == findings_snapshot
 
 
-def test_text_variance_and_substitution_sensitivity_agree(model_id, delta_run):
+def test_text_variance_and_substitution_sensitivity_agree(model_id, delta_sensitive):
     """Channels whose text-mean varies most across texts are the ones a single token
     substitution moves most: the two scores' rank correlation is positive in every layer."""
-    correlations = {f.layer: f.rank_correlation for f in delta_run["findings"]}
+    correlations = {f.layer: f.rank_correlation for f in delta_sensitive.findings}
     assert all(value > 0 for value in correlations.values()), correlations
 
 
-def test_delta_figure(model_id, delta_run, plots_dir):
+def test_delta_figure(model_id, delta_sensitive, plots_dir):
     if plots_dir is None:
         pytest.skip("no --plots-dir given")
     from neuronspec.plots.attention import plot_delta_ranking
     from neuronspec.plots.figure import plot_path
 
-    kind = delta_run["findings"][0].kind
+    kind = delta_sensitive.findings[0].kind
     path = plot_delta_ranking(
-        delta_run["variance"],
-        delta_run["perturbation"],
+        delta_sensitive.variance,
+        delta_sensitive.perturbation,
         plot_path(plots_dir, f"{kind}_ranking", model_id),
-        title=f"{model_id}: {kind} channels ({delta_run['findings'][0].site} site)",
+        title=f"{model_id}: {kind} channels ({delta_sensitive.findings[0].site} site)",
     )
     assert path.stat().st_size > 0

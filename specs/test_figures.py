@@ -28,22 +28,18 @@ def figures_dir(plots_dir):
     return plots_dir
 
 
-def test_voita_figures(
-    model_id, dead_findings, ngram_findings, positional_findings, neuron_stats, figures_dir
-):
+def test_voita_figures(model_id, dead, ngram, positional, neuron_stats, figures_dir):
     """Fig. 1 (dead), Fig. 2 (covering unigrams), Fig. 3a/3b (detectors, tokens), Fig. 4 (new
     tokens), firing frequency against position for the layer with most positional neurons,
     and I(act; pos) against the mean |Pearson r| for every neuron of each layer."""
-    summary = summarise_token_detectors(ngram_findings)
-    busiest = max(positional_findings, key=lambda f: (f.n_positional, -f.layer))
+    summary = summarise_token_detectors(ngram)
+    busiest = max(positional, key=lambda f: (f.n_positional, -f.layer))
     written = [
         plot_dead_neurons(
-            {model_id: dead_findings},
+            {model_id: dead},
             plot_path(figures_dir, "fig1_dead_neurons", model_id),
         ),
-        plot_covering_bins(
-            ngram_findings, plot_path(figures_dir, "fig2_covering_unigrams", model_id)
-        ),
+        plot_covering_bins(ngram, plot_path(figures_dir, "fig2_covering_unigrams", model_id)),
         plot_token_detectors(summary, plot_path(figures_dir, "fig3a_token_detectors", model_id)),
         plot_detected_tokens(summary, plot_path(figures_dir, "fig3b_detected_tokens", model_id)),
         plot_new_tokens(summary, plot_path(figures_dir, "fig4_new_tokens", model_id)),
@@ -51,10 +47,10 @@ def test_voita_figures(
             busiest, plot_path(figures_dir, f"positional_layer{busiest.layer}", model_id), top_k=6
         ),
         plot_positional_measures(
-            {f.layer: positional_measures(neuron_stats, f.layer) for f in positional_findings},
+            {f.layer: positional_measures(neuron_stats, f.layer) for f in positional},
             plot_path(figures_dir, "positional_measures", model_id),
             model=model_id,
-            threshold=positional_findings[0].threshold,
+            threshold=positional[0].threshold,
         ),
     ]
     assert all(path.stat().st_size > 0 for path in written)

@@ -9,9 +9,9 @@ from neuronspec.analyses.ngram import summarise_token_detectors
 pytestmark = pytest.mark.ngram
 
 
-def test_token_detectors_snapshot(model_id, ngram_findings, findings_snapshot):
+def test_token_detectors_snapshot(model_id, ngram, findings_snapshot):
     """Fig. 2–4 numbers per layer: covering-unigram bins, detectors, tokens covered."""
-    summary = summarise_token_detectors(ngram_findings)
+    summary = summarise_token_detectors(ngram)
     layers = [
         {
             "layer": f.layer,
@@ -19,22 +19,17 @@ def test_token_detectors_snapshot(model_id, ngram_findings, findings_snapshot):
             "covering_histogram": f.covering_histogram,
             "n_token_detectors": f.n_token_detectors,
         }
-        for f in ngram_findings
+        for f in ngram
     ]
     assert {"summary": summary.to_json(), "layers": layers} == findings_snapshot
 
 
-def test_model_has_token_detecting_neurons(model_id, ngram_findings, request, record_property):
+@pytest.mark.measured({
+    "tiny-mamba": "no token-detecting neuron on the toy world; its gate neurons fire broadly "
+    "(every alive neuron needs >20 unigrams to cover 95% of its firings)",
+})  # fmt: skip
+def test_model_has_token_detecting_neurons(model_id, ngram, record_property):
     """Voita et al. §4: a trained LM has token-detecting neurons (1–5 tokens covering ≥95% of
     a neuron's firings, each token ≥95% covered)."""
-    if model_id == "tiny-mamba":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="observed: tiny-mamba has no token-detecting neuron on the toy world; "
-                "its gate neurons fire broadly (every alive neuron needs >20 unigrams to "
-                "cover 95% of its firings)",
-            )
-        )
-    record_property("token_detectors_by_layer", [f.n_token_detectors for f in ngram_findings])
-    assert sum(f.n_token_detectors for f in ngram_findings) > 0
+    record_property("token_detectors_by_layer", [f.n_token_detectors for f in ngram])
+    assert sum(f.n_token_detectors for f in ngram) > 0

@@ -9,7 +9,7 @@ from neuronspec.snapshot import stable_ranking
 pytestmark = pytest.mark.positional
 
 
-def test_positional_neurons_snapshot(model_id, positional_findings, findings_snapshot):
+def test_positional_neurons_snapshot(model_id, positional, findings_snapshot):
     """Number of positional neurons per layer and the strongest ones must not drift: the top
     5 mutual informations, with the neurons' ids where their rank is not within tolerance of
     a neighbour's (:func:`~neuronspec.snapshot.stable_ranking`)."""
@@ -19,33 +19,31 @@ def test_positional_neurons_snapshot(model_id, positional_findings, findings_sna
             "n_positional": f.n_positional,
             "top": stable_ranking(f.top_neurons, f.top_mutual_information, 5),
         }
-        for f in positional_findings
+        for f in positional
     ]
     assert layers == findings_snapshot
 
 
 def test_positional_neurons_concentrate_in_first_layer_with_learned_positions(
-    model_id, model_files, positional_findings, record_property
+    model_id, model_files, positional, record_property
 ):
     """Voita et al. §5: positional neurons live in the early layers. With learned absolute
     position embeddings (GPT-2) the first layer reads position directly, so it should hold
     the most positional neurons."""
     if model_files.model_type != "gpt2":
         pytest.skip("hypothesis about models with learned absolute position embeddings")
-    busiest = max(positional_findings, key=lambda f: (f.n_positional, -f.layer))
-    record_property("positional_by_layer", [f.n_positional for f in positional_findings])
-    assert busiest.layer == 0 and busiest.n_positional > 0, [
-        f.n_positional for f in positional_findings
-    ]
+    busiest = max(positional, key=lambda f: (f.n_positional, -f.layer))
+    record_property("positional_by_layer", [f.n_positional for f in positional])
+    assert busiest.layer == 0 and busiest.n_positional > 0, [f.n_positional for f in positional]
 
 
 def test_mamba_first_layer_gate_carries_no_position(
-    model_id, model_files, positional_findings, record_property
+    model_id, model_files, positional, record_property
 ):
     """In Mamba the layer-0 gate z = in_proj(RMSNorm(embedding)) is a function of the current
     token alone, so its firing cannot depend on position beyond sampling noise: no neuron of
     layer 0 reaches I > 0.05."""
     if model_files.model_type != "mamba":
         pytest.skip("hypothesis about Mamba's gate")
-    record_property("layer0_positional", positional_findings[0].n_positional)
-    assert positional_findings[0].n_positional == 0, positional_findings[0].top_neurons
+    record_property("layer0_positional", positional[0].n_positional)
+    assert positional[0].n_positional == 0, positional[0].top_neurons
