@@ -195,10 +195,14 @@ def _knowledge_neurons(layers: dict[str, Any], tokens: TokenText) -> str:
 @headline("knowledge_overlap", "knowledge overlap")
 def _knowledge_overlap(layers: dict[str, Any], tokens: TokenText) -> str:
     found = layers["all"]
-    return (
-        f"Jaccard intra-relation {found['intra_jaccard']:.3f} vs inter-relation "
-        f"{found['inter_jaccard']:.3f}"
-    )
+
+    def jaccard(kind: str) -> str:
+        pairs = found[f"n_{kind}_pairs"]
+        if not pairs:  # the mean of no pairs is NaN, recorded as the string "nan"
+            return "undefined (no pairs)"
+        return f"{float(found[f'{kind}_jaccard']):.3f} ({pairs} pairs)"
+
+    return f"Jaccard intra-relation {jaccard('intra')} vs inter-relation {jaccard('inter')}"
 
 
 @headline("sparsity")
