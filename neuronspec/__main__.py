@@ -1,33 +1,8 @@
-"""``python -m neuronspec COMMAND ...``: one module per command, each with ``main(argv)``.
+"""``python -m neuronspec COMMAND ...`` (see :mod:`neuronspec.cli`)."""
 
-Commands: ``collect`` (fill the statistics cache), ``report`` (HTML report of a results
-file), ``diff`` (findings that changed between two results files).
-"""
-
-from __future__ import annotations
-
-import importlib
 import sys
 
-COMMANDS: dict[str, str] = {
-    "collect": "neuronspec.capture.collect",
-    "report": "neuronspec.report.html",
-    "diff": "neuronspec.report.diff",
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        known = ", ".join(COMMANDS)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"unknown command {argv[0]!r}; known: {known}", file=sys.stderr)
-            return 2
-        print(f"usage: python -m neuronspec {{{known}}} ...", file=sys.stderr)
-        return 0 if argv else 2
-    module = importlib.import_module(COMMANDS[argv[0]])
-    return int(module.main(argv[1:]) or 0)
-
+from neuronspec.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

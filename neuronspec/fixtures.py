@@ -36,23 +36,34 @@ import numpy as np
 import pytest
 
 from neuronspec.findings import LayerFindings
-from neuronspec.session import RunConfig
+from neuronspec.options import BY_FIELD, default
 
-SELECTION_OPTIONS = {"layers": "--layers", "top_k": "--top-k", "pruning_ratio": "--pruning-ratio"}
+SELECTION_FIELDS = (  # RunConfig fields that change what a snapshot spec's findings hold
+    "layers",
+    "top_k",
+    "pruning_ratio",
+    "attention_methods",
+    "attention_aggregate",
+    "attention_prompts",
+    "delta_prompts",
+    "ig_steps",
+    "facts",
+    "knowledge_facts_per_relation",
+    "knowledge_templates",
+)
 RARE_CUTOFF = 0.05  # METHODS §2: rarely firing is freq_cutoff < frequency < 0.05
 VOITA_KINDS = ("dead", "rarely_firing", "token_detecting", "positional")  # neuron_overlap's sets
 
 
 @pytest.fixture(scope="session")
 def default_selection(neuronspec_session):
-    """Skip a snapshot spec when the run selects other layers, top-k or pruning ratio than
-    the defaults its snapshot was taken with (its findings would differ by construction).
-    Name it first among a spec's fixtures, so the skip comes before the costly ones."""
+    """Skip a snapshot spec when the run selects other layers, top-k, pruning ratio or
+    analysis settings than the defaults its snapshot was taken with (its findings would
+    differ by construction). Name it first among a spec's fixtures, so the skip comes before
+    the costly ones."""
     config = neuronspec_session.config
     changed = [
-        option
-        for field, option in SELECTION_OPTIONS.items()
-        if getattr(config, field) != RunConfig.__dataclass_fields__[field].default
+        BY_FIELD[name].flag for name in SELECTION_FIELDS if getattr(config, name) != default(name)
     ]
     if changed:
         pytest.skip(f"the snapshot holds the default selection; run without {', '.join(changed)}")
@@ -183,7 +194,7 @@ class DeltaSensitiveRun:
 
 @pytest.fixture(scope="session")
 def delta_sensitive(
-    neuronspec_session, model_id, neuron_stats, delta_sensitive_sets, loaded_model, corpus, request
+    neuronspec_session, model_id, neuron_stats, delta_sensitive_sets, loaded_model, corpus
 ) -> DeltaSensitiveRun:
     """METHODS §5 per layer: variance and perturbation (``--delta-prompts`` windows) scores,
     recorded under ``delta_sensitive`` and as neuron sets."""
@@ -197,7 +208,7 @@ def delta_sensitive(
 
     sets = delta_sensitive_sets
     layers = list(sets.by_layer)
-    prompts = corpus.analysis[: request.config.option.delta_prompts]
+    prompts = corpus.analysis[: neuronspec_session.config.delta_prompts]
     perturbation = perturbation_scores(
         loaded_model,
         prompts,
@@ -233,7 +244,7 @@ def delta_sensitive(
 
 
 @pytest.fixture(scope="session")
-def hidden_attention(neuronspec_session, model_id, loaded_model, corpus, request):
+def hidden_attention(neuronspec_session, model_id, loaded_model, corpus):
     """Hidden attention (Mamba), rollouts and attention neurons on the first
     ``--attention-prompts`` corpus windows, plus rollout relevance on the run's fact prompts
     (``--facts``, else the toy world or the English set): an
@@ -244,20 +255,20 @@ def hidden_attention(neuronspec_session, model_id, loaded_model, corpus, request
     from neuronspec.data.facts import run_facts
     from neuronspec.models.registry import EMBEDDED_MODELS
 
-    option = request.config.option
-    layers = neuronspec_session.config.layers_of(loaded_model.n_layers, model=model_id)
+    config = neuronspec_session.config
+    layers = config.layers_of(loaded_model.n_layers, model=model_id)
     run = analyse_attention(
         loaded_model,
-        corpus.analysis[: option.attention_prompts],
+        corpus.analysis[: config.attention_prompts],
         model=model_id,
         layers=layers,
-        methods=option.attention_methods,
-        top_k=neuronspec_session.config.top_k,
-        aggregate=option.attention_aggregate,
+        methods=config.attention_methods,
+        top_k=config.top_k,
+        aggregate=config.attention_aggregate,
     )
-    facts = run_facts(option.facts, embedded=model_id in EMBEDDED_MODELS)
+    facts = run_facts(config.facts, embedded=model_id in EMBEDDED_MODELS)
     run.fact_relevance = fact_relevance(
-        loaded_model, facts, model=model_id, aggregate=option.attention_aggregate
+        loaded_model, facts, model=model_id, aggregate=config.attention_aggregate
     )
     record = neuronspec_session.record
     for finding in run.layer_findings:
@@ -397,18 +408,15 @@ def _knowledge_facts(config, model_id: str):
     from neuronspec.data.facts import run_facts, select_per_relation
     from neuronspec.models.registry import EMBEDDED_MODELS
 
-    option = config.getoption
     facts = run_facts(
-        option("--facts"),
-        embedded=model_id in EMBEDDED_MODELS,
-        templates=option("--knowledge-templates"),
+        config.facts, embedded=model_id in EMBEDDED_MODELS, templates=config.knowledge_templates
     )
-    per_relation = option("--knowledge-facts-per-relation")
+    per_relation = config.knowledge_facts_per_relation
     return select_per_relation(facts, per_relation if per_relation > 0 else None)
 
 
 @pytest.fixture(scope="session")
-def knowledge_neurons(request, neuronspec_session, model_id, loaded_model):
+def knowledge_neurons(neuronspec_session, model_id, loaded_model):
     """METHODS §8: ``(KnowledgeNeuronsFinding, [KnowledgeOverlapFinding per layer...,
     overall])``, recorded under ``knowledge_neurons`` and ``knowledge_overlap``; refined sets
     join the neuron-type overlap as ``knowledge`` (union over facts, per layer)."""
@@ -418,8 +426,8 @@ def knowledge_neurons(request, neuronspec_session, model_id, loaded_model):
         loaded_model.model,
         loaded_model.adapter,
         loaded_model.tokenizer,
-        _knowledge_facts(request.config, model_id),
-        steps=request.config.getoption("--ig-steps"),
+        _knowledge_facts(neuronspec_session.config, model_id),
+        steps=neuronspec_session.config.ig_steps,
         top_k=neuronspec_session.config.top_k,
     )
     neuronspec_session.record(model_id, "knowledge_neurons", summary)

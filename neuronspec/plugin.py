@@ -17,7 +17,6 @@ allocator and torch's threads alone: a foreign project's own ``model_id`` fixtur
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -63,206 +62,22 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 
 
 def _add_options(parser: pytest.Parser) -> None:
-    from neuronspec.analyses.attention_options import AGGREGATES, DEFAULT_AGGREGATE
-    from neuronspec.data.corpus import DEFAULT_CORPUS, DEFAULT_WINDOW
-    from neuronspec.models.registry import DEFAULT_MODELS
+    from neuronspec.options import add_options
 
-    group = parser.getgroup("neuronspec", "neuron specs")
-    group.addoption(
-        "--models",
-        default=",".join(DEFAULT_MODELS),
-        help="comma-separated model ids or local checkpoint directories "
-        f"(default: the embedded {', '.join(DEFAULT_MODELS)})",
-    )
-    group.addoption(
-        "--corpus",
-        default=DEFAULT_CORPUS,
-        help="toyworld (default), wikitext2, or a local .txt/.jsonl file",
-    )
-    group.addoption("--text-limit", type=int, default=None, help="use at most N documents")
-    group.addoption("--max-tokens", type=int, default=None, help="use at most N analysis tokens")
-    group.addoption(
-        "--window",
-        type=int,
-        default=DEFAULT_WINDOW,
-        help=f"tokens per analysis window (default {DEFAULT_WINDOW})",
-    )
-    group.addoption(
-        "--neuronspec-cache",
-        default=".neuronspec-cache",
-        help="statistics cache directory, or 'none' to disable",
-    )
-    group.addoption("--plots-dir", default=None, help="write figures to this directory")
-    group.addoption("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
-    group.addoption("--dtype", default="float32", help="float32 (default), float64, bfloat16")
-    group.addoption("--batch-size", type=int, default=16, help="windows per forward pass")
-    group.addoption(
-        "--no-fast-scan",
-        action="store_true",
-        help="use the HF reference Mamba scan instead of neuronspec's fast exact scan",
-    )
-    group.addoption(
-        "--layers",
-        default=None,
-        help="comma-separated layer indices the per-layer analyses run on (default: all)",
-    )
-    group.addoption(
-        "--trigrams",
-        action="store_true",
-        help="also count (neuron, trigram) firings and report trigram-detecting neurons "
-        "(Voita et al. §4, trigram variant: 1-50 trigrams, same 95%% rules); larger statistics",
-    )
-    group.addoption(
-        "--top-k",
-        type=int,
-        default=10,
-        help="neurons reported per ranking: top delta-sensitive, attention, causal (default 10)",
-    )
-    group.addoption(
-        "--attention-methods",
-        default="attention_weighted,gradient_guided,rollout",
-        type=_attention_methods,
-        help="attention-neuron methods: comma-separated attention_weighted, gradient_guided, "
-        "rollout (default all three)",
-    )
-    group.addoption(
-        "--attention-aggregate",
-        default=DEFAULT_AGGREGATE,
-        choices=AGGREGATES,
-        help="channel mean of |α̃| (abs, default) or of α̃ (mean, METHODS §7; undefined where "
-        "a row of I + mean α̃ sums to <= 0, which raises) that the Mamba rollout takes",
-    )
-    group.addoption(
-        "--attention-prompts",
-        type=_positive_int,
-        default=4,
-        help="corpus windows the hidden-attention analyses run on (default 4)",
-    )
-    group.addoption(
-        "--delta-prompts",
-        type=_positive_int,
-        default=8,
-        help="corpus windows of the delta-sensitivity perturbation score (default 8)",
-    )
-    group.addoption(
-        "--pruning-ratio",
-        type=float,
-        default=0.15,
-        help="fraction of each layer's mlp neurons the pruning study removes (default 0.15)",
-    )
-    group.addoption(
-        "--ig-steps",
-        type=int,
-        default=20,
-        help="Riemann steps m of integrated gradients for knowledge neurons (default 20)",
-    )
-    group.addoption(
-        "--facts",
-        default=None,
-        help="knowledge-neuron facts: a JSON/JSONL file (subject, relation, object, prompts); "
-        "default: the toy world for embedded models, the shipped English set otherwise",
-    )
-    group.addoption(
-        "--knowledge-facts-per-relation",
-        type=int,
-        default=3,
-        help="facts per relation used for knowledge neurons (default 3; 0: all)",
-    )
-    group.addoption(
-        "--knowledge-templates",
-        default="train",
-        choices=("train", "heldout", "all"),
-        help="toy-world prompt templates for knowledge neurons (default train)",
-    )
-    group.addoption(
-        "--neuronspec-results",
-        default=None,
-        help="write every finding of the run to this JSON file",
-    )
-    group.addoption(
-        "--neuronspec-report",
-        default=None,
-        help="write the run's HTML report (findings, figures, spec outcomes, drift) to this directory",
-    )
+    add_options(parser.getgroup("neuronspec", "neuron specs").addoption)
 
 
-def _attention_methods(text: str) -> tuple[str, ...]:
-    from neuronspec.analyses.attention_options import parse_methods
-
-    try:
-        return parse_methods(text)
-    except NeuronSpecError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def _run_config(config: pytest.Config) -> RunConfig:
-    from neuronspec.capture.stats import StatsConfig
-    from neuronspec.data.corpus import CorpusConfig
-    from neuronspec.models.registry import resolve
+def run_config(config: pytest.Config) -> RunConfig:
+    """The run the command line describes, checked before collection: a bad option value, an
+    unknown model or a layer a model lacks is a one-line usage error."""
     from neuronspec.session import RunConfig
 
-    option = config.option
-    models = tuple(m.strip() for m in option.models.split(",") if m.strip())
-    if not models:
-        raise pytest.UsageError("--models is empty; give at least one model id")
-    for model_id in models:
-        try:
-            resolve(model_id)
-        except NeuronSpecError as error:
-            raise pytest.UsageError(str(error)) from None
-    if option.batch_size < 1:
-        raise pytest.UsageError(f"--batch-size must be at least 1, got {option.batch_size}")
-    if option.top_k < 1:
-        raise pytest.UsageError(f"--top-k must be at least 1, got {option.top_k}")
-    if not 0.0 < option.pruning_ratio < 1.0:
-        raise pytest.UsageError(f"--pruning-ratio must lie in (0, 1), got {option.pruning_ratio}")
-    layers = None
-    if option.layers is not None:
-        try:
-            layers = tuple(sorted({int(part) for part in option.layers.split(",") if part.strip()}))
-        except ValueError:
-            raise pytest.UsageError(
-                f"--layers must be comma-separated layer indices such as 0,2,3; got {option.layers!r}"
-            ) from None
-        if not layers:
-            raise pytest.UsageError("--layers is empty; give at least one layer index")
     try:
-        corpus = CorpusConfig(
-            name=option.corpus,
-            window=option.window,
-            text_limit=option.text_limit,
-            max_tokens=option.max_tokens,
-        )
+        run = RunConfig.from_options(config.option)
+        run.check_models()
     except NeuronSpecError as error:
         raise pytest.UsageError(str(error)) from None
-    for model_id in models:  # checked here, so an error is one line, before collection
-        n_layers = _n_layers(model_id)  # a damaged config.json is a usage error
-        if layers is not None and n_layers is not None:
-            try:
-                RunConfig(layers=layers).layers_of(n_layers, model=model_id)
-            except NeuronSpecError as error:
-                raise pytest.UsageError(str(error)) from None
-    cache = option.neuronspec_cache
-    return RunConfig(
-        models=models,
-        corpus=corpus,
-        stats=StatsConfig(trigrams=option.trigrams),
-        cache_dir=None if cache.lower() == "none" else Path(cache),
-        plots_dir=Path(option.plots_dir) if option.plots_dir else None,
-        device=option.device,
-        dtype=option.dtype,
-        batch_size=option.batch_size,
-        fast_scan=not option.no_fast_scan,
-        layers=layers,
-        top_k=option.top_k,
-        pruning_ratio=option.pruning_ratio,
-    )
+    return run
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -275,7 +90,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: {text}")
     _share_cores_among_workers()
     keep_malloc_heap()
-    config.stash[_SESSION_KEY] = SpecSession(_run_config(config))
+    config.stash[_SESSION_KEY] = SpecSession(run_config(config))
     config.pluginmanager.import_plugin("neuronspec.fixtures")  # the finding fixtures
     if not hasattr(config, "workeroutput"):  # the reporting process: outcomes, summary, report
         from neuronspec.report.recorder import NAME, RunRecorder
@@ -309,35 +124,23 @@ def _session(config: pytest.Config) -> SpecSession:
 
 
 def _checkpoint_config(model_id: str) -> dict | None:
-    """The checkpoint's config.json without loading weights; None if absent. A damaged
-    config.json is a usage error naming the file, not a skip."""
-    from neuronspec.models.registry import read_config, resolve
+    """The checkpoint's config.json; None if absent; a damaged one is a usage error."""
+    from neuronspec.models.registry import checkpoint_config
 
     try:
-        source = resolve(model_id)
-        if source.local_dir is not None:
-            directory = source.local_dir
-        else:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(source.repo, "config.json")
-            if not isinstance(found, str):
-                return None
-            directory = Path(found).parent
-        return read_config(directory)
-    except FileNotFoundError:
-        return None
+        return checkpoint_config(model_id)
     except NeuronSpecError as error:
         raise pytest.UsageError(str(error)) from None
 
 
 def _n_layers(model_id: str) -> int | None:
-    """Layer count from the checkpoint's config.json; None if absent."""
-    config = _checkpoint_config(model_id) or {}
-    for key in ("n_layer", "num_hidden_layers"):
-        if key in config:
-            return int(config[key])
-    return None
+    """The checkpoint's layer count; None if absent; a damaged config is a usage error."""
+    from neuronspec.models.registry import checkpoint_layers
+
+    try:
+        return checkpoint_layers(model_id)
+    except NeuronSpecError as error:
+        raise pytest.UsageError(str(error)) from None
 
 
 MARKERS = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,31 +28,69 @@ from neuronspec.data.corpus import (
 from neuronspec.errors import LayerOutOfRangeError
 from neuronspec.findings import to_plain
 from neuronspec.models.registry import (
-    DEFAULT_MODELS,
     LoadedModel,
     ModelFiles,
+    checkpoint_layers,
     load_model,
     open_model,
     pick_dtype,
+    resolve,
 )
+from neuronspec.options import default, field_values
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything a run's numbers depend on, as given on the command line."""
+    """Everything a run's numbers depend on, as given on the command line. Every default is
+    the options table's (:data:`neuronspec.options.OPTIONS`)."""
 
-    models: tuple[str, ...] = DEFAULT_MODELS
+    models: tuple[str, ...] = default("models")
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
-    cache_dir: Path | None = Path(".neuronspec-cache")
-    plots_dir: Path | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch_size: int = 16
-    fast_scan: bool = True
-    layers: tuple[int, ...] | None = None  # per-layer analyses run on these (None: all)
-    top_k: int = 10  # neurons reported per ranking
-    pruning_ratio: float = 0.15  # fraction of each layer pruned
+    cache_dir: Path | None = default("cache_dir")
+    plots_dir: Path | None = default("plots_dir")
+    device: str = default("device")
+    dtype: str = default("dtype")
+    batch_size: int = default("batch_size")
+    fast_scan: bool = default("fast_scan")
+    layers: tuple[int, ...] | None = default("layers")  # per-layer analyses (None: all)
+    top_k: int = default("top_k")  # neurons reported per ranking
+    pruning_ratio: float = default("pruning_ratio")  # fraction of each layer pruned
+    attention_methods: tuple[str, ...] = default("attention_methods")
+    attention_aggregate: str = default("attention_aggregate")
+    attention_prompts: int = default("attention_prompts")
+    delta_prompts: int = default("delta_prompts")
+    ig_steps: int = default("ig_steps")
+    facts: str | None = default("facts")
+    knowledge_facts_per_relation: int = default("knowledge_facts_per_relation")
+    knowledge_templates: str = default("knowledge_templates")
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any] | Any) -> RunConfig:
+        """The run parsed options describe (pytest's ``config.option`` or an argparse
+        namespace, keyed by the options' ``dest``). Raises :class:`NeuronSpecError` naming an
+        option whose value is out of range."""
+        given = field_values(values if isinstance(values, Mapping) else vars(values))
+        nested: dict[str, dict[str, Any]] = {"corpus": {}, "stats": {}}
+        top: dict[str, Any] = {}
+        for name, value in given.items():
+            head, _, tail = name.partition(".")
+            if tail:
+                nested[head][tail] = value
+            else:
+                top[name] = value
+        return cls(
+            corpus=CorpusConfig(**nested["corpus"]), stats=StatsConfig(**nested["stats"]), **top
+        )
+
+    def check_models(self) -> None:
+        """Every model id resolves and every ``--layers`` index exists in each model whose
+        config is on disk; raises :class:`NeuronSpecError` naming what is wrong."""
+        for model_id in self.models:
+            resolve(model_id)
+            n_layers = checkpoint_layers(model_id)
+            if self.layers is not None and n_layers is not None:
+                self.layers_of(n_layers, model=model_id)
 
     def layers_of(self, n_layers: int, *, model: str = "") -> list[int]:
         """The layers per-layer analyses run on for a model with ``n_layers`` layers.
@@ -99,6 +138,10 @@ class SpecSession:
                 files=self.files(model_id),
             )
         return self._models[model_id]
+
+    def release_model(self, model_id: str) -> None:
+        """Drop the loaded model (its weights), keeping its statistics and findings."""
+        self._models.pop(model_id, None)
 
     def corpus(self, model_id: str) -> TokenWindows:
         if model_id not in self._corpora:

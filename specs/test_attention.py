@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from neuronspec.analyses.attention_options import DEFAULT_AGGREGATE
-
 pytestmark = pytest.mark.attention
 
 
@@ -59,11 +57,9 @@ def test_rollout_rows_are_distributions(model_id, hidden_attention):
 
 
 def test_attention_neuron_summaries_snapshot(
-    model_id, default_selection, request, hidden_attention, findings_snapshot
+    model_id, default_selection, hidden_attention, findings_snapshot
 ):
     """Per (method, layer): neurons analysed, top neurons, diversity, must not drift."""
-    if request.config.getoption("attention_aggregate") != DEFAULT_AGGREGATE:
-        pytest.skip("the snapshot holds the default rollout; run without --attention-aggregate")
     summary = [
         {
             "method": f.method,

@@ -12,17 +12,17 @@ import torch
 from builders import VOCAB, make_gpt2, make_mamba, wrap
 
 from neuronspec.analyses.attention_neurons import (
-    METHODS,
     analyse_attention,
     diversity,
     fact_prompt_tokens,
     mlp_gradients,
-    parse_methods,
 )
 from neuronspec.analyses.hidden_attention import gpt2_attention, hidden_attention, rollout
 from neuronspec.errors import NeuronSpecError
 from neuronspec.models.mamba_internals import capture_scan_inputs
 from neuronspec.models.scan import use_fast_scan
+from neuronspec.options import ATTENTION_METHODS as METHODS
+from neuronspec.options import parse_methods
 
 pytestmark = pytest.mark.attention
 pytest_plugins = ["pytester"]

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from neuronspec.capture.cache import TensorCache
-from neuronspec.capture.collect import entry_key, merge_across_ranks, parse_run_config
+from neuronspec.capture.collect import entry_key, merge_across_ranks
 from neuronspec.capture.stats import NeuronStats, merge_rules
+from neuronspec.cli.collect import parse_run_config
 from neuronspec.errors import NeuronSpecError
 from neuronspec.session import SpecSession
 
@@ -192,7 +193,7 @@ def test_shards_in_one_layout_add_field_by_field(random_model):
 
 
 def test_bad_options_are_usage_errors(capsys):
-    from neuronspec.capture.collect import main
+    from neuronspec.cli.collect import main
 
     with pytest.raises(NeuronSpecError, match="--batch-size"):
         parse_run_config(["--batch-size", "0"])

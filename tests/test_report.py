@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from neuronspec.report import diff as diff_module
+from neuronspec.cli import diff as diff_module
 from neuronspec.report.compare import changes
 from neuronspec.report.diff import ADDED, OUT, REMOVED, WITHIN, diff_results
 from neuronspec.report.html import assign_figures, render_html, render_value

@@ -51,11 +51,11 @@ from neuronspec.interventions.ablation import (
 )
 from neuronspec.interventions.perplexity import condition_perplexities
 from neuronspec.models.registry import LoadedModel
+from neuronspec.options import default
 
 DEFAULT_METHOD = "mean"
 DEFAULT_N_WINDOWS = 64  # held-out windows per study: 4032 targets at T = 64
 DEFAULT_N_SEEDS = 5  # random-control seeds (METHODS §10: mean ± std over seeds)
-DEFAULT_PRUNING_RATIO = 0.15  # METHODS §10
 CONTROL_STDS = 2.0  # "exceeds its control": change > control mean + 2 std
 
 
@@ -234,7 +234,7 @@ def pruning_plan(
     dead: Sequence[DeadLayerFinding],
     positional: Sequence[PositionalLayerFinding],
     *,
-    ratio: float = DEFAULT_PRUNING_RATIO,
+    ratio: float = default("pruning_ratio"),
     method: str = DEFAULT_METHOD,
     protected: Mapping[int, Iterable[int]] | None = None,
 ) -> tuple[Condition, dict[str, int]]:
@@ -283,7 +283,7 @@ def pruning_study(
     dead: Sequence[DeadLayerFinding],
     positional: Sequence[PositionalLayerFinding],
     *,
-    ratio: float = DEFAULT_PRUNING_RATIO,
+    ratio: float = default("pruning_ratio"),
     method: str = DEFAULT_METHOD,
     protected: Mapping[int, Iterable[int]] | None = None,
     n_windows: int = DEFAULT_N_WINDOWS,

@@ -35,11 +35,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from neuronspec.analyses.attention_options import (  # noqa: F401
-    DEFAULT_AGGREGATE,
-    METHODS,
-    parse_methods,
-)
 from neuronspec.analyses.delta_sensitive import top_channels
 from neuronspec.analyses.hidden_attention import (
     DEFAULT_MEMORY_BYTES,
@@ -58,9 +53,9 @@ from neuronspec.findings import Finding
 from neuronspec.models.mamba_internals import capture_scan_inputs
 from neuronspec.models.registry import LoadedModel
 from neuronspec.models.scan import selective_scan
+from neuronspec.options import ATTENTION_METHODS, default
 
 GPT2_METHODS = ("gradient_guided",)  # the methods that exist without per-channel attention
-DEFAULT_PROMPTS = 4  # corpus windows the attention analyses run on (--attention-prompts)
 
 
 @dataclass(frozen=True)
@@ -186,7 +181,7 @@ def mamba_relevance(
     loaded: LoadedModel,
     prompts: torch.Tensor,
     *,
-    aggregate: str = DEFAULT_AGGREGATE,
+    aggregate: str = default("attention_aggregate"),
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Last-token relevance ``(P, L)`` of the rollout (of the ``aggregate`` channel mean,
@@ -220,16 +215,18 @@ def analyse_attention(
     *,
     model: str,
     layers: Sequence[int],
-    methods: Sequence[str] = METHODS,
-    top_k: int = 10,
-    aggregate: str = DEFAULT_AGGREGATE,
+    methods: Sequence[str] = ATTENTION_METHODS,
+    top_k: int = default("top_k"),
+    aggregate: str = default("attention_aggregate"),
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> AttentionRun:
     """Hidden attention (Mamba), rollouts and attention neurons of ``layers`` on ``prompts``;
     ``aggregate``: the channel mean the Mamba rollout takes (:func:`channel_aggregate`)."""
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(ATTENTION_METHODS))
     if unknown:
-        raise NeuronSpecError(f"unknown attention methods {unknown}; known: {', '.join(METHODS)}")
+        raise NeuronSpecError(
+            f"unknown attention methods {unknown}; known: {', '.join(ATTENTION_METHODS)}"
+        )
     run = AttentionRun(model=model, family=loaded.family, prompts=prompts)
     if loaded.family == "gpt2":
         return _analyse_gpt2(loaded, prompts, run, layers, methods, top_k)
@@ -352,7 +349,7 @@ def fact_relevance(
     facts,
     *,
     model: str,
-    aggregate: str = DEFAULT_AGGREGATE,
+    aggregate: str = default("attention_aggregate"),
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> list[FactRelevanceFinding]:
     """Relevance findings (rollout, and for Mamba the gradient-guided rollout) on the first

@@ -52,6 +52,7 @@ from neuronspec.interventions.ablation import (
     baseline_condition,
 )
 from neuronspec.models.registry import LoadedModel
+from neuronspec.options import default
 from neuronspec.progress import progress
 
 DEFAULT_METHOD = "zero"  # METHODS §6: "zero (or mean) it at all positions"
@@ -170,7 +171,7 @@ def causal_neurons(
     stats: NeuronStats,
     *,
     layers: Sequence[int] | None = None,
-    top_k: int = 10,
+    top_k: int = default("top_k"),
     method: str = DEFAULT_METHOD,
     means: Mapping | None = None,
     seed: int = 0,

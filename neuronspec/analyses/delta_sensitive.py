@@ -32,15 +32,14 @@ from neuronspec.capture.stats import NeuronStats
 from neuronspec.errors import NeuronSpecError
 from neuronspec.findings import Finding
 from neuronspec.models.registry import LoadedModel
+from neuronspec.options import default
 
 VARIANCE_SITE = {"mamba": "dt", "gpt2": "mlp"}
 """The site each family's variance score reads."""
 NEURON_KIND = {"dt": "delta_sensitive", "mlp": "high_variance"}
 """The neuron-set kind recorded for each site (SpecSession.record_neuron_set)."""
-DEFAULT_PROMPTS = 8  # windows for the perturbation score (--delta-prompts)
 DEFAULT_SUBSTITUTIONS = 8  # substitutions per window, one batched forward each
 DEFAULT_SEED = 0
-DEFAULT_TOP_K = 10
 
 
 def variance_site(stats: NeuronStats) -> str:
@@ -82,7 +81,7 @@ class NeuronSets:
 
 
 def delta_sensitive_sets(
-    stats: NeuronStats, *, top_k: int = DEFAULT_TOP_K, layers: list[int] | None = None
+    stats: NeuronStats, *, top_k: int = default("top_k"), layers: list[int] | None = None
 ) -> NeuronSets:
     """Top-``top_k`` channels by the variance score, per layer (default every layer).
 
@@ -210,7 +209,7 @@ def delta_sensitive_layer(
     layer: int,
     *,
     model: str,
-    top_k: int = DEFAULT_TOP_K,
+    top_k: int = default("top_k"),
     n_prompts: int,
     substitutions: int,
     seed: int,

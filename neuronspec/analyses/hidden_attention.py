@@ -51,11 +51,11 @@ from dataclasses import dataclass
 
 import torch
 
-from neuronspec.analyses.attention_options import AGGREGATES
 from neuronspec.errors import NeuronSpecError
 from neuronspec.findings import Finding
 from neuronspec.models.adapters import adapter_for
 from neuronspec.models.mamba_internals import ScanInputs
+from neuronspec.options import AGGREGATES
 
 DEFAULT_MEMORY_BYTES = 256 * 2**20
 """Bound on one channel chunk's working set (state ``M`` and rows α̃): 256 MiB."""

@@ -43,18 +43,17 @@ from neuronspec.data.facts import FactsError, KnowledgeFact
 from neuronspec.findings import Finding
 from neuronspec.interventions.integrated_gradients import (
     DEFAULT_MAX_ROWS,
-    DEFAULT_STEPS,
     LayerAttributions,
     gold_probability,
     integrated_gradients,
 )
 from neuronspec.models.adapters import SiteAdapter
+from neuronspec.options import default
 from neuronspec.progress import progress
 
 DEFAULT_THRESHOLD = 0.2  # Dai et al.: t = 0.2 of the prompt's maximum attribution
 DEFAULT_MIN_SHARE = 0.7  # Dai et al.: p = 0.7 of the paraphrase prompts
 DEFAULT_CONTROLS = 3  # unrelated facts per fact for the suppress/enhance control
-DEFAULT_FACTS_PER_RELATION = 3  # toy world default for specs: 7 relations × 3 facts × 3 prompts
 MODES = ("suppress", "enhance")  # set to 0, multiply by 2 (METHODS.md §8)
 
 
@@ -234,11 +233,11 @@ def knowledge_neurons(
     tokenizer,
     facts: Sequence[KnowledgeFact],
     *,
-    steps: int = DEFAULT_STEPS,
+    steps: int = default("ig_steps"),
     threshold: float = DEFAULT_THRESHOLD,
     min_share: float = DEFAULT_MIN_SHARE,
     n_controls: int = DEFAULT_CONTROLS,
-    top_k: int = 10,
+    top_k: int = default("top_k"),
     max_rows: int = DEFAULT_MAX_ROWS,
     site: str = "mlp",
 ) -> tuple[KnowledgeNeuronsFinding, list[KnowledgeOverlapFinding]]:

@@ -1,13 +1,9 @@
-"""``python -m neuronspec collect``: fill the statistics cache, on one process or many.
+"""The statistics pass of ``python -m neuronspec collect`` (:mod:`neuronspec.cli.collect`),
+on one process or many.
 
-Takes the pytest plugin's own options (``--models``, ``--corpus``, ``--text-limit``,
-``--max-tokens``, ``--window``, ``--neuronspec-cache``, ``--device``, ``--dtype``,
-``--batch-size``, ``--no-fast-scan``, …: the parser is filled by
-:func:`neuronspec.plugin.pytest_addoption` and read by the plugin's ``_run_config``), and
-writes each model's entry under the key :func:`~neuronspec.capture.runner.stats_cache_key`
-gives for them, the key ``pytest specs/`` looks up: a later ``pytest specs/`` with the same
-options runs warm. Options that only specs read (``--plots-dir``, ``--layers``, …) are
-accepted and ignored.
+Each model's entry is written under the key :func:`~neuronspec.capture.runner.stats_cache_key`
+gives for the run's options, the key ``pytest specs/`` looks up: a later ``pytest specs/``
+with the same options runs warm.
 
 Data-parallel on torch.distributed::
 
@@ -31,12 +27,10 @@ whole corpus (:func:`~neuronspec.capture.stats.packed_layout`), which loads into
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -45,43 +39,9 @@ import torch.distributed as dist
 from neuronspec.capture.cache import TensorCache
 from neuronspec.capture.runner import collect_stats, computation_path, stats_cache_key
 from neuronspec.capture.stats import NeuronStats, merge_rules, packed_layout, packed_regions
-from neuronspec.errors import CacheCorruptError, NeuronSpecError
+from neuronspec.errors import CacheCorruptError
 from neuronspec.models.registry import pick_dtype
-from neuronspec.session import RunConfig, SpecSession
-
-
-class _OptionGroup:
-    """What ``pytest_addoption`` calls (``parser.getgroup(...).addoption(...)``), onto argparse."""
-
-    def __init__(self, parser: argparse.ArgumentParser):
-        self._parser = parser
-
-    def getgroup(self, *args, **kwargs) -> _OptionGroup:
-        return self
-
-    def addoption(self, *names: str, **kwargs) -> None:
-        self._parser.add_argument(*names, **kwargs)
-
-
-def parse_run_config(argv: list[str]) -> RunConfig:
-    """The :class:`RunConfig` a ``pytest specs/`` run with these options would use.
-
-    Raises :class:`NeuronSpecError` with the plugin's message for a bad option value."""
-    import pytest
-
-    from neuronspec import plugin
-
-    parser = argparse.ArgumentParser(
-        prog="python -m neuronspec collect",
-        description="Fill the statistics cache for --models on --corpus (the options of "
-        "`pytest specs/`), on one process or data-parallel under torchrun.",
-    )
-    plugin._add_options(_OptionGroup(parser))  # the options an opted-in spec run has
-    args = parser.parse_args(argv)
-    try:
-        return plugin._run_config(SimpleNamespace(option=args))
-    except pytest.UsageError as error:
-        raise NeuronSpecError(str(error)) from None
+from neuronspec.session import SpecSession
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,46 +202,3 @@ def collect_model(session: SpecSession, model_id: str, group: Group) -> dict:
         "seconds": time.perf_counter() - start,
         "n_tokens": tokens,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        run = parse_run_config(list(sys.argv[1:] if argv is None else argv))
-    except NeuronSpecError as error:
-        print(f"neuronspec collect: {error}", file=sys.stderr)
-        return 2
-    if run.cache_dir is None:
-        print("neuronspec collect: --neuronspec-cache none leaves nothing to fill", file=sys.stderr)
-        return 2
-    group, created = init_group(run.device)
-    if group.comm_device.type == "cuda":
-        run = dataclasses.replace(run, device=str(group.comm_device))
-    session = SpecSession(run)
-    try:
-        for model_id in run.models:
-            summary = collect_model(session, model_id, group)
-            if group.rank == 0:
-                _report(summary, group)
-            session._models.pop(model_id, None)  # one model in memory at a time
-        # Every rank leaves the last collective before any rank tears its connections down:
-        # a peer that destroys the group while another still completes a collective on it can
-        # abort that rank at exit (gloo's threads, SIGABRT).
-        dist.barrier()
-    except NeuronSpecError as error:
-        print(f"neuronspec collect (rank {group.rank}): {error}", file=sys.stderr)
-        return 1
-    finally:
-        if created:
-            dist.destroy_process_group()
-    return 0
-
-
-def _report(summary: dict, group: Group) -> None:
-    if not summary["computed"]:
-        print(f"{summary['model']}: already cached ({summary['entry']})")
-        return
-    print(
-        f"{summary['model']}: {summary['n_tokens']} tokens on {group.world_size} rank(s) in "
-        f"{summary['seconds']:.1f} s -> {summary['entry']}"
-    )

@@ -57,6 +57,7 @@ import torch
 
 from neuronspec.errors import LayerOutOfRangeError, NeuronSpecError, TooFewTokensError
 from neuronspec.native import kernels_available, load_library
+from neuronspec.options import default
 
 FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -74,7 +75,7 @@ class StatsConfig:
 
     fire_threshold: float = 0.0  # METHODS §1: a neuron fires when mlp_pre > 0
     unigrams: bool = True  # sparse (neuron, token) firing counts for METHODS §3
-    trigrams: bool = False  # sparse (neuron, trigram) counts: large, opt-in
+    trigrams: bool = default("stats.trigrams")  # sparse (neuron, trigram) counts: large, opt-in
     # |a| quantile sketch (METHODS §9): 116 bins per decade, bin ratio γ = 10^(1/116), so a
     # bin's representative 2·lo·γ/(γ+1) is within (γ-1)/(γ+1) = 0.99% of every value in it;
     # every decade is a bin edge (thresholds 1e-5, 0.01 count exactly)

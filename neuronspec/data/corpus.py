@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 
 from neuronspec.errors import CorpusError
+from neuronspec.options import default
 
-DEFAULT_CORPUS = "toyworld"
-DEFAULT_WINDOW = 64
 WINDOWS_FORMAT = 2  # bump when tokenisation into windows or the entry's meta changes
 
 
@@ -36,8 +35,8 @@ class CorpusConfig:
     """Which texts, and how many. ``text_limit`` counts documents; ``max_tokens`` caps the
     analysis tokens (whole windows); ``None`` means no limit."""
 
-    name: str = DEFAULT_CORPUS
-    window: int = DEFAULT_WINDOW
+    name: str = default("corpus.name")
+    window: int = default("corpus.window")
     text_limit: int | None = None
     max_tokens: int | None = None
     heldout_fraction: float = 0.1  # used only when a corpus has no held-out split of its own

@@ -45,8 +45,8 @@ from torch import nn
 
 from neuronspec.errors import NeuronSpecError
 from neuronspec.models.adapters import SiteAdapter
+from neuronspec.options import default
 
-DEFAULT_STEPS = 20  # Dai et al.: m = 20 Riemann steps
 DEFAULT_MAX_ROWS = 256  # (layer, step) rows per forward/backward; bounds memory on large models
 
 
@@ -145,7 +145,7 @@ def integrated_gradients(
     target: int,
     *,
     layers: list[int] | tuple[int, ...] | None = None,
-    steps: int = DEFAULT_STEPS,
+    steps: int = default("ig_steps"),
     site: str = "mlp",
     max_rows: int = DEFAULT_MAX_ROWS,
     with_zero: bool = False,
@@ -250,7 +250,7 @@ def integrated_gradients_per_layer(
     target: int,
     *,
     layers: list[int] | tuple[int, ...] | None = None,
-    steps: int = DEFAULT_STEPS,
+    steps: int = default("ig_steps"),
     site: str = "mlp",
     share_prefix: bool = False,
 ) -> LayerAttributions:

@@ -43,7 +43,6 @@ HUB_MODELS: dict[str, str] = {
 }
 # The embedded default, shipped in the repo (see neuronspec/zoo).
 EMBEDDED_MODELS: tuple[str, ...] = ("tiny-gpt2", "tiny-mamba")
-DEFAULT_MODELS: tuple[str, ...] = EMBEDDED_MODELS
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -124,6 +123,34 @@ def read_config(directory: Path) -> dict:
             "damaged: write it again with save_pretrained() or download the model again"
         )
     return config
+
+
+def checkpoint_config(model_id: str) -> dict | None:
+    """The checkpoint's config.json without loading weights (local directory or HF cache);
+    None if it is not on this machine. A damaged config.json raises :class:`CheckpointError`
+    naming the file."""
+    source = resolve(model_id)
+    directory = source.local_dir
+    if directory is None:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source.repo, "config.json")
+        if not isinstance(found, str):
+            return None
+        directory = Path(found).parent
+    try:
+        return read_config(directory)
+    except FileNotFoundError:
+        return None
+
+
+def checkpoint_layers(model_id: str) -> int | None:
+    """The layer count in the checkpoint's config.json; None if it is not on this machine."""
+    config = checkpoint_config(model_id) or {}
+    for key in ("n_layer", "num_hidden_layers"):
+        if key in config:
+            return int(config[key])
+    return None
 
 
 def _local_files(source: ModelSource) -> Path:

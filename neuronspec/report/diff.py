@@ -15,15 +15,12 @@ cannot be read. ``--markdown`` writes a CI job summary.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from neuronspec.report.compare import Change, changes
-from neuronspec.report.results import ResultsFileError, iter_findings, load_results
-from neuronspec.snapshot import FindingsSnapshotExtension, findings_extension
+from neuronspec.report.results import iter_findings
+from neuronspec.snapshot import FindingsSnapshotExtension
 
 OUT, REMOVED, ADDED, WITHIN = "out of tolerance", "removed", "added", "within tolerance"
 STATUSES = (OUT, REMOVED, ADDED, WITHIN)
@@ -147,28 +144,3 @@ def format_markdown(result: RunDiff, *, max_changes: int = 20) -> str:
                 f"| {finding.status} | {_md(finding.name)} | {_md('<br>'.join(shown)) or '—'} |"
             )
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m neuronspec diff",
-        description="List the findings that changed between two results files, with the "
-        "snapshots' tolerance. Exit 1 when a finding is out of tolerance or removed.",
-    )
-    parser.add_argument("old", type=Path, help="results JSON of the earlier run")
-    parser.add_argument("new", type=Path, help="results JSON of the later run")
-    parser.add_argument("--markdown", action="store_true", help="Markdown (CI job summary)")
-    parser.add_argument("--rel", type=float, default=FindingsSnapshotExtension.rel_tol)
-    parser.add_argument("--abs", type=float, default=FindingsSnapshotExtension.abs_tol)
-    parser.add_argument("--max-changes", type=int, default=20, help="changes listed per finding")
-    args = parser.parse_args(argv)
-    try:
-        old, new = load_results(args.old), load_results(args.new)
-        extension = findings_extension(rel=args.rel, abs=args.abs)()
-    except (ResultsFileError, ValueError, TypeError) as error:
-        print(f"neuronspec diff: {error}", file=sys.stderr)
-        return 2
-    result = diff_results(old, new, extension=extension)
-    formatter = format_markdown if args.markdown else format_text
-    sys.stdout.write(formatter(result, max_changes=args.max_changes))
-    return 1 if result.failed else 0

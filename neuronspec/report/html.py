@@ -18,12 +18,10 @@ and they appear in its section.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,6 @@ from neuronspec.report.results import (
     ResultsFileError,
     is_token_field,
     layer_sort_key,
-    load_results,
 )
 from neuronspec.report.summary import drift_counts, outcome_counts, token_text
 
@@ -645,27 +642,3 @@ def write_report(
     source = f"from {results_path}" if results_path is not None else ""
     page.write_text(render_html(results, figures, source=source), encoding="utf-8")
     return page
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m neuronspec report",
-        description="Write the HTML report of a run from its results file (no models needed).",
-    )
-    parser.add_argument("results", type=Path, help="results JSON (pytest --neuronspec-results)")
-    parser.add_argument("--out", type=Path, required=True, help="directory for index.html")
-    parser.add_argument(
-        "--plots",
-        type=Path,
-        default=None,
-        help="the run's figures (default: the --plots-dir recorded in the results)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        results = load_results(args.results)
-        page = write_report(results, args.out, plots_dir=args.plots, results_path=args.results)
-    except ResultsFileError as error:
-        print(f"neuronspec report: {error}", file=sys.stderr)
-        return 2
-    print(page)
-    return 0
