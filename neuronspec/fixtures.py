@@ -42,6 +42,7 @@ SELECTION_FIELDS = (  # RunConfig fields that change what a snapshot spec's find
     "layers",
     "top_k",
     "pruning_ratio",
+    "control_seeds",
     "attention_methods",
     "attention_aggregate",
     "attention_prompts",
@@ -334,7 +335,13 @@ def ablation(
     sensitive = Condition(sets.kind, sets.site, sets.by_layer)  # ablated at its own site
     conditions = standard_conditions(list(dead), list(positional), sensitive=sensitive)
     means = corpus_means(neuron_stats)  # mlp, and dt (the Δ channels) for Mamba
-    study = ablation_study(loaded_model, corpus.heldout, conditions, means=means)
+    study = ablation_study(
+        loaded_model,
+        corpus.heldout,
+        conditions,
+        means=means,
+        n_seeds=neuronspec_session.config.control_seeds,
+    )
     neuronspec_session.record(model_id, "ablation", study)
     return study
 
@@ -357,6 +364,7 @@ def pruning(
         list(positional),
         ratio=neuronspec_session.config.pruning_ratio,
         protected=protected,
+        n_seeds=neuronspec_session.config.control_seeds,
     )
     neuronspec_session.record(model_id, "pruning", finding)
     return finding

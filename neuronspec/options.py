@@ -243,6 +243,17 @@ OPTIONS: tuple[Option, ...] = (
         requirement="in (0, 1)",
     ),
     Option(
+        "--control-seeds",
+        99,
+        "random-control draws per ablation, pruning condition; a test at level α needs at "
+        "least 1/α − 1 (99: α = 0.01)",
+        "§10",
+        "control_seeds",
+        int,
+        valid=lambda n: n >= 2,
+        requirement="at least 2",
+    ),
+    Option(
         "--ig-steps",
         20,
         "Riemann steps m of integrated gradients for knowledge neurons",

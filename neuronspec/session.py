@@ -60,6 +60,7 @@ class RunConfig:
     attention_aggregate: str = default("attention_aggregate")
     attention_prompts: int = default("attention_prompts")
     delta_prompts: int = default("delta_prompts")
+    control_seeds: int = default("control_seeds")
     ig_steps: int = default("ig_steps")
     facts: str | None = default("facts")
     knowledge_facts_per_relation: int = default("knowledge_facts_per_relation")

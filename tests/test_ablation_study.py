@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from neuronspec.analyses.ablation import (
     standard_conditions,
 )
 from neuronspec.capture.runner import collect_stats
+from neuronspec.errors import NeuronSpecError
 from neuronspec.interventions.ablation import (
     AblationEngine,
     AblationError,
@@ -107,9 +109,15 @@ def test_study_reports_controls_that_a_separate_run_reproduces(random_model, sta
     assert found.change == pytest.approx(alone.ppl / base.ppl - 1, rel=1e-9)
     assert found.control.ppl == pytest.approx([c.ppl for c in controls], rel=1e-9)
     assert found.control.ppl_std == pytest.approx(statistics.stdev(c.ppl for c in controls))
-    assert found.exceeds_control == (
-        found.change > found.control.change_mean + 2 * found.control.change_std
-    )
+    changes = [c.ppl / base.ppl - 1 for c in controls]
+    assert found.control.changes == pytest.approx(changes, rel=1e-9)
+    assert found.p_value == (1 + sum(c >= found.change for c in changes)) / 6
+    log_ratios = [math.log(c.ppl / base.ppl) for c in controls]
+    difference = math.log(alone.ppl / base.ppl) - statistics.fmean(log_ratios)
+    assert found.nll_difference == pytest.approx(difference, rel=1e-9)
+    assert found.change in found.interval(0.95) and found.log_ratio_se > 0
+    with pytest.raises(NeuronSpecError, match="needs at least 99 random-control seeds"):
+        found.exceeds(alpha=0.01)
     none = study.condition("none")
     assert none.n_neurons == 0 and none.control is None and none.change == 0.0
 
@@ -140,10 +148,14 @@ def test_planted_important_neurons_exceed_control_and_silenced_ones_do_not(rando
         Condition("silent", "mlp", {0: silent, 1: silent}),
     ]
     windows = _sampled(random_model, n=16, length=16)
-    study = ablation_study(random_model, windows, conditions, method="zero", n_windows=16)
-    assert study.condition("loud").exceeds_control is True
-    assert study.condition("silent").change == 0.0
-    assert study.condition("silent").exceeds_control is False
+    study = ablation_study(
+        random_model, windows, conditions, method="zero", n_windows=16, n_seeds=20
+    )
+    loud, silent = study.condition("loud"), study.condition("silent")
+    assert loud.p_value == 1 / 21 and loud.exceeds(alpha=0.05)
+    assert loud.difference_interval(0.95).low > 0
+    assert silent.change == 0.0 and silent.log_ratio_se == 0.0
+    assert not silent.exceeds(alpha=0.05)
 
 
 def test_pruning_plan_priority_and_protection(stats):
@@ -168,9 +180,17 @@ def test_pruning_study_control_avoids_protected(random_model, stats):
     dead, positional = _findings({}, {})
     protected = {0: tuple(range(0, 40)), 1: tuple(range(10))}
     finding = pruning_study(
-        random_model, _windows(4, seed=2), stats, dead, positional, protected=protected, n_windows=4
+        random_model,
+        _windows(4, seed=2),
+        stats,
+        dead,
+        positional,
+        protected=protected,
+        n_windows=4,
+        n_seeds=5,
     )
     assert finding.n_protected == 50
     assert all(n >= 40 for n in finding.pruned_neurons[0])
     assert len(finding.control.ppl) == 5
+    assert finding.p_value == (1 + sum(c <= finding.change for c in finding.control.changes)) / 6
     assert finding.change == pytest.approx(finding.ppl / finding.baseline_ppl - 1)

@@ -39,12 +39,12 @@ def test_more_token_detectors_in_layer_1_than_in_layer_0(model_id, ngram):
     assert ngram[1].n_token_detectors > ngram[0].n_token_detectors
 
 
-@pytest.mark.measured({"tiny-gpt2": "PPL -0.037% (3.78098 -> 3.77956) vs random +0.039% +- 0.016%"})
+@pytest.mark.measured({"tiny-gpt2": "PPL -0.04% vs random +0.03% (20 seeds): p = 1.00"})
 def test_positional_ablation_beats_its_random_control(model_id, ablation):
     positional = ablation.condition("positional")
     if positional.n_neurons == 0:
         pytest.skip(f"{model_id} has no positional neurons")
-    assert positional.exceeds_control, positional
+    assert positional.exceeds(alpha=0.05), positional
 
 
 def test_suppressing_knowledge_neurons_hurts_the_fact_more_than_controls(knowledge_neurons):
@@ -70,7 +70,13 @@ def test_dead_snapshot(model_id, layer, dead, findings_snapshot):
     assert dead[layer].snapshot_view() == findings_snapshot
 """
 
-OPTIONS = ["--text-limit", "1000", "--knowledge-facts-per-relation", "1", "-p", "no:cacheprovider"]
+OPTIONS = [
+    "--text-limit=1000",
+    "--knowledge-facts-per-relation=1",
+    "--control-seeds=20",
+    "-p",
+    "no:cacheprovider",
+]
 
 
 def _run(pytester: pytest.Pytester, *args: str):

@@ -38,6 +38,7 @@ NON_DEFAULT = {  # a valid value other than the default, for every option of the
     "--attention-prompts": "2",
     "--delta-prompts": "3",
     "--pruning-ratio": "0.3",
+    "--control-seeds": "20",
     "--ig-steps": "5",
     "--facts": "facts.json",
     "--knowledge-facts-per-relation": "0",

@@ -5,11 +5,19 @@ with a neuron set ablated, for the conditions baseline; dead (Voita et al. 2023 
 positional (§5); the fifth condition, a parameter (delta-sensitive Δ channels on the
 ``dt`` site for Mamba, high-variance ``mlp`` neurons for GPT-2, METHODS §5; None until
 that analysis is wired); dead ∪ positional. Each non-empty condition gets a **random
-control**: for each of ``n_seeds`` seeds (default 5), as many neurons per layer as the
-condition has, drawn uniformly without replacement from the layer's neurons at the same
-site (:func:`~neuronspec.interventions.ablation.random_condition`, seed s = 0..n_seeds−1),
-reported as mean ± sample std (ddof 1) of the PPL and of its relative change. A condition
-*exceeds its control* when its relative change > control mean + 2 std.
+control**: for each of ``n_seeds`` seeds (``--control-seeds``, default 99), as many
+neurons per layer as the condition has, drawn uniformly without replacement from the
+layer's neurons at the same site
+(:func:`~neuronspec.interventions.ablation.random_condition`, seed s = 0..n_seeds−1),
+reported as mean ± sample std (ddof 1) of the PPL and of its relative change.
+
+**Uncertainty** (:mod:`neuronspec.uncertainty`). A condition's change has a standard
+error from the paired bootstrap over the held-out windows; its *difference* from the
+control mean has one from the bootstrap over windows and seeds. Its p-value is the
+empirical one of its change among the control seeds' changes; a condition *exceeds its
+control at level α* (``exceeds(alpha=0.01)``) when p ≤ α, which needs at least 1/α − 1
+seeds. Pruning's p-value is the other tail: priority pruning *stays below* random pruning
+when few random prunings hurt as little.
 
 **Pruning.** In every layer, ``round(ratio · width)`` neurons of the ``mlp`` site (ratio
 default 0.15) are ablated, chosen by priority: dead > positional > other, never a
@@ -33,6 +41,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from neuronspec.analyses.dead import DeadLayerFinding
@@ -52,11 +61,19 @@ from neuronspec.interventions.ablation import (
 from neuronspec.interventions.perplexity import condition_perplexities
 from neuronspec.models.registry import LoadedModel
 from neuronspec.options import default
+from neuronspec.uncertainty import (
+    BOOTSTRAP_METHOD,
+    Interval,
+    change_interval,
+    check_level,
+    control_mean_replicates,
+    empirical_p_value,
+    normal_interval,
+    paired_log_ratios,
+)
 
 DEFAULT_METHOD = "mean"
 DEFAULT_N_WINDOWS = 64  # held-out windows per study: 4032 targets at T = 64
-DEFAULT_N_SEEDS = 5  # random-control seeds (METHODS §10: mean ± std over seeds)
-CONTROL_STDS = 2.0  # "exceeds its control": change > control mean + 2 std
 
 
 @dataclass(frozen=True)
@@ -69,18 +86,68 @@ class RandomControl(Finding):
     ppl_std: float  # sample std (ddof 1) over seeds
     change_mean: float  # relative PPL change against baseline, mean over seeds
     change_std: float
+    changes: list[float]  # per seed
+
+    def p_value(self, change: float, *, alternative: str = "greater") -> float:
+        """Empirical p-value of ``change`` among the seeds' changes (:mod:`~neuronspec.uncertainty`)."""
+        return empirical_p_value(change, self.changes, alternative=alternative)
 
 
-@dataclass(frozen=True)
-class AblationConditionFinding(Finding):
+@dataclass(frozen=True, kw_only=True)
+class ControlledEffect(Finding):
+    """A condition's relative PPL change next to its random control, with uncertainty."""
+
+    ppl: float
+    change: float  # ppl / baseline_ppl − 1
+    log_ratio_se: float  # SE of log(ppl / baseline_ppl): paired bootstrap over windows
+    control: RandomControl | None  # None for an empty condition
+    # log(ppl) − mean over seeds of log(control ppl), nats per target, and its SE
+    # (bootstrap over windows and control seeds)
+    nll_difference: float | None
+    nll_difference_se: float | None
+    p_value: float | None  # empirical, in the direction the analysis tests
+    uncertainty: str  # how the SEs and the p-value were computed
+
+    def interval(self, level: float = 0.95) -> Interval:
+        """Interval of the relative PPL change at ``level`` (from its log ratio's)."""
+        return change_interval(self.change, self.log_ratio_se, level, self.uncertainty)
+
+    def difference_interval(self, level: float = 0.95) -> Interval:
+        """Normal interval of the NLL difference from the control mean (nats per target)."""
+        if self.nll_difference is None or self.nll_difference_se is None:
+            raise NeuronSpecError("an empty condition has no random control to differ from")
+        return normal_interval(self.nll_difference, self.nll_difference_se, level, self.uncertainty)
+
+    def _significant(self, control: RandomControl | None, alpha: float, alternative: str) -> bool:
+        control = self.control if control is None else control
+        if control is None:
+            raise NeuronSpecError("an empty condition has no random control to compare with")
+        check_level(alpha, len(control.seeds))
+        return control.p_value(self.change, alternative=alternative) <= alpha
+
+
+@dataclass(frozen=True, kw_only=True)
+class AblationConditionFinding(ControlledEffect):
     name: str
     site: str
     n_neurons: int
     neurons_per_layer: dict[int, int]
-    ppl: float
-    change: float  # ppl / baseline_ppl − 1
-    control: RandomControl | None  # None for an empty condition
-    exceeds_control: bool | None  # change > control mean + 2 std; None without control
+
+    def snapshot_view(self) -> dict:
+        control = self.control
+        return {
+            "name": self.name,
+            "n_neurons": self.n_neurons,
+            "ppl": {"value": self.ppl, "log_ratio_se": self.log_ratio_se},
+            "control_ppl_mean": None if control is None else control.ppl_mean,
+            "control_ppl_std": None if control is None else control.ppl_std,
+            "p_value": self.p_value,
+        }
+
+    def exceeds(self, control: RandomControl | None = None, *, alpha: float = 0.01) -> bool:
+        """The change exceeds the random control's at level ``alpha`` (empirical p ≤ α;
+        ``control`` defaults to the condition's own)."""
+        return self._significant(control, alpha, "greater")
 
 
 @dataclass(frozen=True)
@@ -92,6 +159,14 @@ class AblationStudyFinding(Finding):
     baseline_ppl: float
     conditions: list[AblationConditionFinding]
 
+    def snapshot_view(self) -> dict:
+        return {
+            "baseline_ppl": self.baseline_ppl,
+            "method": self.method,
+            "n_targets": self.n_targets,
+            "conditions": [c.snapshot_view() for c in self.conditions],
+        }
+
     def condition(self, name: str) -> AblationConditionFinding:
         for condition in self.conditions:
             if condition.name == name:
@@ -101,8 +176,8 @@ class AblationStudyFinding(Finding):
         )
 
 
-@dataclass(frozen=True)
-class PruningFinding(Finding):
+@dataclass(frozen=True, kw_only=True)
+class PruningFinding(ControlledEffect):
     model: str
     method: str
     ratio: float
@@ -112,10 +187,23 @@ class PruningFinding(Finding):
     pruned_by_class: dict[str, int]  # dead / positional / other
     n_protected: int
     baseline_ppl: float
-    ppl: float
-    change: float
-    control: RandomControl
     pruned_neurons: dict[int, list[int]]
+
+    def snapshot_view(self) -> dict:
+        return {
+            "ratio": self.ratio,
+            "n_pruned": self.n_pruned,
+            "pruned_by_class": self.pruned_by_class,
+            "ppl": {"value": self.ppl, "log_ratio_se": self.log_ratio_se},
+            "control_ppl_mean": self.control.ppl_mean,
+            "control_ppl_std": self.control.ppl_std,
+            "p_value": self.p_value,
+        }
+
+    def stays_below(self, control: RandomControl | None = None, *, alpha: float = 0.01) -> bool:
+        """Priority pruning raises PPL less than random pruning at level ``alpha``
+        (empirical lower-tail p ≤ α)."""
+        return self._significant(control, alpha, "less")
 
 
 def standard_conditions(
@@ -148,16 +236,49 @@ def _heldout(windows: torch.Tensor, n_windows: int) -> torch.Tensor:
     return windows[:n_windows]
 
 
-def _control(seeds: list[int], ppls: list[float], baseline: float) -> RandomControl:
-    changes = [p / baseline - 1.0 for p in ppls]
-    return RandomControl(
+def _effect(
+    window_nll: np.ndarray, targets_per_window: int, row: int, controls: list[int],
+    seeds: list[int], *, alternative: str,
+) -> dict:  # fmt: skip
+    """The :class:`ControlledEffect` fields of condition ``row`` of ``window_nll`` ``(C, N)``
+    (Σ NLL per held-out window, row 0 the baseline), with its random control in rows
+    ``controls`` (one per seed); ``alternative``: the tail the p-value tests."""
+    mean_nll = window_nll.sum(1) / (window_nll.shape[1] * targets_per_window)  # (C,)
+    ppl_of, change_of = np.exp(mean_nll), np.expm1(mean_nll - mean_nll[0])
+    replicates = paired_log_ratios(window_nll, targets_per_window)  # (C, B)
+    change = float(change_of[row])
+    fields = {
+        "ppl": float(ppl_of[row]),
+        "change": change,
+        "log_ratio_se": float(replicates[row].std(ddof=1)),
+        "control": None,
+        "nll_difference": None,
+        "nll_difference_se": None,
+        "p_value": None,
+        "uncertainty": BOOTSTRAP_METHOD + "; p-value empirical among the control seeds",
+    }
+    if not controls:
+        return fields
+    ppls = [float(ppl_of[c]) for c in controls]
+    changes = [float(change_of[c]) for c in controls]
+    control = RandomControl(
         seeds=seeds,
         ppl=ppls,
         ppl_mean=statistics.fmean(ppls),
         ppl_std=statistics.stdev(ppls) if len(ppls) > 1 else 0.0,
         change_mean=statistics.fmean(changes),
         change_std=statistics.stdev(changes) if len(changes) > 1 else 0.0,
+        changes=changes,
     )
+    log_ratios = mean_nll - mean_nll[0]  # (C,)
+    difference = replicates[row] - control_mean_replicates(replicates[controls])  # (B,)
+    fields.update(
+        control=control,
+        nll_difference=float(log_ratios[row] - log_ratios[controls].mean()),
+        nll_difference_se=float(difference.std(ddof=1)),
+        p_value=control.p_value(change, alternative=alternative),
+    )
+    return fields
 
 
 def ablation_study(
@@ -168,7 +289,7 @@ def ablation_study(
     means: Mapping | None = None,
     method: str = DEFAULT_METHOD,
     n_windows: int = DEFAULT_N_WINDOWS,
-    n_seeds: int = DEFAULT_N_SEEDS,
+    n_seeds: int = default("control_seeds"),
     max_rows: int = DEFAULT_MAX_ROWS,
 ) -> AblationStudyFinding:
     """PPL of every condition and of its random controls on ``heldout[:n_windows]``, all
@@ -183,37 +304,31 @@ def ablation_study(
         if condition.size:
             width = loaded.adapter.width(condition.site)
             runs += [random_condition(condition, width, seed) for seed in seeds]
-    ppls = [p.ppl for p in condition_perplexities(engine, windows, runs)]
-    baseline = ppls[0]
+    window_nll = np.array([p.window_nll for p in condition_perplexities(engine, windows, runs)])
+    targets = windows.shape[1] - 1
     cursor = 1 + len(conditions)
     results = []
     for index, condition in enumerate(conditions):
-        ppl = ppls[1 + index]
-        change = ppl / baseline - 1.0
-        control = None
+        controls = []
         if condition.size:
-            control = _control(seeds, ppls[cursor : cursor + n_seeds], baseline)
+            controls = list(range(cursor, cursor + n_seeds))
             cursor += n_seeds
+        effect = _effect(window_nll, targets, 1 + index, controls, seeds, alternative="greater")
         results.append(
             AblationConditionFinding(
                 name=condition.name,
                 site=condition.site,
                 n_neurons=condition.size,
                 neurons_per_layer=condition.counts,
-                ppl=ppl,
-                change=change,
-                control=control,
-                exceeds_control=None
-                if control is None
-                else change > control.change_mean + CONTROL_STDS * control.change_std,
+                **effect,
             )
         )
     return AblationStudyFinding(
         model=loaded.model_id,
         method=method,
         n_windows=n_windows,
-        n_targets=n_windows * (windows.shape[1] - 1),
-        baseline_ppl=baseline,
+        n_targets=n_windows * targets,
+        baseline_ppl=float(np.exp(window_nll[0].sum() / (n_windows * targets))),
         conditions=results,
     )
 
@@ -287,7 +402,7 @@ def pruning_study(
     method: str = DEFAULT_METHOD,
     protected: Mapping[int, Iterable[int]] | None = None,
     n_windows: int = DEFAULT_N_WINDOWS,
-    n_seeds: int = DEFAULT_N_SEEDS,
+    n_seeds: int = default("control_seeds"),
     max_rows: int = DEFAULT_MAX_ROWS,
 ) -> PruningFinding:
     """Held-out PPL after pruning by priority, beside random pruning of the same size."""
@@ -300,11 +415,10 @@ def pruning_study(
     width = loaded.adapter.width("mlp")
     seeds = list(range(n_seeds))
     controls = [random_condition(plan, width, seed, exclude=protected) for seed in seeds]
-    ppls = [
-        p.ppl
-        for p in condition_perplexities(engine, windows, [baseline_condition(), plan, *controls])
-    ]
-    baseline = ppls[0]
+    runs = [baseline_condition(), plan, *controls]
+    window_nll = np.array([p.window_nll for p in condition_perplexities(engine, windows, runs)])
+    targets = windows.shape[1] - 1
+    effect = _effect(window_nll, targets, 1, list(range(2, 2 + n_seeds)), seeds, alternative="less")
     n_protected = sum(len(set(ids)) for ids in (protected or {}).values())
     return PruningFinding(
         model=loaded.model_id,
@@ -315,9 +429,7 @@ def pruning_study(
         pruned_per_layer=plan.counts,
         pruned_by_class=by_class,
         n_protected=n_protected,
-        baseline_ppl=baseline,
-        ppl=ppls[1],
-        change=ppls[1] / baseline - 1.0,
-        control=_control(seeds, ppls[2:], baseline),
+        baseline_ppl=float(np.exp(window_nll[0].sum() / (n_windows * targets))),
         pruned_neurons={layer: list(ids) for layer, ids in plan.neurons.items()},
+        **effect,
     )

@@ -28,6 +28,7 @@ from neuronspec.progress import progress
 class Perplexity(Finding):
     nll_sum: float  # Σ next-token NLL (nats) over all targets
     n_targets: int  # number of predicted tokens: n_windows · (T − 1)
+    window_nll: tuple[float, ...] = ()  # Σ NLL per window (N,), for paired intervals
 
     @property
     def mean_nll(self) -> float:
@@ -68,7 +69,7 @@ def condition_perplexities(
         raise ValueError("no windows to measure perplexity on")
     group = min(len(conditions), engine.max_rows)
     per_chunk = max(1, engine.max_rows // group)
-    nll = torch.zeros(len(conditions), dtype=torch.float64)
+    nll = torch.zeros(len(conditions), n_windows, dtype=torch.float64)  # per window
     donor_of = derangement(n_windows, seed) if engine.method == "resample" else None
     sites = engine.sites_of(conditions)
     starts = range(0, n_windows, per_chunk)
@@ -80,6 +81,7 @@ def condition_perplexities(
         for first in range(0, len(conditions), group):
             part = conditions[first : first + group]
             logits = engine.forward(chunk, part, donors=donors)  # (g, n, T, V)
-            nll[first : first + len(part)] += next_token_nll(logits, chunk).sum(-1).cpu()
+            window_nll = next_token_nll(logits, chunk).cpu()  # (g, n)
+            nll[first : first + len(part), start : start + len(chunk)] = window_nll
     n_targets = n_windows * (windows.shape[1] - 1)
-    return [Perplexity(float(value), n_targets) for value in nll]
+    return [Perplexity(float(row.sum()), n_targets, tuple(row.tolist())) for row in nll]

@@ -19,8 +19,10 @@ def plot_ablation(study: AblationStudyFinding, path: str | Path) -> Path:
     axis.bar(
         [x - 0.2 for x in xs],
         [100 * c.change for c in study.conditions],
+        yerr=_interval_bars(study.conditions),
         width=0.4,
-        label="ablated set",
+        capsize=4,
+        label="ablated set (95% interval over windows)",
         color="tab:red",
     )
     control_x = [x + 0.2 for x, c in zip(xs, study.conditions, strict=True) if c.control]
@@ -46,6 +48,16 @@ def plot_ablation(study: AblationStudyFinding, path: str | Path) -> Path:
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3, axis="y")
     return save_figure(figure, path)
+
+
+def _interval_bars(conditions) -> list[list[float]]:
+    """Asymmetric 95% error bars (percent) of each condition's change."""
+    low, high = [], []
+    for condition in conditions:
+        interval = condition.interval(0.95)
+        low.append(100 * (condition.change - interval.low))
+        high.append(100 * (interval.high - condition.change))
+    return [low, high]
 
 
 def plot_pruning(finding: PruningFinding, path: str | Path) -> Path:

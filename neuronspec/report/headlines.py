@@ -9,6 +9,7 @@ their findings generically.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -149,15 +150,31 @@ def _random_control(control: dict[str, Any]) -> str:
     return f"random {100 * control['change_mean']:+.3f}% ± {100 * control['change_std']:.3f}%"
 
 
+def _interval_text(effect: dict[str, Any]) -> str:
+    low, high = (
+        100 * math.expm1(math.log1p(effect["change"]) + sign * 1.959964 * effect["log_ratio_se"])
+        for sign in (-1, 1)
+    )
+    return f"{low:+.3f}%, {high:+.3f}%"
+
+
+def _controlled(effect: dict[str, Any]) -> str:
+    """A change with its 95% interval, next to its random control with the p-value."""
+    text = f"{100 * effect['change']:+.3f}% [95% {_interval_text(effect)}]"
+    if effect.get("control"):
+        seeds = len(effect["control"]["seeds"])
+        text += (
+            f" vs {_random_control(effect['control'])} (p = {effect['p_value']:.3f}, {seeds} seeds)"
+        )
+    return text
+
+
 @headline("ablation")
 def _ablation(layers: dict[str, Any], tokens: TokenText) -> str:
     study = layers["all"]
     parts = [f"baseline PPL {study['baseline_ppl']:.4f}"]
     for c in study["conditions"]:
-        text = f"{c['name']} ({c['n_neurons']}) {100 * c['change']:+.3f}%"
-        if c.get("control"):
-            text += f" vs {_random_control(c['control'])}"
-        parts.append(text)
+        parts.append(f"{c['name']} ({c['n_neurons']}) {_controlled(c)}")
     return "; ".join(parts)
 
 
@@ -166,8 +183,7 @@ def _pruning(layers: dict[str, Any], tokens: TokenText) -> str:
     found = layers["all"]
     return (
         f"{found['n_pruned']} neurons pruned ({100 * found['ratio']:.0f}% per layer, "
-        f"{found['n_protected']} protected): PPL {100 * found['change']:+.3f}% vs "
-        f"{_random_control(found['control'])}"
+        f"{found['n_protected']} protected): PPL {_controlled(found)}"
     )
 
 

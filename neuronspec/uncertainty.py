@@ -1,0 +1,111 @@
+"""Uncertainty of intervention findings: random-control p-values and window-paired intervals.
+
+**Empirical p-value** against a random control of n draws (seeds):
+p = (1 + #{control ≥ observed}) / (1 + n) for "the condition exceeds its control"
+(``≤`` for "stays below"), the permutation p-value of Phipson & Smyth (2010): exact under
+the null that the condition's neurons are exchangeable with random ones, never 0. The
+smallest p that n seeds can give is 1 / (n + 1), so a test at level α needs
+n ≥ 1/α − 1 seeds (99 for α = 0.01, ``--control-seeds``); asking for less raises.
+
+**Standard errors by a paired bootstrap**, in log-PPL: a condition's log PPL ratio
+log(PPL_c / PPL_0) is its mean next-token NLL minus the baseline's (nats per target), a
+mean over windows, so its bootstrap distribution is near normal even where the PPL ratio
+is large. Every condition is measured on the same held-out windows, so an effect's noise
+is the windows' and, for a difference from a random control, the seeds'. B = 2000
+replicates draw the windows with replacement (the same draw for every condition: paired)
+and, for a control mean, the seeds with replacement; the standard error is the
+replicates' standard deviation. A change's interval is expm1(log ratio ± z·SE) (z the
+standard normal quantile); a snapshot stores (value, SE).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+from neuronspec.errors import NeuronSpecError
+from neuronspec.findings import Finding
+
+BOOTSTRAP_REPLICATES = 2000
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_METHOD = (
+    f"paired bootstrap, {BOOTSTRAP_REPLICATES} replicates over held-out windows "
+    "(and control seeds for a control mean); normal interval value ± z·SE"
+)
+
+
+@dataclass(frozen=True)
+class Interval(Finding):
+    low: float
+    high: float
+    level: float
+    method: str
+
+    def __contains__(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+def normal_interval(value: float, se: float, level: float, method: str) -> Interval:
+    """value ± z·se with z the two-sided standard normal quantile of ``level``."""
+    if not 0.0 < level < 1.0:
+        raise NeuronSpecError(f"an interval's level must lie in (0, 1), got {level}")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    return Interval(value - z * se, value + z * se, level, method)
+
+
+def change_interval(change: float, log_ratio_se: float, level: float, method: str) -> Interval:
+    """The interval of a relative PPL change from the normal interval of its log ratio:
+    expm1(log1p(change) ± z·SE)."""
+    log_interval = normal_interval(math.log1p(change), log_ratio_se, level, method)
+    return Interval(math.expm1(log_interval.low), math.expm1(log_interval.high), level, method)
+
+
+def empirical_p_value(observed: float, control: list[float], *, alternative: str) -> float:
+    """(1 + #{c ≥ observed}) / (1 + n) for ``alternative="greater"``, ``≤`` for ``"less"``."""
+    if alternative not in ("greater", "less"):
+        raise NeuronSpecError(f"alternative must be 'greater' or 'less', got {alternative!r}")
+    values = np.asarray(control, dtype=float)
+    hits = values >= observed if alternative == "greater" else values <= observed
+    return (1 + int(hits.sum())) / (1 + values.size)
+
+
+def check_level(alpha: float, n_controls: int) -> None:
+    """Raise when ``n_controls`` random draws cannot give a p-value at or below ``alpha``."""
+    if not 0.0 < alpha < 1.0:
+        raise NeuronSpecError(f"alpha must lie in (0, 1), got {alpha}")
+    if 1.0 / (n_controls + 1) > alpha:
+        needed = math.ceil(1.0 / alpha) - 1
+        raise NeuronSpecError(
+            f"a test at alpha = {alpha} needs at least {needed} random-control seeds (the "
+            f"smallest p-value of n seeds is 1/(n+1)); this finding has {n_controls}: pass "
+            f"--control-seeds {needed} or more"
+        )
+
+
+def bootstrap_weights(n: int, replicates: int, seed: int) -> np.ndarray:
+    """``(replicates, n)`` multinomial counts: each replicate draws n of n with replacement."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float64)
+
+
+def paired_log_ratios(window_nll: np.ndarray, targets_per_window: int) -> np.ndarray:
+    """Bootstrap replicates of every condition's log PPL ratio against row 0 (the
+    baseline): ``window_nll`` ``(C, N)``, Σ NLL per window over its ``targets_per_window``
+    targets (the same windows for every condition) → ``(C, B)`` replicates of
+    mean NLL_c − mean NLL_0 (nats per target), the windows drawn with replacement, the
+    same draw for every condition (paired)."""
+    n_windows = window_nll.shape[1]
+    weights = bootstrap_weights(n_windows, BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED)  # (B, N)
+    sums = window_nll @ weights.T  # (C, B): Σ NLL over each replicate's windows
+    return (sums - sums[0]) / (n_windows * targets_per_window)
+
+
+def control_mean_replicates(control_changes: np.ndarray) -> np.ndarray:
+    """``(S, B)`` replicates of S seeds' values → ``(B,)`` replicates of their mean, the
+    seeds resampled with replacement in each replicate."""
+    seeds = control_changes.shape[0]
+    weights = bootstrap_weights(seeds, control_changes.shape[1], BOOTSTRAP_SEED + 1)  # (B, S)
+    return (weights * control_changes.T).sum(1) / seeds

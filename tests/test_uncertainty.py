@@ -1,0 +1,74 @@
+"""Empirical p-values and the paired bootstrap of :mod:`neuronspec.uncertainty`: exact
+values, the level check, agreement with the delta method, and coverage on synthetic
+windows whose true effect is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from neuronspec.errors import NeuronSpecError
+from neuronspec.uncertainty import (
+    change_interval,
+    check_level,
+    control_mean_replicates,
+    empirical_p_value,
+    paired_log_ratios,
+)
+
+
+def test_empirical_p_value_counts_controls_at_least_as_extreme():
+    control = [0.1, 0.2, 0.3, 0.4]
+    assert empirical_p_value(0.5, control, alternative="greater") == 1 / 5
+    assert empirical_p_value(0.3, control, alternative="greater") == 3 / 5  # ties count
+    assert empirical_p_value(0.05, control, alternative="less") == 1 / 5
+    assert empirical_p_value(0.05, control, alternative="greater") == 1.0
+
+
+def test_a_level_the_seeds_cannot_reach_raises():
+    check_level(0.05, 19)
+    check_level(0.01, 99)
+    with pytest.raises(NeuronSpecError, match="needs at least 99 random-control seeds"):
+        check_level(0.01, 98)
+    with pytest.raises(NeuronSpecError, match="alpha must lie in"):
+        check_level(0.0, 99)
+
+
+def _windows(rng, n_windows, targets, effect):
+    """Σ NLL per window for a baseline and a condition whose mean NLL per target is higher
+    by ``effect`` nats; windows differ in difficulty, shared by both (paired)."""
+    difficulty = rng.gamma(4.0, 0.5, size=n_windows)  # mean NLL per target of each window
+    noise = rng.normal(0.0, 0.02, size=(2, n_windows))
+    per_target = np.stack([difficulty, difficulty + effect]) + noise
+    return per_target * targets  # (2, N)
+
+
+def test_bootstrap_se_agrees_with_the_delta_method():
+    rng = np.random.default_rng(1)
+    window_nll = _windows(rng, 64, 63, 0.01)
+    replicates = paired_log_ratios(window_nll, 63)
+    d = (window_nll[1] - window_nll[0]) / 63  # per-window mean NLL difference
+    delta_se = d.std(ddof=1) / np.sqrt(d.size)  # the SE of a mean
+    assert replicates[1].std(ddof=1) == pytest.approx(delta_se, rel=0.1)
+    assert np.all(replicates[0] == 0.0)  # the baseline against itself
+
+
+def test_intervals_cover_the_true_change_at_their_level():
+    rng = np.random.default_rng(2)
+    effect = 0.3  # a large effect: the interval is built on the log ratio, so it stays valid
+    truth = np.expm1(effect)
+    covered = 0
+    runs = 200
+    for _ in range(runs):
+        window_nll = _windows(rng, 64, 63, effect)
+        change = float(np.expm1((window_nll[1].sum() - window_nll[0].sum()) / (64 * 63)))
+        se = float(paired_log_ratios(window_nll, 63)[1].std(ddof=1))
+        covered += truth in change_interval(change, se, 0.95, "bootstrap")
+    assert 0.90 <= covered / runs <= 0.99, covered
+
+
+def test_control_mean_replicates_spread_like_the_seed_mean():
+    rng = np.random.default_rng(3)
+    seeds = rng.normal(0.0, 1.0, size=(40, 1)).repeat(2000, axis=1)  # no window noise
+    replicates = control_mean_replicates(seeds)
+    assert replicates.std(ddof=1) == pytest.approx(seeds[:, 0].std(ddof=0) / np.sqrt(40), rel=0.1)
