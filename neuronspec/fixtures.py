@@ -383,6 +383,7 @@ def causal(neuronspec_session, model_id, loaded_model, corpus, neuron_stats):
         neuron_stats,
         layers=config.layers_of(neuron_stats.n_layers, model=model_id),
         top_k=config.top_k,
+        n_controls=config.control_seeds,
     )
     neuronspec_session.record(model_id, "causal", finding)
     for layer in finding.layers:
@@ -403,6 +404,7 @@ def causal_delta_sensitive(
         neuron_stats,
         top_k=neuronspec_session.config.top_k,
         neuron_sets=delta_sensitive_sets,
+        n_controls=neuronspec_session.config.control_seeds,
     )
     neuronspec_session.record(model_id, "causal_delta_sensitive", finding)
     for layer in finding.layers:  # joins the neuron-type overlap, within its site

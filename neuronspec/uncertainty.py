@@ -72,6 +72,64 @@ def empirical_p_value(observed: float, control: list[float], *, alternative: str
     return (1 + int(hits.sum())) / (1 + values.size)
 
 
+def rank_sum_p_value(values: list[float], control: list[float]) -> float:
+    """One-sided Mann–Whitney U p-value that ``values`` tend to exceed ``control``: normal
+    approximation with tie correction and continuity correction (as
+    ``scipy.stats.mannwhitneyu(..., alternative="greater", method="asymptotic")``)."""
+    x, y = np.asarray(values, dtype=float), np.asarray(control, dtype=float)
+    n, m = x.size, y.size
+    if n == 0 or m == 0:
+        raise NeuronSpecError("a rank-sum test needs values and controls, got an empty side")
+    pooled = np.concatenate([x, y])
+    order = np.argsort(pooled, kind="stable")
+    ranks = np.empty(pooled.size)
+    sorted_values = pooled[order]
+    _, first, counts = np.unique(sorted_values, return_index=True, return_counts=True)
+    mid_ranks = first + (counts + 1) / 2.0  # 1-based average rank of each tie group
+    ranks[order] = np.repeat(mid_ranks, counts)
+    u = ranks[:n].sum() - n * (n + 1) / 2.0
+    total = n + m
+    tie_term = float((counts**3 - counts).sum()) / (total * (total - 1))
+    sd = math.sqrt(n * m / 12.0 * ((total + 1) - tie_term))
+    if sd == 0.0:
+        return 1.0  # every value tied: no evidence either way
+    z = (u - n * m / 2.0 - 0.5) / sd
+    return 1.0 - NormalDist().cdf(z)
+
+
+SIGN_FLIPS = 20000  # Monte Carlo sign flips above EXACT_FLIPS_UP_TO pairs
+EXACT_FLIPS_UP_TO = 16  # 2^16 sign patterns enumerated exactly
+
+
+def sign_flip_p_value(differences: list[float], *, alternative: str) -> float:
+    """Paired permutation p-value that the mean of ``differences`` (one per unit, e.g. a
+    fact's own effect minus its controls') is > 0 (``"greater"``) or < 0 (``"less"``):
+    under the null each difference is symmetric about 0, so its sign is a coin flip. Exact
+    over all 2^n sign patterns for n ≤ 16, else 20,000 seeded flips with the observed one
+    counted ((1 + hits) / (1 + flips))."""
+    if alternative not in ("greater", "less"):
+        raise NeuronSpecError(f"alternative must be 'greater' or 'less', got {alternative!r}")
+    d = np.asarray(differences, dtype=float)
+    if d.size == 0:
+        raise NeuronSpecError("a sign-flip test needs at least one paired difference")
+    sign = 1.0 if alternative == "greater" else -1.0
+    observed = sign * d.mean()
+    if d.size <= EXACT_FLIPS_UP_TO:
+        patterns = ((np.arange(2**d.size)[:, None] >> np.arange(d.size)) & 1) * 2.0 - 1.0
+        means = sign * (patterns @ d) / d.size
+        return float((means >= observed - 1e-12 * abs(observed)).mean())
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    flips = rng.choice((-1.0, 1.0), size=(SIGN_FLIPS, d.size))
+    means = sign * (flips @ d) / d.size
+    return (1 + int((means >= observed - 1e-12 * abs(observed)).sum())) / (1 + SIGN_FLIPS)
+
+
+def mean_se(values: list[float]) -> float:
+    """Standard error of a mean, s / √n (0 for fewer than 2 values)."""
+    v = np.asarray(values, dtype=float)
+    return float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else 0.0
+
+
 def check_level(alpha: float, n_controls: int) -> None:
     """Raise when ``n_controls`` random draws cannot give a p-value at or below ``alpha``."""
     if not 0.0 < alpha < 1.0:

@@ -80,7 +80,7 @@ def finding(three_layers):
     return causal_neurons(three_layers, _windows(3), stats, top_k=3, max_rows=32)
 
 
-def test_cross_layer_matrix_is_exactly_zero_upstream(finding):
+def test_cross_layer_matrix_is_exactly_zero_upstream(finding, three_layers):
     assert finding.source_layers == [0, 1, 2]
     assert upstream_leaks(finding) == []
     for source, row in zip(finding.source_layers, finding.cross_layer, strict=True):
@@ -91,6 +91,12 @@ def test_cross_layer_matrix_is_exactly_zero_upstream(finding):
         (c.kl for c in layer0.candidates), reverse=True
     )
     assert set(layer0.control_neurons).isdisjoint(c.neuron for c in layer0.candidates)
+    for layer in finding.layers:  # every neuron not a candidate is a control (width < 99)
+        assert len(layer.control_neurons) == min(99, three_layers.adapter.width("mlp") - 3)
+        for candidate in layer.candidates:
+            beaten = sum(kl >= candidate.kl for kl in layer.control_kl)
+            assert candidate.p_value == (1 + beaten) / (1 + len(layer.control_kl))
+        assert layer.causal_neurons == [c.neuron for c in layer.candidates if c.p_value <= 0.01]
 
 
 def test_a_leak_upstream_is_caught(three_layers, monkeypatch):

@@ -14,6 +14,8 @@ from neuronspec.uncertainty import (
     control_mean_replicates,
     empirical_p_value,
     paired_log_ratios,
+    rank_sum_p_value,
+    sign_flip_p_value,
 )
 
 
@@ -72,3 +74,24 @@ def test_control_mean_replicates_spread_like_the_seed_mean():
     seeds = rng.normal(0.0, 1.0, size=(40, 1)).repeat(2000, axis=1)  # no window noise
     replicates = control_mean_replicates(seeds)
     assert replicates.std(ddof=1) == pytest.approx(seeds[:, 0].std(ddof=0) / np.sqrt(40), rel=0.1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rank_sum_p_value_equals_scipy(seed):
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(seed)
+    values = rng.exponential(1.5, size=10).round(1)  # rounded: ties across both sides
+    control = rng.exponential(1.0, size=99).round(1)
+    expected = stats.mannwhitneyu(values, control, alternative="greater", method="asymptotic")
+    assert rank_sum_p_value(list(values), list(control)) == pytest.approx(expected.pvalue, rel=1e-9)
+
+
+def test_sign_flip_p_value_exact_and_monte_carlo():
+    # 3 positive differences: only the all-positive pattern is as extreme, p = 1/8
+    assert sign_flip_p_value([1.0, 2.0, 3.0], alternative="greater") == 1 / 8
+    assert sign_flip_p_value([1.0, 2.0, 3.0], alternative="less") == 1.0
+    rng = np.random.default_rng(4)
+    null = list(rng.normal(0.0, 1.0, size=30))  # Monte Carlo branch, no effect
+    assert 0.05 < sign_flip_p_value(null, alternative="greater") < 0.95
+    shifted = [v + 1.0 for v in null]
+    assert sign_flip_p_value(shifted, alternative="greater") < 0.001

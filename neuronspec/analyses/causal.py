@@ -23,10 +23,15 @@ from the cached statistics of the analysis windows); they are then ranked by KL.
 set of identified neurons instead (``neuron_sets``, e.g. the delta-sensitive Δ channels of
 the ``dt`` site, METHODS §5, or GPT-2's high-variance ``mlp`` neurons), those are the
 candidates, intervened on at their own site, and the inter-layer impact is read there too. The
-**random control**: ``top_k`` other neurons of the same layer (not candidates), drawn
-with ``torch.Generator(seed)``, measured the same way (KL and the control matrix). A
-candidate is recorded as a *causal neuron* when its KL > control mean + 2 std (sample
-std). Prompts are held-out windows (default 8, P·T = 512 positions at T = 64).
+**random control**: ``n_controls`` other neurons of the same layer (not candidates;
+``--control-seeds``, default 99, at most the layer's other neurons), drawn with
+``torch.Generator(seed)``, measured the same way (KL and the control matrix). Each
+candidate gets the empirical p-value of its KL among the controls' (:mod:`neuronspec.uncertainty`);
+it is recorded as a *causal neuron* when p ≤ ``CAUSAL_ALPHA`` = 0.01 (per neuron,
+uncorrected). A layer's candidates as a set are tested against its controls by a one-sided
+Mann–Whitney rank-sum test (``candidates_exceed(alpha)``): the candidates are chosen from
+the statistics before any KL is measured, so the test is not biased by the selection.
+Prompts are held-out windows (default 8, P·T = 512 positions at T = 64).
 
 Batching: one forward holds the baseline group and up to ``max_rows // P − 1`` single-
 neuron interventions, one group of P rows each (:class:`AblationEngine`).
@@ -43,6 +48,7 @@ import torch
 from neuronspec.analyses.ablation import intervention_size
 from neuronspec.analyses.delta_sensitive import NeuronSets
 from neuronspec.capture.stats import NeuronStats
+from neuronspec.errors import NeuronSpecError
 from neuronspec.findings import Finding
 from neuronspec.interventions.ablation import (
     DEFAULT_MAX_ROWS,
@@ -54,10 +60,11 @@ from neuronspec.interventions.ablation import (
 from neuronspec.models.registry import LoadedModel
 from neuronspec.options import default
 from neuronspec.progress import progress
+from neuronspec.uncertainty import empirical_p_value, rank_sum_p_value
 
 DEFAULT_METHOD = "zero"  # METHODS §6: "zero (or mean) it at all positions"
 DEFAULT_N_PROMPTS = 8  # held-out windows: 512 positions at T = 64
-CONTROL_STDS = 2.0
+CAUSAL_ALPHA = 0.01  # per-candidate level of the recorded causal neurons
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,7 @@ class CausalNeuron(Finding):
     kl: float  # mean KL(p_base ‖ p_mod) per position, nats
     intervention_size: float | None  # E[(a − v)²] on the analysis windows (mlp site only)
     downstream: dict[int, float]  # later layer t → ‖a'_t − a_t‖ / ‖a_t‖
+    p_value: float  # empirical, of its KL among the layer's random controls
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,18 @@ class CausalLayerFinding(Finding):
     control_kl: list[float]
     control_kl_mean: float
     control_kl_std: float
-    causal_neurons: list[int]  # candidates with KL > control mean + 2 std
+    causal_neurons: list[int]  # candidates with p_value <= CAUSAL_ALPHA
+    rank_sum_p_value: float  # one-sided Mann–Whitney: candidates' KL > controls'
+
+    def candidates_exceed(self, *, alpha: float = 0.01) -> bool:
+        """The layer's candidates have larger KL than its random neurons at level ``alpha``
+        (one-sided rank-sum test)."""
+        if not 0.0 < alpha < 1.0:
+            raise NeuronSpecError(f"alpha must lie in (0, 1), got {alpha}")
+        return self.rank_sum_p_value <= alpha
+
+    def strongest(self) -> CausalNeuron:
+        return self.candidates[0]
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,30 @@ class CausalFinding(Finding):
     source_layers: list[int]
     cross_layer: list[list[float]]  # [source index][target layer], baseline subtracted
     control_cross_layer: list[list[float]]  # the same for the random control neurons
+
+    def of_layer(self, layer: int) -> CausalLayerFinding:
+        for found in self.layers:
+            if found.layer == layer:
+                return found
+        raise NeuronSpecError(
+            f"the causal sweep has no layer {layer}; swept: {[f.layer for f in self.layers]}"
+        )
+
+    def snapshot_view(self) -> dict:
+        """Per layer the 5 strongest candidates with their KL and p-value, the number found
+        causal and the rank-sum p-value; the site and the cross-layer matrix."""
+        top = [
+            {
+                "layer": layer.layer,
+                "neurons": [c.neuron for c in layer.candidates[:5]],
+                "kl": [c.kl for c in layer.candidates[:5]],
+                "p_value": [c.p_value for c in layer.candidates[:5]],
+                "n_causal": len(layer.causal_neurons),
+                "rank_sum_p_value": layer.rank_sum_p_value,
+            }
+            for layer in self.layers
+        ]
+        return {"site": self.site, "top": top, "cross_layer": self.cross_layer}
 
 
 def causal_candidates(stats: NeuronStats, layer: int, *, method: str, top_k: int) -> list[int]:
@@ -177,6 +220,7 @@ def causal_neurons(
     seed: int = 0,
     max_rows: int = DEFAULT_MAX_ROWS,
     neuron_sets: NeuronSets | None = None,
+    n_controls: int = default("control_seeds"),
 ) -> CausalFinding:
     """Candidates and random controls of each layer, swept on ``prompts`` (module docstring).
     ``neuron_sets``: the candidates and their site, per layer (default: by intervention size
@@ -205,7 +249,7 @@ def causal_neurons(
         else:
             candidates = [int(n) for n in neuron_sets.by_layer[layer][:top_k]]
         control = _control_neurons(
-            width, candidates, min(top_k, width - len(candidates)), seed + layer
+            width, candidates, min(n_controls, width - len(candidates)), seed + layer
         )
         chosen[layer] = (candidates, control)
         plan += [(layer, n) for n in candidates + control]
@@ -216,6 +260,7 @@ def causal_neurons(
     for layer in layers:
         candidates, control = chosen[layer]
         size = intervention_size(stats, layer, method) if site == "mlp" else None
+        control_kl = [result[(layer, n)][0] for n in control]
         measured = [
             CausalNeuron(
                 layer=layer,
@@ -223,11 +268,11 @@ def causal_neurons(
                 kl=result[(layer, n)][0],
                 intervention_size=None if size is None else float(size[n]),
                 downstream={t: result[(layer, n)][1][t] for t in range(layer + 1, n_layers)},
+                p_value=empirical_p_value(result[(layer, n)][0], control_kl, alternative="greater"),
             )
             for n in candidates
         ]
         measured.sort(key=lambda c: (-c.kl, c.neuron))
-        control_kl = [result[(layer, n)][0] for n in control]
         mean = statistics.fmean(control_kl) if control_kl else 0.0
         std = statistics.stdev(control_kl) if len(control_kl) > 1 else 0.0
         findings.append(
@@ -238,7 +283,8 @@ def causal_neurons(
                 control_kl=control_kl,
                 control_kl_mean=mean,
                 control_kl_std=std,
-                causal_neurons=[c.neuron for c in measured if c.kl > mean + CONTROL_STDS * std],
+                causal_neurons=[c.neuron for c in measured if c.p_value <= CAUSAL_ALPHA],
+                rank_sum_p_value=rank_sum_p_value([c.kl for c in measured], control_kl),
             )
         )
         matrix.append(_mean_rows([result[(layer, n)][1] for n in candidates], n_layers))

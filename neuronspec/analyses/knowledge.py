@@ -50,6 +50,7 @@ from neuronspec.interventions.integrated_gradients import (
 from neuronspec.models.adapters import SiteAdapter
 from neuronspec.options import default
 from neuronspec.progress import progress
+from neuronspec.uncertainty import Interval, mean_se, normal_interval, sign_flip_p_value
 
 DEFAULT_THRESHOLD = 0.2  # Dai et al.: t = 0.2 of the prompt's maximum attribution
 DEFAULT_MIN_SHARE = 0.7  # Dai et al.: p = 0.7 of the paraphrase prompts
@@ -101,6 +102,42 @@ class KnowledgeNeuronsFinding(Finding):
     mean_enhance_change: float
     mean_control_enhance_change: float
     mean_refined_size: float
+    # own − control change per fact (paired over the facts with a refined set): mean, SE
+    # (s/√n) and the sign-flip p-value in the direction Dai et al. predict
+    suppress_difference: float
+    suppress_difference_se: float
+    suppress_p_value: float  # own suppress change < control's
+    enhance_difference: float
+    enhance_difference_se: float
+    enhance_p_value: float  # own enhance change > control's
+
+    def suppress_exceeds_control(self, *, alpha: float = 0.01) -> bool:
+        """Zeroing a fact's neurons lowers its P(gold) more than its controls', at ``alpha``
+        (paired sign-flip test over facts)."""
+        return _at_level(self.suppress_p_value, alpha)
+
+    def enhance_exceeds_control(self, *, alpha: float = 0.01) -> bool:
+        """Doubling a fact's neurons raises its P(gold) more than its controls', at ``alpha``."""
+        return _at_level(self.enhance_p_value, alpha)
+
+    def suppress_interval(self, level: float = 0.95) -> Interval:
+        return normal_interval(
+            self.suppress_difference, self.suppress_difference_se, level, UNCERTAINTY
+        )
+
+    def enhance_interval(self, level: float = 0.95) -> Interval:
+        return normal_interval(
+            self.enhance_difference, self.enhance_difference_se, level, UNCERTAINTY
+        )
+
+
+UNCERTAINTY = "paired over facts: normal interval mean ± z·s/√n; sign-flip permutation p-value"
+
+
+def _at_level(p_value: float, alpha: float) -> bool:
+    if not 0.0 < alpha < 1.0:
+        raise FactsError(f"alpha must lie in (0, 1), got {alpha}")
+    return p_value <= alpha
 
 
 @dataclass(frozen=True)
@@ -220,6 +257,10 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def _finite(values: Sequence[float]) -> list[float]:
+    return [v for v in values if not math.isnan(v)]
+
+
 def _control_indices(facts: Sequence[KnowledgeFact], i: int, n_controls: int) -> list[int]:
     """The next ``n_controls`` facts after ``i`` (cyclically) whose relation differs."""
     n = len(facts)
@@ -317,6 +358,8 @@ def knowledge_neurons(
 def summarise(findings: Sequence[KnowledgeFactFinding]) -> KnowledgeNeuronsFinding:
     """Means over the facts whose refined set is not empty."""
     used = [f for f in findings if f.n_refined > 0]
+    suppress = _finite([f.suppress_change - f.control_suppress_change for f in used])
+    enhance = _finite([f.enhance_change - f.control_enhance_change for f in used])
     return KnowledgeNeuronsFinding(
         facts=tuple(findings),
         n_facts=len(findings),
@@ -326,6 +369,12 @@ def summarise(findings: Sequence[KnowledgeFactFinding]) -> KnowledgeNeuronsFindi
         mean_enhance_change=_mean([f.enhance_change for f in used]),
         mean_control_enhance_change=_mean([f.control_enhance_change for f in used]),
         mean_refined_size=_mean([float(f.n_refined) for f in findings]),
+        suppress_difference=_mean(suppress),
+        suppress_difference_se=mean_se(suppress),
+        suppress_p_value=sign_flip_p_value(suppress, alternative="less") if suppress else 1.0,
+        enhance_difference=_mean(enhance),
+        enhance_difference_se=mean_se(enhance),
+        enhance_p_value=sign_flip_p_value(enhance, alternative="greater") if enhance else 1.0,
     )
 
 

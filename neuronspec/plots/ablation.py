@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from neuronspec.analyses.ablation import AblationStudyFinding, PruningFinding
 from neuronspec.analyses.causal import CausalFinding
 from neuronspec.plots.figure import new_figure, save_figure
@@ -90,9 +92,13 @@ def plot_causal_neurons(finding: CausalFinding, path: str | Path) -> Path:
         kls = [c.kl for c in layer.candidates]
         axis.bar(range(len(kls)), kls, color="tab:red")
         axis.set_xticks(range(len(kls)), [str(c.neuron) for c in layer.candidates], rotation=90)
-        top = layer.control_kl_mean + 2 * layer.control_kl_std
-        axis.axhspan(0, top, color="tab:gray", alpha=0.3, label="random: mean + 2 std")
+        top = float(np.quantile(layer.control_kl, 0.99))
+        axis.axhspan(0, top, color="tab:gray", alpha=0.3, label="random: 99% quantile")
         axis.axhline(layer.control_kl_mean, color="tab:gray")
+        axis.annotate(
+            f"rank-sum p = {layer.rank_sum_p_value:.2g}", (0.02, 0.95), xycoords="axes fraction",
+            va="top", fontsize=7,
+        )  # fmt: skip
         axis.set(title=f"layer {layer.layer}", xlabel=f"{finding.site} channel")
     axes[0].set_ylabel("KL(p_base ‖ p_mod) per position")
     axes[0].legend(fontsize=7)

@@ -191,8 +191,11 @@ def _pruning(layers: dict[str, Any], tokens: TokenText) -> str:
 def _causal(layers: dict[str, Any], tokens: TokenText) -> str:
     found = layers["all"]
     counts = [len(layer["causal_neurons"]) for layer in found["layers"]]
+    p_values = ", ".join(f"{layer['rank_sum_p_value']:.2g}" for layer in found["layers"])
+    n_controls = len(found["layers"][0]["control_neurons"]) if found["layers"] else 0
     return (
-        f"causal neurons by layer {_by_layer(counts)} (top-{found['top_k']} candidates, "
+        f"causal neurons (p <= 0.01 each) by layer {_by_layer(counts)} (top-{found['top_k']} "
+        f"candidates vs {n_controls} random neurons, rank-sum p by layer {p_values}; "
         f"{found['method']} intervention on {found['site']})"
     )
 
@@ -203,8 +206,10 @@ def _knowledge_neurons(layers: dict[str, Any], tokens: TokenText) -> str:
     return (
         f"{found['n_with_refined']} of {found['n_facts']} facts with refined neurons "
         f"(mean {found['mean_refined_size']:.2f}); suppress {100 * found['mean_suppress_change']:+.2f}% "
-        f"vs control {100 * found['mean_control_suppress_change']:+.2f}%, enhance "
-        f"{100 * found['mean_enhance_change']:+.2f}% vs {100 * found['mean_control_enhance_change']:+.2f}%"
+        f"vs control {100 * found['mean_control_suppress_change']:+.2f}% "
+        f"(p = {found['suppress_p_value']:.3g}), enhance {100 * found['mean_enhance_change']:+.2f}% "
+        f"vs {100 * found['mean_control_enhance_change']:+.2f}% (p = {found['enhance_p_value']:.3g}; "
+        "paired sign-flip over facts)"
     )
 
 
