@@ -48,6 +48,37 @@ class Interval(Finding):
         return self.low <= value <= self.high
 
 
+@dataclass(frozen=True)
+class Estimate(Finding):
+    """A value with its standard error and how the error was measured."""
+
+    value: float
+    se: float
+    method: str
+
+    def interval(self, level: float = 0.95) -> Interval:
+        return normal_interval(self.value, self.se, level, self.method)
+
+    def below(self, bound: float, *, alpha: float = 0.01) -> bool:
+        """The value is below ``bound`` at level ``alpha``: the one-sided (1 − α) upper
+        bound value + z_{1−α}·SE is below it."""
+        return self.value + _one_sided_z(alpha) * self.se < bound
+
+    def above(self, bound: float, *, alpha: float = 0.01) -> bool:
+        return self.value - _one_sided_z(alpha) * self.se > bound
+
+
+def _one_sided_z(alpha: float) -> float:
+    if not 0.0 < alpha < 1.0:
+        raise NeuronSpecError(f"alpha must lie in (0, 1), got {alpha}")
+    return NormalDist().inv_cdf(1.0 - alpha)
+
+
+def replicate_se(replicates: np.ndarray) -> float | np.ndarray:
+    """Bootstrap standard error: the sample std (ddof 1) over the first axis."""
+    return replicates.std(axis=0, ddof=1)
+
+
 def normal_interval(value: float, se: float, level: float, method: str) -> Interval:
     """value ± z·se with z the two-sided standard normal quantile of ``level``."""
     if not 0.0 < level < 1.0:

@@ -6,14 +6,29 @@ A neuron is *dead* if its firing frequency (fraction of tokens with ``mlp_pre`` 
 ``freq_cutoff`` < frequency < ``rare_cutoff`` (default 0.05), so the two sets are disjoint
 for every cutoff. Per layer we report both fractions and
 the mean frequency of the alive neurons (their Figure 1a/1b against relative depth).
+
+Uncertainty: each fraction and the mean alive frequency have a standard error from the
+pass's R Poisson-bootstrap replicates over windows (:mod:`neuronspec.capture.replicates`):
+the statistic recomputed on each replicate's weighted firing counts, SE = the replicates'
+std. ``estimate("dead_fraction")`` gives it as an :class:`~neuronspec.uncertainty.Estimate`
+(``interval(0.95)``, ``below(0.1, alpha=0.01)``). The bootstrap cannot see firing the
+corpus never showed: a neuron dead on the corpus is dead in every replicate, so where the
+dead neurons fire in no window and the alive ones in many, the dead fraction's SE is 0.
+What the corpus does bound is reported beside it: a neuron that fired in none of n
+windows fires in a window with probability below 3/n at 95% (the rule of three,
+``dead_window_rate_bound``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from neuronspec.capture.stats import NeuronStats
+from neuronspec.errors import NeuronSpecError
 from neuronspec.findings import Finding
+from neuronspec.uncertainty import Estimate, replicate_se
 
 
 @dataclass(frozen=True)
@@ -29,6 +44,26 @@ class DeadLayerFinding(Finding):
     rare_fraction: float  # freq_cutoff < freq < rare_cutoff, as a fraction of all neurons
     mean_alive_frequency: float  # nan-free: 0.0 when no neuron is alive
     dead_neurons: tuple[int, ...]
+    # bootstrap SEs over windows (None when the pass kept no replicates)
+    dead_fraction_se: float | None = None
+    rare_fraction_se: float | None = None
+    mean_alive_frequency_se: float | None = None
+    uncertainty: str = ""
+    dead_window_rate_bound: float | None = None  # 3 / n_windows: 95% bound, rule of three
+
+    def snapshot_view(self) -> dict:
+        """Every field but the dead neurons' ids (their count stays)."""
+        return {k: v for k, v in self.to_json().items() if k != "dead_neurons"}
+
+    def estimate(self, name: str) -> Estimate:
+        """``dead_fraction``, ``rare_fraction`` or ``mean_alive_frequency`` with its SE."""
+        se = getattr(self, f"{name}_se", None)
+        if se is None:
+            raise NeuronSpecError(
+                f"no standard error of {name!r}: the statistics were collected without "
+                "replicates (StatsConfig.replicates = 0)"
+            )
+        return Estimate(getattr(self, name), se, self.uncertainty)
 
 
 def dead_neurons(
@@ -47,7 +82,11 @@ def dead_neurons(
     rare = (frequency > freq_cutoff) & (frequency < rare_cutoff)  # disjoint from dead
     alive = ~dead
     width = frequency.numel()
+    errors = _replicate_errors(stats, layer, freq_cutoff, rare_cutoff)
+    if freq_cutoff == 0.0 and stats.n_windows:
+        errors["dead_window_rate_bound"] = 3.0 / stats.n_windows
     return DeadLayerFinding(
+        **errors,
         layer=layer,
         relative_depth=layer / max(stats.n_layers - 1, 1),
         n_neurons=width,
@@ -60,6 +99,38 @@ def dead_neurons(
         mean_alive_frequency=float(frequency[alive].mean()) if alive.any() else 0.0,
         dead_neurons=tuple(int(i) for i in dead.nonzero().flatten()),
     )
+
+
+REPLICATE_METHOD = (
+    "Poisson bootstrap over windows, {R} replicates accumulated in the pass; SE = std over "
+    "replicates"
+)
+
+
+def _replicate_errors(stats: NeuronStats, layer: int, freq_cutoff: float, rare_cutoff: float):
+    replicates = stats.layer(layer).fire_replicates  # (R, W)
+    if replicates.shape[0] == 0:
+        return {}
+    frequency = (replicates / stats.token_replicates[:, None]).numpy()  # (R, W)
+    dead = frequency <= freq_cutoff
+    rare = (frequency > freq_cutoff) & (frequency < rare_cutoff)
+    alive = np.where(~dead, frequency, np.nan)
+    with np.errstate(invalid="ignore"):
+        mean_alive = np.nan_to_num(np.nanmean(alive, axis=1), nan=0.0)  # (R,)
+    return {
+        "dead_fraction_se": float(replicate_se(dead.mean(1))),
+        "rare_fraction_se": float(replicate_se(rare.mean(1))),
+        "mean_alive_frequency_se": float(replicate_se(mean_alive)),
+        "uncertainty": REPLICATE_METHOD.format(R=replicates.shape[0]),
+    }
+
+
+def firing_frequency_se(stats: NeuronStats, layer: int) -> np.ndarray:
+    """``(W,)`` bootstrap SE of each neuron's firing frequency (replicates over windows)."""
+    replicates = stats.layer(layer).fire_replicates  # (R, W)
+    if replicates.shape[0] == 0:
+        raise NeuronSpecError("the statistics were collected without replicates")
+    return replicate_se((replicates / stats.token_replicates[:, None]).numpy())
 
 
 def dead_neurons_all_layers(stats: NeuronStats, **options) -> list[DeadLayerFinding]:

@@ -16,7 +16,8 @@ pairs, so every pass is timed over ``SHORT`` and over ``LONG`` batches, and the 
 ratio (the extra batches of the long pass, statistics against forward) is the cost per
 batch once the pass is long. The one sorted (neuron, token) table per layer that analyses
 read is built on read, not in the pass; its cost for all layers after the short pass is
-reported too. 5 rounds; ratios are medians of per-round ratios (each round runs the compared
+reported too. The pass with its 64 Poisson-bootstrap replicates (the default) is timed
+beside the pass without them. 5 rounds; ratios are medians of per-round ratios (each round runs the compared
 passes back to back). ``quick``: 4 layers, 1 and 2 batches of 2×128 tokens, 2 rounds.
 """
 
@@ -104,6 +105,16 @@ def run(quick: bool = False) -> list[dict]:
             if n == short:
                 stored.update(tensors=tensors, meta=stats.meta())
 
+        def stats_pass_without_replicates(n, loaded=loaded, ids=ids):
+            stats = collect_stats(
+                loaded,
+                ids[: batch * n],
+                bos_id=None,
+                config=StatsConfig(replicates=0),
+                batch_size=batch,
+            )
+            stats.to_tensors()
+
         def read_tables(stored=stored):
             stats = NeuronStats.from_tensors(stored["tensors"], stored["meta"])
             for layer in range(stats.n_layers):
@@ -113,6 +124,7 @@ def run(quick: bool = False) -> list[dict]:
             {  # compared rows are neighbours: they run back to back in every round
                 "lm": lm_forward,
                 "stats": functools.partial(stats_pass, short),
+                "stats, no replicates": functools.partial(stats_pass_without_replicates, short),
                 "layers": functools.partial(layers_forward, short),
                 "tables": read_tables,
                 "layers long": functools.partial(layers_forward, long),
@@ -137,6 +149,11 @@ def run(quick: bool = False) -> list[dict]:
             _row(f"{name}: statistics pass, pending keys counted, {tokens}", final,
                  layers_row, t["layers"]),
             _row(whole, t["stats"], layers_row, t["layers"]),
+            _row(f"{name}: statistics pass without bootstrap replicates, whole, {tokens}",
+                 t["stats, no replicates"], layers_row, t["layers"]),
+            _row(f"{name}: statistics pass with the 64 replicates, whole, {tokens}", t["stats"],
+                 f"{name}: statistics pass without bootstrap replicates, whole, {tokens}",
+                 t["stats, no replicates"]),
             _row(whole, t["stats"], lm_row, t["lm"]),
             _row(f"{name}: on read, sorted (neuron, token) tables of all layers, {tokens}",
                  t["tables"], layers_row, t["layers"]),

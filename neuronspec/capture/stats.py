@@ -55,6 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from neuronspec.capture.replicates import poisson_weights
 from neuronspec.errors import LayerOutOfRangeError, NeuronSpecError, TooFewTokensError
 from neuronspec.native import kernels_available, load_library
 from neuronspec.options import default
@@ -66,7 +67,7 @@ STATS_BACKENDS = ("auto", "native", "torch")
 ops; ``auto``: native where it applies and builds, else torch. Both compute the same
 definitions, but float sums may round differently, so the backend ``auto`` resolves to is
 part of the cache key (:func:`neuronspec.capture.runner.computation_path`)."""
-STATS_FORMAT = "neuronspec-stats-v8"  # v5: trigrams ending at window position 2 count; v6: window-mean moments, sparsity sketch; v7: packed (neuron, token) rows, no abs_hist (abs_sketch bins the same |a| finer); v8: Mamba dt window sums from the scan, in float64  # part of the cache key: bump when an accumulator changes
+STATS_FORMAT = "neuronspec-stats-v9"  # v9: Poisson-bootstrap firing replicates; v5: trigrams ending at window position 2 count; v6: window-mean moments, sparsity sketch; v7: packed (neuron, token) rows, no abs_hist (abs_sketch bins the same |a| finer); v8: Mamba dt window sums from the scan, in float64  # part of the cache key: bump when an accumulator changes
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,19 @@ class StatsConfig:
     sketch_per_decade: int = 116
     sketch_min: float = 1e-12
     sketch_max: float = 1e6
+    # Poisson-bootstrap replicates of the firing counts over windows (capture/replicates.py):
+    # standard errors of firing frequencies and dead / rare fractions; 0 turns them off
+    replicates: int = 64
 
     def __post_init__(self) -> None:
         if not FLOAT32_TINY <= self.sketch_min < self.sketch_max <= FLOAT32_MAX:
             raise NeuronSpecError(
                 f"need {FLOAT32_TINY:.4g} <= sketch_min < sketch_max <= {FLOAT32_MAX:.4g} "
                 f"(normal float32 numbers), got {self.sketch_min} and {self.sketch_max}"
+            )
+        if self.replicates < 0 or self.replicates == 1:
+            raise NeuronSpecError(
+                f"replicates must be 0 (off) or at least 2, got {self.replicates}"
             )
         if not 1 <= self.sketch_bins <= 65533:  # bin indices (with the ends) fit in uint16
             raise NeuronSpecError(f"the sketch needs 1..65533 bins, got {self.sketch_bins}")
@@ -542,6 +550,7 @@ class LayerStats:
     pearson_abs_sum: torch.Tensor
     abs_sketch: torch.Tensor
     token_sparsity: torch.Tensor
+    fire_replicates: torch.Tensor  # (R, W) float64: firing counts, windows Poisson-weighted
     pairs: _UnigramCounter
     trigrams: _SparseCounter
 
@@ -564,6 +573,7 @@ class LayerStats:
             pearson_abs_sum=torch.zeros(width, dtype=torch.float64),
             abs_sketch=torch.zeros(config.sketch_bins + 2, dtype=torch.long),
             token_sparsity=torch.zeros(4, dtype=torch.float64),
+            fire_replicates=torch.zeros(config.replicates, width, dtype=torch.float64),
             pairs=_UnigramCounter(width, vocab_size, dense_tokens, native, token_frequency),
             trigrams=_SparseCounter(),
         )
@@ -588,6 +598,7 @@ class NeuronStats:
     layers: list[LayerStats]
     tokens_by_pos: torch.Tensor  # (T,) int64
     token_count: torch.Tensor  # (V,) int64, counted positions only
+    token_replicates: torch.Tensor  # (R,) float64: tokens, windows Poisson-weighted
     tri_occurrences: _SparseCounter
     # per-batch work buffers, reused across layers and batches (fresh 10 MB tensors per op
     # cost more in allocation and cache misses than the arithmetic); not statistics
@@ -596,6 +607,8 @@ class NeuronStats:
     backend: str = dataclasses.field(default="auto", repr=False, compare=False)
     # the BOS id of the batch add_tokens accounted last (trigram validity in add_layer)
     _bos_id: int | None = dataclasses.field(default=None, repr=False, compare=False)
+    # (R, B) Poisson weights of the windows add_tokens accounted last (add_layer uses them)
+    _weights: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
     # window-mean moments per (site, layer): delta-sensitive / high-variance neurons
     window_means: dict = dataclasses.field(default_factory=dict)
 
@@ -639,6 +652,7 @@ class NeuronStats:
             ],
             tokens_by_pos=torch.zeros(window, dtype=torch.long),
             token_count=torch.zeros(vocab_size, dtype=torch.long),
+            token_replicates=torch.zeros(config.replicates, dtype=torch.float64),
             tri_occurrences=_SparseCounter(),
             backend=backend,
             window_means={
@@ -691,6 +705,9 @@ class NeuronStats:
             )
         self.tokens_by_pos += batch
         self._bos_id = bos_id
+        if self.config.replicates:
+            self._weights = poisson_weights(input_ids, self.config.replicates)  # (R, B)
+            self.token_replicates += self._weights.sum(1) * window
         counted = _counted_positions(input_ids, bos_id)  # (B, T)
         self.token_count += torch.bincount(input_ids[counted].cpu(), minlength=self.vocab_size)
         if self.config.trigrams:
@@ -720,6 +737,13 @@ class NeuronStats:
         else:
             fires = self._add_layer_torch(stats, pre, act, input_ids, counted, wmeans)
         _add_token_sparsity(stats, act, self.config, self.backend)
+        if self.config.replicates:
+            if fires is None:  # the native kernel counted without materialising them
+                fires = torch.gt(
+                    pre, self.config.fire_threshold, out=self._buffer("fires", pre, torch.bool)
+                )
+            per_window = fires.sum(1, dtype=torch.int32).double().cpu()  # (B, W)
+            stats.fire_replicates += self._weights @ per_window  # (R, W)
         if self.config.trigrams:
             keys, valid = _trigram_keys(input_ids, counted, self.vocab_size, self._bos_id)
             b, t, n = torch.nonzero(fires & valid[:, :, None], as_tuple=True)
@@ -912,6 +936,7 @@ class NeuronStats:
         tensors = {
             "tokens_by_pos": self.tokens_by_pos,
             "token_count": self.token_count,
+            "token_replicates": self.token_replicates,
             "tri_occ_key": self.tri_occurrences.keys,
             "tri_occ_count": self.tri_occurrences.counts,
         }
@@ -966,6 +991,7 @@ class NeuronStats:
             layers=layers,
             tokens_by_pos=tensors["tokens_by_pos"],
             token_count=tensors["token_count"],
+            token_replicates=tensors["token_replicates"],
             tri_occurrences=_SparseCounter(tensors["tri_occ_key"], tensors["tri_occ_count"]),
             window_means={
                 (site, index): WindowMeanMoments(
@@ -1047,6 +1073,7 @@ _DENSE_FIELDS = (
     "pearson_abs_sum",
     "abs_sketch",
     "token_sparsity",
+    "fire_replicates",
 )
 
 

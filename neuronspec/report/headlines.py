@@ -53,10 +53,14 @@ def _dead(layers: dict[str, Any], tokens: TokenText) -> str:
     n_dead = sum(f["n_dead"] for f in found)
     n_neurons = sum(f["n_neurons"] for f in found)
     rare = sum(f["rare_fraction"] * f["n_neurons"] for f in found)
-    return (
+    text = (
         f"{n_dead} of {n_neurons} neurons dead ({_percent(n_dead, n_neurons)}), "
         f"rarely firing {_percent(rare, n_neurons)}; dead by layer {_by_layer([f['n_dead'] for f in found])}"
     )
+    if all(f.get("rare_fraction_se") is not None for f in found):
+        errors = ", ".join(f"{100 * 1.96 * f['rare_fraction_se']:.2f}" for f in found)
+        text += f"; rarely firing 95% half-widths by layer (pp) [{errors}] (window bootstrap)"
+    return text
 
 
 @headline("ngram", "token detectors")
