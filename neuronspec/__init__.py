@@ -23,7 +23,7 @@ _API: dict[str, str] = {
     "SpecSession": "neuronspec.session",
     "RunConfig": "neuronspec.session",
     "CorpusConfig": "neuronspec.data.corpus",
-    "StatsConfig": "neuronspec.capture.stats",
+    "StatsConfig": "neuronspec.capture.config",
     "NeuronStats": "neuronspec.capture.stats",
     "load_model": "neuronspec.models.registry",
     "Finding": "neuronspec.findings",

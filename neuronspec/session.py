@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from neuronspec.capture.runner import cached_stats
-from neuronspec.capture.stats import NeuronStats, StatsConfig
+from neuronspec.capture.config import StatsConfig
+from neuronspec.capture.stats import NeuronStats
 from neuronspec.data.corpus import (
     CorpusConfig,
     CorpusTexts,

@@ -14,7 +14,9 @@ import torch
 
 from neuronspec.capture.cache import TensorCache
 from neuronspec.capture.collect import entry_key, merge_across_ranks
-from neuronspec.capture.stats import NeuronStats, merge_rules
+from neuronspec.capture.format import merge_rules, merge_tensor_dicts
+from neuronspec.capture.packed_rows import packed_layout
+from neuronspec.capture.stats import NeuronStats
 from neuronspec.cli.collect import parse_run_config
 from neuronspec.errors import NeuronSpecError
 from neuronspec.session import SpecSession
@@ -175,7 +177,6 @@ def test_shards_in_one_layout_add_field_by_field(random_model):
     """Two shards laid out by the whole corpus's token counts merge (NeuronStats rules:
     packed rows added field by field, every width) into the whole corpus's statistics."""
     from neuronspec.capture.runner import collect_stats
-    from neuronspec.capture.stats import _merge_tensor_dicts, packed_layout
 
     g = torch.Generator().manual_seed(1)
     draw = torch.randint(0, 97, (80, 16), generator=g)
@@ -188,7 +189,7 @@ def test_shards_in_one_layout_add_field_by_field(random_model):
     whole = collect_stats(random_model, ids, bos_id=None)
     layout = packed_layout(whole.token_count, sum(layer.width for layer in whole.layers))
     assert {int(b) for b in layout[1]} >= {1, 2, 4, 8, 16}
-    merged = _merge_tensor_dicts(*(part.to_tensors(layout=layout) for part in parts))
+    merged = merge_tensor_dicts(*(part.to_tensors(layout=layout) for part in parts))
     _assert_equal(NeuronStats.from_tensors(merged, whole.meta()), whole)
 
 

@@ -24,7 +24,8 @@ from neuronspec.analyses.ngram import (
     token_detectors,
     trigram_key,
 )
-from neuronspec.capture.stats import NeuronStats, StatsConfig
+from neuronspec.capture.config import StatsConfig
+from neuronspec.capture.stats import NeuronStats
 from neuronspec.native import kernels_available
 
 

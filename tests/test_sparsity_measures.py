@@ -19,7 +19,8 @@ from neuronspec.analyses.sparsity import (
     sparsity_layer,
     threshold_sparsity,
 )
-from neuronspec.capture.stats import NeuronStats, StatsConfig
+from neuronspec.capture.config import StatsConfig
+from neuronspec.capture.stats import NeuronStats
 from neuronspec.models.scan import use_fast_scan
 from neuronspec.session import merge_results
 

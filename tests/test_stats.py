@@ -9,7 +9,9 @@ from builders import VOCAB, make_gpt2, make_mamba, wrap
 
 from neuronspec.analyses.dead import dead_neurons
 from neuronspec.capture.runner import collect_stats
-from neuronspec.capture.stats import PEARSON_CONSTANT_VARIANCE, NeuronStats, StatsConfig
+from neuronspec.capture.config import StatsConfig
+from neuronspec.capture.moments import PEARSON_CONSTANT_VARIANCE
+from neuronspec.capture.stats import NeuronStats
 from neuronspec.errors import LayerOutOfRangeError, TooFewTokensError
 
 BOS = 0

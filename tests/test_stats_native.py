@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from neuronspec.capture.stats import (
-    NeuronStats,
-    StatsConfig,
-    _bits_for,
-    _pack_counts,
-    _row_bytes,
-    _unpack_counts,
-)
+from neuronspec.capture.config import StatsConfig
+from neuronspec.capture.packed_rows import _bits_for, _pack_counts, _row_bytes, _unpack_counts
+from neuronspec.capture.stats import NeuronStats
 from neuronspec.errors import NeuronSpecError
 
 VOCAB, WINDOW, WIDTH = 300, 37, 53  # width not a multiple of the kernel's 16 lanes
@@ -106,13 +101,14 @@ def test_native_result_does_not_depend_on_thread_count():
 def test_native_with_keys_too_wide_for_int32_counts_the_tail_in_torch(monkeypatch):
     """Where neuron·V + token does not fit int32, the kernel leaves the sparse tail to torch
     (int64 keys); the counts are the same (the int32 limit is lowered to reach that path)."""
-    import neuronspec.capture.stats as stats_module
+    from neuronspec.capture import packed_rows, sparse_counts
 
-    monkeypatch.setattr(stats_module, "_INT32_KEYS", WIDTH * VOCAB - 1)
+    for module in (packed_rows, sparse_counts):
+        monkeypatch.setattr(module, "INT32_KEYS", WIDTH * VOCAB - 1)
     batches = [_batch(seed) for seed in range(2)]
     native, reference = _collect("native", batches), _collect("torch", batches)
     tail = native.layers[0].pairs.tail
-    assert not tail._native and tail.pending.numel() and tail.pending.dtype == torch.long
+    assert not tail.compact and tail.pending.numel() and tail.pending.dtype == torch.long
     _assert_same(native, reference)
 
 
@@ -148,11 +144,11 @@ def _unigram_counter(dense_rows: int, width: int, seed: int, native: bool = True
     with no tail, some with only tail entries. Rows go to two thirds of the eligible
     tokens, in random order, then are widened (their first bytes left behind); the arena
     past the rows holds garbage that the tables must never read."""
-    from neuronspec.capture.stats import COUNT_BITS, _UnigramCounter
+    from neuronspec.capture.packed_rows import COUNT_BITS, UnigramCounter
 
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randperm(VOCAB, generator=g)
-    counter = _UnigramCounter(width, VOCAB, tokens[:dense_rows], native)
+    counter = UnigramCounter(width, VOCAB, tokens[:dense_rows], native)
     seen = tokens[: dense_rows - dense_rows // 3]  # eligible tokens seen, first-seen order
     for batch in seen.chunk(4):  # each batch's new tokens get rows in token order
         counter.rows_for(batch, torch.ones(len(batch), dtype=torch.bool))
@@ -225,7 +221,8 @@ def test_unigram_table_kernel_writes_nothing_past_its_entries():
     row_offset, row_bits = counter.row_offset[rows], counter.row_bits[rows]
     counter.tail.consolidate()
     keep = counter.tail.keys < 45 * VOCAB  # ... nor tail entries
-    counter.tail.keys, counter.tail.counts = counter.tail.keys[keep], counter.tail.counts[keep]
+    tail_keys, tail_counts = counter.tail.keys[keep].int(), counter.tail.counts[keep].int()
+    counter.tail.keys, counter.tail.counts = tail_keys, tail_counts
     expected = _brute_force_table(counter)
     width, sentinel = 53, -12345
     nnz = torch.empty(width, dtype=torch.long)
@@ -239,7 +236,8 @@ def test_unigram_table_kernel_writes_nothing_past_its_entries():
         row_bits.data_ptr(),
         nnz.data_ptr(),
     )
-    tail_starts = torch.searchsorted(counter.tail.keys, torch.arange(width + 1) * VOCAB)
+    bounds = torch.arange(width + 1, dtype=torch.int32) * VOCAB
+    tail_starts = torch.searchsorted(tail_keys, bounds)
     offsets = torch.zeros(width + 1, dtype=torch.long)
     torch.cumsum(nnz + tail_starts.diff(), 0, out=offsets[1:])
     assert int(offsets[-1]) == len(expected)
@@ -248,7 +246,7 @@ def test_unigram_table_kernel_writes_nothing_past_its_entries():
     status = lib.neuronspec_unigram_table(
         2, len(rows), width, VOCAB, counter.arena.data_ptr(), row_offset.data_ptr(),
         row_bits.data_ptr(), dense_tokens.data_ptr(),
-        counter.tail.keys.data_ptr(), counter.tail.counts.data_ptr(), tail_starts.data_ptr(),
+        tail_keys.data_ptr(), tail_counts.data_ptr(), tail_starts.data_ptr(),
         offsets.data_ptr(), keys.data_ptr(), counts.data_ptr(),
     )  # fmt: skip
     assert status == 0
@@ -256,42 +254,20 @@ def test_unigram_table_kernel_writes_nothing_past_its_entries():
     assert (keys[len(expected) :] == sentinel).all() and (counts[len(expected) :] == sentinel).all()
 
 
-@pytest.mark.parametrize("max_key", [0, 5, 2**11, 2**22 + 3, 2**31 - 2])
-def test_native_sparse_counts_equal_torch(max_key):
-    """Radix-sorted run lengths and the linear merge equal torch.unique on the union,
-    for key spaces needing 0 to 3 radix passes (keys 0 and max_key included)."""
-    from neuronspec.capture.stats import _SparseCounter
-
-    g = torch.Generator().manual_seed(max_key % 1000)
-    batches = [torch.randint(0, max_key + 1, (n,), generator=g) for n in (1000, 1, 0, 3000)]
-    batches[0][:3] = torch.tensor([0, max_key, max_key])
-    native = _SparseCounter(key_space=max_key + 1, native=True)
-    for keys in batches:
-        native.add(keys)
-        native.consolidate()
-    assert native._native
-    every = torch.cat(batches)
-    keys, counts = torch.unique(every, return_counts=True)
-    assert native.keys.tolist() == keys.tolist()
-    assert native.counts.tolist() == counts.tolist()
-
-
-@pytest.mark.parametrize("native", [True, False])
-def test_pending_buffer_fills_consolidates_and_grows(monkeypatch, native):
+def test_pending_buffer_fills_consolidates_and_grows(monkeypatch):
     """Keys added in several chunks per call, past a small pending buffer (consolidated when
     full, reused, grown for a chunk larger than it or a table larger than it), are counted
     as ``torch.unique`` counts them all at once."""
-    import neuronspec.capture.stats as stats_module
-    from neuronspec.capture.stats import _SparseCounter
+    from neuronspec.capture import sparse_counts
 
-    monkeypatch.setattr(stats_module, "PENDING_KEYS_MIN", 50)
+    monkeypatch.setattr(sparse_counts, "PENDING_KEYS_MIN", 50)
     key_space = 1000
     g = torch.Generator().manual_seed(7)
     calls = [
         [torch.randint(0, key_space, (n,), generator=g) for n in sizes]
         for sizes in ([20, 10], [30], [0, 15], [400], [40, 40, 40], [5])
     ]
-    counter = _SparseCounter(key_space=key_space, native=native)
+    counter = sparse_counts.SparseCounter(key_space=key_space)
     for chunks in calls:
         counter.add(*chunks)
     assert counter.pending.numel() > 0  # the last keys wait, uncounted

@@ -102,7 +102,8 @@ def _planted_corpus(probabilities, n_windows, window, seed):
     in every window (independent of the token), streamed through NeuronStats."""
     import torch
 
-    from neuronspec.capture.stats import NeuronStats, StatsConfig
+    from neuronspec.capture.config import StatsConfig
+    from neuronspec.capture.stats import NeuronStats
 
     generator = torch.Generator().manual_seed(seed)
     width = probabilities.numel()
@@ -144,7 +145,8 @@ def test_replicates_merge_exactly_across_shards():
     probabilities = torch.linspace(0.05, 0.5, 8)
     whole = _planted_corpus(probabilities, 64, 16, seed=7)
     # the same windows, streamed as two shards and merged
-    from neuronspec.capture.stats import NeuronStats, StatsConfig
+    from neuronspec.capture.config import StatsConfig
+    from neuronspec.capture.stats import NeuronStats
 
     generator = torch.Generator().manual_seed(7)
     batches = []

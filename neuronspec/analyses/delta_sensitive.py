@@ -5,7 +5,7 @@ each channel c gets two scores:
 
 - **variance**: the variance across texts of the text-mean Δ_c, ``Var_w[(1/T) Σ_t Δ_c(w, t)]``
   over the corpus windows w (a text is one analysis window of T tokens), streamed in the one
-  statistics pass (:class:`~neuronspec.capture.stats.WindowMeanMoments`: Σ m_w and Σ m_w²;
+  statistics pass (:class:`~neuronspec.capture.moments.WindowMeanMoments`: Σ m_w and Σ m_w²;
   population variance, ddof 0). A value below the float64 rounding floor of the one-pass
   formula, ``4·n·ε·mean(m²)`` for n windows, is reported as 0 (a constant channel then scores
   exactly 0 instead of ±1e-20).

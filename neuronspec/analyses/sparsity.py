@@ -2,7 +2,7 @@
 
 Per layer, over all (token, neuron) values m = |a| of the ``mlp`` site (``(B, T, W)``
 batches folded into ``abs_sketch`` and ``token_sparsity``, see
-:mod:`neuronspec.capture.stats`):
+:mod:`neuronspec.capture.sketch`):
 
 - threshold sparsity: fraction of (token, neuron) with m < τ; family defaults τ = 0.01
   (Mamba) and 1e-5 (Transformer); always reported with τ. Exact when τ
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from neuronspec.capture.stats import NeuronStats, StatsConfig
+from neuronspec.capture.config import StatsConfig
+from neuronspec.capture.stats import NeuronStats
 from neuronspec.errors import NeuronSpecError
 from neuronspec.findings import Finding
 

@@ -11,7 +11,7 @@ Data-parallel on torch.distributed::
 
 Rank r streams the r-th of N contiguous shards of the analysis windows through its own
 copy of the model (:func:`~neuronspec.capture.runner.collect_stats`). The shards'
-accumulators are then merged by the rules of :func:`~neuronspec.capture.stats.merge_rules`
+accumulators are then merged by the rules of :func:`~neuronspec.capture.format.merge_rules`
 (the rules of :meth:`NeuronStats.merge`): dense fields (counts, sums, histograms, maxima)
 by one all-reduce each, the packed (neuron, token) rows of the corpus's shared layout by
 an all-reduce field by field, sparse ``(key, count)`` tables (trigrams, tokens outside the
@@ -20,7 +20,7 @@ layout) gathered on rank 0 and merged there by key. Rank 0 writes the entry, ato
 ``cuda:LOCAL_RANK``). Without torchrun the same code runs as a group of one process.
 
 The entry holds each layer's (neuron, token) counts as packed rows in the layout of the
-whole corpus (:func:`~neuronspec.capture.stats.packed_layout`), which loads into the same
+whole corpus (:func:`~neuronspec.capture.packed_rows.packed_layout`), which loads into the same
 :class:`~neuronspec.capture.stats.NeuronStats` as the form a pytest run writes. Integer counts equal a single process's exactly; float sums differ by rounding
 (summation order).
 """
@@ -38,7 +38,10 @@ import torch.distributed as dist
 
 from neuronspec.capture.cache import TensorCache
 from neuronspec.capture.runner import collect_stats, computation_path, stats_cache_key
-from neuronspec.capture.stats import NeuronStats, merge_rules, packed_layout, packed_regions
+from neuronspec.capture.format import merge_rules
+from neuronspec.capture.packed_rows import packed_layout, packed_regions
+from neuronspec.capture.sparse_counts import merge_sparse
+from neuronspec.capture.stats import NeuronStats
 from neuronspec.errors import CacheCorruptError
 from neuronspec.models.registry import pick_dtype
 from neuronspec.session import SpecSession
@@ -153,9 +156,8 @@ def _merge_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks' sorted ``(key, count)`` tables merged by :meth:`NeuronStats.merge`'s rule (key
     union, counts summed), keeping the input dtypes."""
-    from neuronspec.capture.stats import _merge_sparse
 
-    merged_keys, merged_counts = _merge_sparse(torch.cat(keys), torch.cat(counts))
+    merged_keys, merged_counts = merge_sparse(torch.cat(keys), torch.cat(counts))
     return merged_keys.to(keys[0].dtype), merged_counts.to(counts[0].dtype)
 
 

@@ -15,7 +15,10 @@ from pathlib import Path
 import torch
 
 from neuronspec.capture.cache import TensorCache, cache_key
-from neuronspec.capture.stats import STATS_FORMAT, WINDOW_MEAN_SITES, NeuronStats, StatsConfig
+from neuronspec.capture.config import StatsConfig
+from neuronspec.capture.format import STATS_FORMAT
+from neuronspec.capture.moments import WINDOW_MEAN_SITES
+from neuronspec.capture.stats import NeuronStats
 from neuronspec.data.corpus import TokenWindows
 from neuronspec.models.registry import LoadedModel
 from neuronspec.progress import progress
@@ -39,7 +42,7 @@ def collect_stats(
 ) -> NeuronStats:
     """Stream ``windows`` ``(n, T)`` through the model once and return the statistics.
 
-    ``backend``: how each layer is accumulated (:data:`~neuronspec.capture.stats.STATS_BACKENDS`).
+    ``backend``: how each layer is accumulated (:data:`~neuronspec.capture.config.STATS_BACKENDS`).
     ``token_frequency`` ``(V,)``: frequencies that pick the tokens counted densely (e.g.
     corpus-wide ones for a shard); default, counted from ``windows``. Never changes results.
     """

@@ -2,10 +2,10 @@
 
 Sources: ``scan.c`` (the Mamba selective scan and causal conv + SiLU, no autograd; wrapped by
 :mod:`neuronspec.models.kernel`) and ``stats.c`` (one layer of the streamed statistics
-pass, and the final (neuron, token) table; used by :mod:`neuronspec.capture.stats`). Both are compiled into one shared library
-without torch headers: the compiler is ``$CC``, else Python's, else ``cc``; the library is
-cached per (sources, flags, compiler, CPU) in ``$NEURONSPEC_KERNEL_DIR`` (default
-``~/.cache/neuronspec/kernels``). It is written under a temporary name and renamed into
+pass, and the final (neuron, token) table; used by :mod:`neuronspec.capture.native_stats`).
+Both are compiled into one shared library without torch headers: the compiler is ``$CC``,
+else Python's, else ``cc``; the library is cached per (sources, flags, compiler, CPU) in
+``$NEURONSPEC_KERNEL_DIR`` (default ``~/.cache/neuronspec/kernels``). It is written under a temporary name and renamed into
 place, so a crash mid-build never leaves a file that loads; concurrent builders (xdist
 workers) race harmlessly; a library that does not load is rebuilt once.
 
@@ -44,7 +44,7 @@ __all__ = ["KernelUnavailableError", "kernels_available", "load_library"]
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("scan.c", "stats.c", "sparsity.c"))
 HEADERS = (Path(__file__).with_name("fastmath.h"),)  # included by the sources: in the build key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fopenmp")
-ABI_VERSIONS = {"neuronspec_scan_abi": 4, "neuronspec_stats_abi": 10, "neuronspec_sparsity_abi": 1}
+ABI_VERSIONS = {"neuronspec_scan_abi": 4, "neuronspec_stats_abi": 11, "neuronspec_sparsity_abi": 1}
 
 _i64, _ptr, _f32, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
 _SCAN_ARGS = (
@@ -70,9 +70,6 @@ _STATS_ARGS = (
 _NNZ_ARGS = [_i64] * 3 + [_ptr] * 4  # threads, D, W, arena, row_offset, row_bits, nnz
 # threads, D, W, V; arena, row_offset, row_bits, tokens, tail (keys, counts, starts), out..
 _TABLE_ARGS = [_i64] * 4 + [_ptr] * 10
-_SORT_ARGS = [_i64, _ptr, _ptr, _i64]  # n, keys, scratch, max_key
-_RUNS_ARGS = [_i64] + [_ptr] * 3  # n, keys, out_keys, out_counts
-_MERGE_ARGS = ([_i64] + [_ptr] * 2) * 2 + [_ptr] * 2  # na, a.., nb, b.., out..
 _CONV_ARGS = [_i64] * 5 + [_ptr, _i64, _i64] + [_ptr] * 3  # threads, B, L, d, K, x.., wt, b, out
 # threads, B, T, W, act (+ strides), sketch, n_bins, lo, hi, per_log2, offset, sums
 _SPARSITY_ARGS = [_i64] * 4 + [_ptr, _i64, _i64] + [_ptr, _i64] + [_f32] * 4 + [_ptr]
@@ -84,9 +81,6 @@ ENTRY_POINTS = {
     "neuronspec_layer_stats_f32": (_STATS_ARGS, _i64),
     "neuronspec_unigram_dense_nnz": (_NNZ_ARGS, None),
     "neuronspec_unigram_table": (_TABLE_ARGS, ctypes.c_int),
-    "neuronspec_sort_keys": (_SORT_ARGS, _i64),
-    "neuronspec_run_lengths": (_RUNS_ARGS, None),
-    "neuronspec_merge_counts": (_MERGE_ARGS, _i64),
     "neuronspec_token_sparsity_f32": (_SPARSITY_ARGS, ctypes.c_int),
 }
 

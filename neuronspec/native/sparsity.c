@@ -1,6 +1,6 @@
 /* Per-token sparsity of one layer of one batch (METHODS §9), in one pass per token row.
  *
- * The native form of neuronspec.capture.stats._token_sparsity_torch (same definitions,
+ * The native form of neuronspec.capture.sketch.token_sparsity_torch (same definitions,
  * see that function): for every token row a (W,) of the `mlp` site, with m = |a|,
  *
  *   sums[4·tid + 0] += 1                          for rows with S = Σ m > 0 (measured)

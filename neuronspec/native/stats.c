@@ -218,7 +218,7 @@ i64 neuronspec_layer_stats_f32(
 }
 
 /* The final (neuron, token) firing table of a layer, merged from its two parts
- * (neuronspec.capture.stats._UnigramCounter.table):
+ * (neuronspec.capture.packed_rows.UnigramCounter.table):
  *
  *   arena, row_offset, row_bits   D packed count rows (see add_packed), in ascending token
  *                                 order: row r at byte row_offset[r], fields of row_bits[r]
@@ -330,84 +330,5 @@ int neuronspec_unigram_table(
     return failed ? -1 : 0;
 }
 
-/* Sparse counts (neuronspec.capture.stats._SparseCounter): keys waiting to be counted are
- * sorted by an LSD radix sort (11-bit digits, only as many passes as max_key needs) and
- * run-length counted; count tables are merged in one linear pass. Keys are non-negative.
- *
- * neuronspec_sort_keys: sorts keys (n,) int32 in place (scratch: n int32) and returns
- * the number of distinct keys. */
-#define RADIX_BITS 11
-#define RADIX (1 << RADIX_BITS)
-
-i64 neuronspec_sort_keys(i64 n, int32_t *keys, int32_t *scratch, i64 max_key) {
-    int32_t *src = keys, *dst = scratch;
-    for (int shift = 0; shift < 31 && (max_key >> shift) > 0; shift += RADIX_BITS) {
-        i64 start[RADIX] = {0};
-        for (i64 i = 0; i < n; i++) start[((uint32_t)src[i] >> shift) & (RADIX - 1)]++;
-        i64 sum = 0;
-        for (int b = 0; b < RADIX; b++) {
-            const i64 c = start[b];
-            start[b] = sum;
-            sum += c;
-        }
-        for (i64 i = 0; i < n; i++) dst[start[((uint32_t)src[i] >> shift) & (RADIX - 1)]++] = src[i];
-        int32_t *swap = src;
-        src = dst;
-        dst = swap;
-    }
-    if (src != keys) memcpy(keys, src, (size_t)n * sizeof *keys);
-    i64 distinct = n > 0;
-    for (i64 i = 1; i < n; i++) distinct += keys[i] != keys[i - 1];
-    return distinct;
-}
-
-/* Run lengths of sorted keys (n,) int32: out_keys, out_counts (distinct,) int32. */
-void neuronspec_run_lengths(i64 n, const int32_t *keys, int32_t *out_keys,
-                            int32_t *out_counts) {
-    i64 o = -1;
-    for (i64 i = 0; i < n; i++) {
-        if (i == 0 || keys[i] != keys[i - 1]) {
-            out_keys[++o] = keys[i];
-            out_counts[o] = 0;
-        }
-        out_counts[o]++;
-    }
-}
-
-/* Union of two count tables with sorted unique int32 keys, counts of equal keys summed
- * (int32: the caller's counts total fewer than 2^31 tokens).
- * With out_keys NULL only returns the size of the union; else also writes it. */
-i64 neuronspec_merge_counts(i64 na, const int32_t *a_keys, const int32_t *a_counts, i64 nb,
-                            const int32_t *b_keys, const int32_t *b_counts, int32_t *out_keys,
-                            int32_t *out_counts) {
-    i64 i = 0, j = 0, o = 0;
-    if (!out_keys) {
-        while (i < na && j < nb) {
-            const int32_t a = a_keys[i], b = b_keys[j];
-            i += a <= b;
-            j += b <= a;
-            o++;
-        }
-        return o + (na - i) + (nb - j);
-    }
-    while (i < na && j < nb) {
-        const int32_t a = a_keys[i], b = b_keys[j];
-        out_keys[o] = a < b ? a : b;
-        out_counts[o] = (a <= b ? a_counts[i] : 0) + (b <= a ? b_counts[j] : 0);
-        i += a <= b;
-        j += b <= a;
-        o++;
-    }
-    for (; i < na; i++, o++) {
-        out_keys[o] = a_keys[i];
-        out_counts[o] = a_counts[i];
-    }
-    for (; j < nb; j++, o++) {
-        out_keys[o] = b_keys[j];
-        out_counts[o] = b_counts[j];
-    }
-    return o;
-}
-
 /* Version of the calling convention above; the loader refuses a library with another. */
-int neuronspec_stats_abi(void) { return 10; }
+int neuronspec_stats_abi(void) { return 11; }

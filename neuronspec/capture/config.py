@@ -1,0 +1,66 @@
+"""What the streamed statistics pass collects (:class:`StatsConfig`, part of the cache key)
+and how it computes (:data:`STATS_BACKENDS`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from neuronspec.errors import NeuronSpecError
+from neuronspec.options import default
+
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+STATS_BACKENDS = ("auto", "native", "torch")
+"""``native``: ``neuronspec/native/stats.c`` (float32 CPU activations); ``torch``: torch
+ops; ``auto``: native where it applies and builds, else torch. Both compute the same
+definitions, but float sums may round differently, so the backend ``auto`` resolves to is
+part of the cache key (:func:`neuronspec.capture.runner.computation_path`)."""
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """What the streamed pass collects. Part of the cache key."""
+
+    fire_threshold: float = 0.0  # METHODS §1: a neuron fires when mlp_pre > 0
+    unigrams: bool = True  # sparse (neuron, token) firing counts for METHODS §3
+    trigrams: bool = default("stats.trigrams")  # sparse (neuron, trigram) counts: large, opt-in
+    # |a| quantile sketch (METHODS §9): 116 bins per decade, bin ratio γ = 10^(1/116), so a
+    # bin's representative 2·lo·γ/(γ+1) is within (γ-1)/(γ+1) = 0.99% of every value in it;
+    # every decade is a bin edge (thresholds 1e-5, 0.01 count exactly)
+    sketch_per_decade: int = 116
+    sketch_min: float = 1e-12
+    sketch_max: float = 1e6
+    # Poisson-bootstrap replicates of the firing counts over windows (capture/replicates.py):
+    # standard errors of firing frequencies and dead / rare fractions; 0 turns them off
+    replicates: int = 64
+
+    def __post_init__(self) -> None:
+        if not FLOAT32_TINY <= self.sketch_min < self.sketch_max <= FLOAT32_MAX:
+            raise NeuronSpecError(
+                f"need {FLOAT32_TINY:.4g} <= sketch_min < sketch_max <= {FLOAT32_MAX:.4g} "
+                f"(normal float32 numbers), got {self.sketch_min} and {self.sketch_max}"
+            )
+        if self.replicates < 0 or self.replicates == 1:
+            raise NeuronSpecError(
+                f"replicates must be 0 (off) or at least 2, got {self.replicates}"
+            )
+        if not 1 <= self.sketch_bins <= 65533:  # bin indices (with the ends) fit in uint16
+            raise NeuronSpecError(f"the sketch needs 1..65533 bins, got {self.sketch_bins}")
+
+    @property
+    def sketch_bins(self) -> int:
+        """Bins of ``abs_sketch`` between ``sketch_min`` and ``sketch_max`` (plus 2 ends)."""
+        return round(self.sketch_per_decade * math.log10(self.sketch_max / self.sketch_min))
+
+    def sketch_edges(self) -> np.ndarray:
+        """The ``sketch_bins + 1`` edges of ``abs_sketch`` (bin 0 is < sketch_min)."""
+        lo, hi = math.log10(self.sketch_min), math.log10(self.sketch_max)
+        return np.logspace(lo, hi, self.sketch_bins + 1)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
