@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neuronspec.capture.runner import cached_stats
 from neuronspec.capture.config import StatsConfig
+from neuronspec.capture.runner import cached_stats
 from neuronspec.capture.stats import NeuronStats
 from neuronspec.data.corpus import (
     CorpusConfig,

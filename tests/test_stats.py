@@ -8,9 +8,9 @@ import torch
 from builders import VOCAB, make_gpt2, make_mamba, wrap
 
 from neuronspec.analyses.dead import dead_neurons
-from neuronspec.capture.runner import collect_stats
 from neuronspec.capture.config import StatsConfig
 from neuronspec.capture.moments import PEARSON_CONSTANT_VARIANCE
+from neuronspec.capture.runner import collect_stats
 from neuronspec.capture.stats import NeuronStats
 from neuronspec.errors import LayerOutOfRangeError, TooFewTokensError
 

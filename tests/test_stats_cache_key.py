@@ -8,8 +8,8 @@ import torch
 from builders import make_mamba, wrap
 
 from neuronspec import native
-from neuronspec.capture.runner import cached_stats, computation_path, stats_cache_key
 from neuronspec.capture.config import StatsConfig
+from neuronspec.capture.runner import cached_stats, computation_path, stats_cache_key
 from neuronspec.data.corpus import TokenWindows
 
 WINDOWS = torch.randint(1, 97, (4, 12), generator=torch.Generator().manual_seed(1))

@@ -31,8 +31,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausa
 
 from neuronspec.bench import Timing, time_side_by_side
 from neuronspec.bench import row as _row
-from neuronspec.capture.runner import collect_stats
 from neuronspec.capture.config import StatsConfig
+from neuronspec.capture.runner import collect_stats
 from neuronspec.capture.stats import NeuronStats
 from neuronspec.models.adapters import adapter_for
 from neuronspec.models.registry import LoadedModel

@@ -49,8 +49,8 @@ def measure(model_id: str, tokens: int, layers: int | None = None) -> dict:
 
     from neuronspec.bench.capture import _zipf_tokens
     from neuronspec.capture.cache import TensorCache, cache_key
-    from neuronspec.capture.runner import collect_stats
     from neuronspec.capture.config import StatsConfig
+    from neuronspec.capture.runner import collect_stats
     from neuronspec.models.adapters import adapter_for
     from neuronspec.models.registry import LoadedModel
     from neuronspec.models.shapes import model_shape, random_model

@@ -37,9 +37,9 @@ import torch
 import torch.distributed as dist
 
 from neuronspec.capture.cache import TensorCache
-from neuronspec.capture.runner import collect_stats, computation_path, stats_cache_key
 from neuronspec.capture.format import merge_rules
 from neuronspec.capture.packed_rows import packed_layout, packed_regions
+from neuronspec.capture.runner import collect_stats, computation_path, stats_cache_key
 from neuronspec.capture.sparse_counts import merge_sparse
 from neuronspec.capture.stats import NeuronStats
 from neuronspec.errors import CacheCorruptError
