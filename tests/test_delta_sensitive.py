@@ -21,7 +21,8 @@ from neuronspec.analyses.delta_sensitive import (
 )
 from neuronspec.capture.runner import collect_stats
 from neuronspec.errors import NeuronSpecError
-from neuronspec.models.adapters import DT_SUM_READERS, adapter_for
+from neuronspec.models.adapters import adapter_for
+from neuronspec.models.delta import DT_SUM_READERS
 from neuronspec.models.scan import use_fast_scan
 
 pytestmark = pytest.mark.delta

@@ -11,7 +11,7 @@ mlp        output of ``transformer.h[l].mlp.act``      input of ``backbone.layer
 mlp_pre    output of ``transformer.h[l].mlp.c_fc``     gate z: second half of ``mixer.in_proj`` output
 dt         —                                           Δ = softplus(W_dt · dt_low + b_dt), rebuilt from
                                                        the ``mixer.x_proj`` output; patchable on the
-                                                       fast scan path only (:func:`patch_delta`)
+                                                       fast scan path only (models.delta.patch_delta)
 resid      output of block ``transformer.h[l]``        output of block ``backbone.layers[l]``
 =========  ==========================================  ==================================================
 
@@ -20,7 +20,8 @@ modules, so only ``in_proj``, ``x_proj`` and ``out_proj`` (and the blocks) are h
 Hooks are removed when the context exits, also on error.
 
 Patching ``dt``: Δ is not the output of any module, so a patch is not a hook. It is a
-function kept on the mixer (:data:`DT_PATCHES`) that :func:`mamba_delta` applies after the
+function kept on the mixer (:data:`~neuronspec.models.delta.DT_PATCHES`) that
+:func:`~neuronspec.models.delta.mamba_delta` applies after the
 softplus; neuronspec's fast scan (:mod:`neuronspec.models.scan`) takes Δ from
 :func:`mamba_delta` whenever a patch is active, and a read of ``dt`` inside the patch sees
 the patched Δ. transformers' reference scan computes Δ inside its own loop, so patching
@@ -28,7 +29,7 @@ the patched Δ. transformers' reference scan computes Δ inside its own loop, so
 
 Window sums of ``dt`` (:meth:`SiteAdapter.read_window_sums`, what the statistics pass needs
 for the window-mean moments) come from the fast scan itself, which computes Δ anyway
-(:data:`DT_SUM_READERS`); on the reference scan they are the sums of the ``dt`` read.
+(:data:`~neuronspec.models.delta.DT_SUM_READERS`); on the reference scan they are the sums of the ``dt`` read.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from neuronspec.errors import LayerOutOfRangeError, NeuronSpecError, UnknownSiteError
+from neuronspec.models.delta import DT_SUM_READERS, is_fast_mixer, mamba_delta, patch_delta
 
 SITES: tuple[str, ...] = ("mlp", "mlp_pre", "dt", "resid")
 
@@ -286,8 +287,6 @@ class MambaAdapter(SiteAdapter):
     ) -> Iterator[None]:
         """As :meth:`SiteAdapter.read_window_sums`; on the fast scan, the sums of ``dt`` come
         from the scan itself (float64, :data:`DT_SUM_READERS`): Δ is not computed twice."""
-        from neuronspec.models.scan import is_fast_mixer
-
         targets = list(targets)
         for site, layer in targets:
             self.check(site, layer)
@@ -329,66 +328,6 @@ class MambaAdapter(SiteAdapter):
         if site == "dt":
             return _Hook(mixer.x_proj, False, lambda out: mamba_delta(mixer, out), None)
         return _Hook(block, False, identity, replace)
-
-
-DT_PATCHES = "_neuronspec_dt_patches"
-"""Attribute of a ``MambaMixer``: the list of active Δ patches, applied in order."""
-DT_SUM_READERS = "_neuronspec_dt_sum_readers"
-"""Attribute of a ``MambaMixer``: functions ``(sums (B, d_inner) float64, L)`` that the fast
-scan calls with Σ_t Δ_t (patches applied) after each full-sequence forward."""
-
-
-def mamba_delta(mixer: nn.Module, x_proj_out: torch.Tensor) -> torch.Tensor:
-    """Δ = softplus(W_dt · dt_low + b_dt) from the ``x_proj`` output ``(B, L, R + 2N)``.
-
-    Returns ``(B, L, d_inner)``, in the same arithmetic as HF's scan (bias added in fp32),
-    with the mixer's active Δ patches (:func:`patch_delta`) applied.
-    """
-    dt_low = x_proj_out[..., : mixer.time_step_rank]  # (B, L, R)
-    dt = dt_low @ mixer.dt_proj.weight.t()  # (B, L, d_inner)
-    delta = F.softplus(dt + mixer.dt_proj.bias.float())  # (B, L, d_inner)
-    for fn in getattr(mixer, DT_PATCHES, ()):
-        new = fn(delta)
-        if new.shape != delta.shape:
-            raise NeuronSpecError(
-                f"patch of site 'dt' returned shape {tuple(new.shape)}, expected {tuple(delta.shape)}"
-            )
-        delta = new
-    return delta
-
-
-@contextmanager
-def patch_delta(mixer: nn.Module, fn: PatchFn) -> Iterator[None]:
-    """Replace Δ ``(B, L, d_inner)`` of one mixer by ``fn(Δ)`` in every forward in the block.
-
-    Needs neuronspec's fast scan on the mixer (it consumes the patched Δ); on transformers'
-    reference scan the patch would be silently ignored, so it raises instead, also when the
-    fast scan is switched off inside the block.
-    """
-    from neuronspec.models.scan import is_fast_mixer
-
-    def refuse() -> NeuronSpecError:
-        return NeuronSpecError(
-            "site 'dt' can be read but not patched on transformers' reference Mamba scan "
-            "(Δ is computed inside its loop); patching Δ needs neuronspec's fast scan: call "
-            "neuronspec.models.scan.use_fast_scan(model) or run without --no-fast-scan"
-        )
-
-    if not is_fast_mixer(mixer):
-        raise refuse()
-
-    def guard(module, args):
-        if not is_fast_mixer(mixer):
-            raise refuse()
-
-    patches = mixer.__dict__.setdefault(DT_PATCHES, [])
-    patches.append(fn)
-    handle = mixer.register_forward_pre_hook(guard)
-    try:
-        yield
-    finally:
-        handle.remove()
-        patches.remove(fn)
 
 
 def adapter_for(model: nn.Module) -> SiteAdapter:

@@ -3,7 +3,7 @@
 transformers 5.x does not call ``conv1d`` or ``dt_proj`` as modules (METHODS §1), so the
 scan's inputs are rebuilt from the modules that are called: the scan input ``x`` is the
 *input* of ``mixer.x_proj``, whose output splits into ``[dt_low, B, C]``; Δ comes from
-:func:`neuronspec.models.adapters.mamba_delta`; the gate ``z`` is the second half of the
+:func:`neuronspec.models.delta.mamba_delta`; the gate ``z`` is the second half of the
 ``mixer.in_proj`` output; ``A = −exp(A_log)`` (``A`` and ``D`` rounded through float32, as
 ``MambaMixer.forward`` does). Used by the hidden-attention analysis
 (:mod:`neuronspec.analyses.hidden_attention`).
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from neuronspec.errors import NeuronSpecError
-from neuronspec.models.adapters import mamba_delta
+from neuronspec.models.delta import mamba_delta
 
 
 @dataclass(frozen=True)

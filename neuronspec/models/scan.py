@@ -87,7 +87,13 @@ from transformers.models.mamba import modeling_mamba
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from neuronspec.errors import NeuronSpecError
-from neuronspec.models.adapters import DT_PATCHES, DT_SUM_READERS, mamba_delta
+from neuronspec.models.delta import (
+    DT_PATCHES,
+    DT_SUM_READERS,
+    FAST_SCAN_FORWARD,
+    is_fast_mixer,
+    mamba_delta,
+)
 from neuronspec.models.kernel import kernel_conv_silu, kernel_scan
 from neuronspec.native import kernels_available, load_library
 
@@ -95,7 +101,6 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_CHUNK",
     "UnsupportedScanInputError",
-    "is_fast_mixer",
     "is_fast_scan_enabled",
     "selective_scan",
     "use_fast_scan",
@@ -506,14 +511,7 @@ def _use_conv_kernel(mixer: MambaMixer, cache_params, projected: torch.Tensor) -
     )
 
 
-def _is_fast(mixer: MambaMixer) -> bool:
-    fwd = mixer.__dict__.get("forward")
-    return getattr(fwd, "__func__", None) is _fast_mixer_forward
-
-
-def is_fast_mixer(mixer: nn.Module) -> bool:
-    """True when this ``MambaMixer`` runs neuronspec's fast scan (:func:`use_fast_scan`)."""
-    return _is_fast(mixer)
+setattr(_fast_mixer_forward, FAST_SCAN_FORWARD, True)  # what is_fast_mixer looks for
 
 
 def use_fast_scan(model: nn.Module, enabled: bool = True) -> nn.Module:
@@ -530,14 +528,14 @@ def use_fast_scan(model: nn.Module, enabled: bool = True) -> nn.Module:
             f"use_fast_scan: {type(model).__name__} has no transformers MambaMixer modules"
         )
     for mixer in mixers:
-        if "forward" in mixer.__dict__ and not _is_fast(mixer):
+        if "forward" in mixer.__dict__ and not is_fast_mixer(mixer):
             raise NeuronSpecError(
                 f"use_fast_scan: mixer of layer {mixer.layer_idx} already has an instance "
                 f"forward ({mixer.__dict__['forward']!r}); refusing to replace or remove it"
             )
-        if enabled and not _is_fast(mixer):
+        if enabled and not is_fast_mixer(mixer):
             mixer.forward = types.MethodType(_fast_mixer_forward, mixer)
-        elif not enabled and _is_fast(mixer):
+        elif not enabled and is_fast_mixer(mixer):
             del mixer.forward
     return model
 
@@ -545,4 +543,4 @@ def use_fast_scan(model: nn.Module, enabled: bool = True) -> nn.Module:
 def is_fast_scan_enabled(model: nn.Module) -> bool:
     """True when ``model`` has MambaMixers and every one of them uses the fast scan."""
     mixers = _mixers(model)
-    return bool(mixers) and all(_is_fast(m) for m in mixers)
+    return bool(mixers) and all(is_fast_mixer(m) for m in mixers)
