@@ -19,13 +19,8 @@ from typing import Any
 from neuronspec.capture.config import StatsConfig
 from neuronspec.capture.runner import cached_stats
 from neuronspec.capture.stats import NeuronStats
-from neuronspec.data.corpus import (
-    CorpusConfig,
-    CorpusTexts,
-    TokenWindows,
-    build_windows,
-    load_corpus_texts,
-)
+from neuronspec.data.corpus import CorpusConfig, CorpusTexts, load_corpus_texts
+from neuronspec.data.windows import TokenWindows, build_windows
 from neuronspec.errors import LayerOutOfRangeError
 from neuronspec.findings import to_plain
 from neuronspec.models.registry import (

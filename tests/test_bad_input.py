@@ -12,7 +12,8 @@ import torch
 from builders import make_gpt2, wrap
 
 from neuronspec.capture.runner import cached_stats, collect_stats
-from neuronspec.data.corpus import CorpusConfig, TokenWindows, build_windows, load_corpus_texts
+from neuronspec.data.corpus import CorpusConfig, load_corpus_texts
+from neuronspec.data.windows import TokenWindows, build_windows
 from neuronspec.errors import CheckpointError, CorpusError, NeuronSpecError
 from neuronspec.models.registry import known_model_ids, open_model
 from neuronspec.zoo import weights_dir

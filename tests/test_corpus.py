@@ -11,14 +11,9 @@ import torch
 from transformers import AutoTokenizer
 
 from neuronspec.capture.cache import CacheRecomputeWarning
-from neuronspec.data import corpus as corpus_module
-from neuronspec.data.corpus import (
-    CorpusConfig,
-    TokenizerRef,
-    build_windows,
-    load_corpus_texts,
-    tokenizer_fingerprint,
-)
+from neuronspec.data import windows as window_store
+from neuronspec.data.corpus import CorpusConfig, load_corpus_texts
+from neuronspec.data.windows import TokenizerRef, build_windows, tokenizer_fingerprint
 from neuronspec.errors import CorpusError
 from neuronspec.models.registry import open_model, resolve, tokenizer_files_fingerprint
 
@@ -40,6 +35,11 @@ def text_file(tmp_path):
     path = tmp_path / "docs.txt"
     path.write_text(_paragraphs(60))
     return path
+
+
+def _stores(cache):
+    """The token-window stores in ``cache`` (one directory per corpus, tokenizer, config)."""
+    return [p for p in cache.glob("windows-*") if p.is_dir()]
 
 
 def _stream(tokenizer, texts, bos_id):
@@ -130,17 +130,17 @@ def test_cached_windows_equal_fresh_ones_and_skip_tokenisation(tokenizer, text_f
     config = CorpusConfig(name=str(text_file), window=16)
     fresh = build_windows(tokenizer, config)
     first = build_windows(tokenizer, config, cache_dir=tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert len(_stores(tmp_path / "cache")) == 1
 
     def no_tokenising(*args, **kwargs):
         raise AssertionError("tokenised although the windows were cached")
 
-    original = corpus_module._tokenize_stream
-    corpus_module._tokenize_stream = no_tokenising
+    original = window_store.write_windows
+    window_store.write_windows = no_tokenising
     try:
         second = build_windows(tokenizer, config, cache_dir=tmp_path / "cache")
     finally:
-        corpus_module._tokenize_stream = original
+        window_store.write_windows = original
     for windows in (first, second):
         assert torch.equal(windows.analysis, fresh.analysis)
         assert torch.equal(windows.heldout, fresh.heldout)
@@ -154,21 +154,31 @@ def test_windows_cache_key_follows_texts_config_and_tokenizer(tokenizer, text_fi
     build_windows(tokenizer, replace(config, window=8), cache_dir=cache)
     text_file.write_text(_paragraphs(61))
     changed = build_windows(tokenizer, config, cache_dir=cache)
-    assert len(list(cache.glob("*.safetensors"))) == 3
+    assert len(_stores(cache)) == 3
     assert torch.equal(changed.analysis, build_windows(tokenizer, config).analysis)
     other = AutoTokenizer.from_pretrained(resolve("tiny-gpt2").local_dir)
     other.add_tokens(["<extra>"])
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer)
 
 
-def test_corrupt_windows_cache_is_recomputed_with_a_warning(tokenizer, text_file, tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "meta"])
+def test_damaged_windows_store_is_rebuilt_with_a_warning(tokenizer, text_file, tmp_path, damage):
     config = CorpusConfig(name=str(text_file), window=16)
-    good = build_windows(tokenizer, config, cache_dir=tmp_path)
-    (entry,) = tmp_path.glob("*.safetensors")
-    entry.write_bytes(entry.read_bytes()[:-7])
-    with pytest.warns(CacheRecomputeWarning):
+    good = build_windows(tokenizer, config)  # in a store of its own
+    build_windows(tokenizer, config, cache_dir=tmp_path)
+    (store,) = _stores(tmp_path)
+    data = bytearray((store / "windows.i64").read_bytes())
+    if damage == "truncated":
+        (store / "windows.i64").write_bytes(bytes(data[:-7]))
+    elif damage == "flipped":
+        data[8] ^= 1
+        (store / "windows.i64").write_bytes(bytes(data))
+    else:
+        (store / "meta.json").write_text("{not json")
+    with pytest.warns(CacheRecomputeWarning, match="damaged"):
         again = build_windows(tokenizer, config, cache_dir=tmp_path)
     assert torch.equal(again.analysis, good.analysis)
+    assert torch.equal(again.heldout, good.heldout) and again.fingerprint == good.fingerprint
 
 
 def test_windows_cached_under_a_tokenizer_ref_are_read_without_loading_it(

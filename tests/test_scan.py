@@ -290,7 +290,8 @@ def test_fast_scan_counts_are_exact_up_to_float32_rounding():
     (measured: 2 of 1,024 counts), and no dead set changes."""
     from neuronspec.analyses.dead import dead_neurons
     from neuronspec.capture.runner import collect_stats
-    from neuronspec.data.corpus import CorpusConfig, build_windows
+    from neuronspec.data.corpus import CorpusConfig
+    from neuronspec.data.windows import build_windows
     from neuronspec.models.registry import load_model
 
     loaded = load_model("tiny-mamba")

@@ -10,7 +10,7 @@ from builders import make_mamba, wrap
 from neuronspec import native
 from neuronspec.capture.config import StatsConfig
 from neuronspec.capture.runner import cached_stats, computation_path, stats_cache_key
-from neuronspec.data.corpus import TokenWindows
+from neuronspec.data.windows import TokenWindows
 
 WINDOWS = torch.randint(1, 97, (4, 12), generator=torch.Generator().manual_seed(1))
 CORPUS = TokenWindows("toy", WINDOWS, WINDOWS[:0], bos_id=0, vocab_size=97, fingerprint="c1")

@@ -8,9 +8,11 @@ import json
 import pytest
 import torch
 
-from neuronspec.data import stream
-from neuronspec.data.corpus import CorpusConfig, build_windows, load_corpus_texts
+from neuronspec.capture.cache import CacheRecomputeWarning
+from neuronspec.data import windows as window_store
+from neuronspec.data.corpus import CorpusConfig, load_corpus_texts
 from neuronspec.data.toyworld import toyworld_documents
+from neuronspec.data.windows import build_windows
 from neuronspec.errors import CorpusError
 from neuronspec.zoo import weights_dir
 
@@ -50,8 +52,8 @@ def _directory(kind: str, root):
 def test_directory_windows_equal_the_in_memory_windows(
     kind, tokenizer, jsonl_file, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(stream, "CHUNK_WINDOWS", 7)  # several chunks, a partial last one
-    monkeypatch.setattr(stream, "TEXT_BATCH", 16)
+    monkeypatch.setattr(window_store, "CHUNK_WINDOWS", 7)  # several chunks, a partial last one
+    monkeypatch.setattr(window_store, "TEXT_BATCH", 16)
     directory = _directory(kind, tmp_path / "corpus" if kind != "save_to_disk" else tmp_path / "ds")
     reference = build_windows(tokenizer, CorpusConfig(name=str(jsonl_file)))
     config = CorpusConfig(name=str(directory))
@@ -84,7 +86,7 @@ def test_max_tokens_stops_the_stream_and_text_limit_counts_documents(tmp_path, t
     assert list(limited.stream()) == DOCS[:5]
 
 
-def test_damaged_store_and_empty_directory_are_clear_errors(tmp_path, tokenizer):
+def test_damaged_store_is_rebuilt_and_an_empty_directory_is_a_clear_error(tmp_path, tokenizer):
     directory = _directory("jsonl", tmp_path / "c")
     config = CorpusConfig(name=str(directory))
     build_windows(tokenizer, config, cache_dir=tmp_path / "cache")
@@ -92,8 +94,9 @@ def test_damaged_store_and_empty_directory_are_clear_errors(tmp_path, tokenizer)
     data = bytearray((store / "windows.i64").read_bytes())
     data[8] ^= 1
     (store / "windows.i64").write_bytes(bytes(data))
-    with pytest.raises(CorpusError, match="altered or damaged"):
-        build_windows(tokenizer, config, cache_dir=tmp_path / "cache")
+    with pytest.warns(CacheRecomputeWarning, match="windows were altered"):
+        rebuilt = build_windows(tokenizer, config, cache_dir=tmp_path / "cache")
+    assert torch.equal(rebuilt.analysis, build_windows(tokenizer, config).analysis)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CorpusError, match="no .parquet or .jsonl"):
         build_windows(tokenizer, CorpusConfig(name=str(tmp_path / "empty")))

@@ -19,7 +19,7 @@ from neuronspec.capture.config import StatsConfig
 from neuronspec.capture.format import STATS_FORMAT
 from neuronspec.capture.moments import WINDOW_MEAN_SITES
 from neuronspec.capture.stats import NeuronStats
-from neuronspec.data.corpus import TokenWindows
+from neuronspec.data.windows import TokenWindows
 from neuronspec.models.registry import LoadedModel
 from neuronspec.progress import progress
 

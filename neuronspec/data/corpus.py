@@ -1,13 +1,9 @@
-"""Corpora as fixed-length token windows, split into an analysis part and a held-out part.
+"""Corpora: which texts, how many, and their documents (:class:`CorpusTexts`).
 
 Texts come through ``datasets``: the toy world (default), wikitext-2 when it is in the
-local HF cache, or local ``.txt`` / ``.jsonl`` files. Each document is prefixed with the
-tokenizer's BOS token (GPT-2 style ``<|endoftext|>``), the token stream is concatenated
-and cut into windows of ``window`` tokens; the remainder is dropped. Position 0 of every
-window therefore has no context and is treated like a document start by n-gram counts.
-
-The analysis windows and the held-out windows never overlap (METHODS §10: perplexity is
-measured on held-out text, never on the windows used to select neurons).
+local HF cache, local ``.txt`` / ``.jsonl`` files, or a directory
+(:mod:`neuronspec.data.directory`, read as a stream). :mod:`neuronspec.data.windows` cuts
+them into token windows.
 """
 
 from __future__ import annotations
@@ -19,15 +15,11 @@ import itertools
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from neuronspec.errors import CorpusError
 from neuronspec.options import default
-
-WINDOWS_FORMAT = 2  # bump when tokenisation into windows or the entry's meta changes
 
 
 @dataclass(frozen=True)
@@ -54,26 +46,6 @@ class CorpusConfig:
             )
         if self.window < 2:
             raise CorpusError(f"window length must be at least 2 tokens, got {self.window}")
-
-
-@dataclass(frozen=True)
-class TokenWindows:
-    """Tokenised corpus. ``analysis`` and ``heldout`` are ``(n_windows, window)`` int64."""
-
-    corpus: str
-    analysis: torch.Tensor
-    heldout: torch.Tensor
-    bos_id: int | None
-    vocab_size: int
-    fingerprint: str
-
-    @property
-    def n_tokens(self) -> int:
-        return self.analysis.numel()
-
-    @property
-    def window(self) -> int:
-        return self.analysis.shape[1]
 
 
 def load_texts(name: str, split: str) -> list[str]:
@@ -155,23 +127,8 @@ def _check_text_file(path: Path) -> None:
 
 
 def is_streamed_corpus(name: str) -> bool:
-    """Whether ``--corpus`` names a directory (read as a stream, windows stored in chunks)."""
+    """Whether ``--corpus`` names a directory (its texts read as a stream)."""
     return name not in ("toyworld", "wikitext2", "wikitext-2") and Path(name).expanduser().is_dir()
-
-
-def _tokenize_stream(texts: list[str], tokenizer, bos_id: int | None) -> list[int]:
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    stream: list[int] = []
-    for ids in encoded:
-        if bos_id is not None:
-            stream.append(bos_id)
-        stream.extend(ids)
-    return stream
-
-
-def _to_windows(stream: list[int], window: int) -> torch.Tensor:
-    n = len(stream) // window
-    return torch.tensor(stream[: n * window], dtype=torch.long).view(n, window)
 
 
 class CorpusTexts:
@@ -230,7 +187,7 @@ def load_corpus_texts(config: CorpusConfig) -> CorpusTexts:
     ``.jsonl`` files) is named by its files' content and read as a stream
     (:attr:`CorpusTexts.stream`); its texts are never loaded together."""
     if is_streamed_corpus(config.name):
-        from neuronspec.data.stream import directory_digest, iter_directory_texts
+        from neuronspec.data.directory import directory_digest, iter_directory_texts
 
         path = Path(config.name).expanduser()
         digest = hashlib.sha256(b"directory corpus|")
@@ -260,119 +217,3 @@ def load_corpus_texts(config: CorpusConfig) -> CorpusTexts:
             digest.update(f"{len(encoded)}:".encode())
             digest.update(encoded)
     return CorpusTexts(digest.hexdigest(), lambda: (texts, heldout_texts))
-
-
-def tokenizer_fingerprint(tokenizer) -> str | None:
-    """sha256 of a fast tokenizer's full definition (vocab, merges, normaliser, special
-    tokens); None for tokenizers without a serialisable backend (their windows are not
-    cached)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    digest = hashlib.sha256(backend.to_str().encode())
-    digest.update(f"|{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|{len(tokenizer)}".encode())
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class TokenizerRef:
-    """A tokenizer known by a fingerprint before it is loaded (``load()`` builds it).
-
-    Windows cached under the fingerprint are read without loading the tokenizer: importing
-    transformers and building a tokenizer take about 1.5 s, most of a warm rerun.
-    ``fingerprint`` None: not cacheable.
-    """
-
-    fingerprint: str | None
-    load: Callable[[], object]
-
-
-def _bos_id(tokenizer) -> int | None:
-    bos = tokenizer.bos_token_id
-    return bos if bos is not None else tokenizer.eos_token_id
-
-
-def build_windows(
-    tokenizer,
-    config: CorpusConfig,
-    *,
-    texts: CorpusTexts | None = None,
-    cache_dir: Path | None = None,
-) -> TokenWindows:
-    """Tokenise corpus ``config.name`` into analysis and held-out windows.
-
-    ``tokenizer``: a loaded HF tokenizer, or a :class:`TokenizerRef` (loaded only when the
-    windows are not cached). ``texts`` saves reloading documents shared by several models.
-    With ``cache_dir`` the windows are kept in the disk cache, keyed by the texts' and the
-    tokenizer's sha256, so a rerun does not tokenise again.
-    """
-    texts = load_corpus_texts(config) if texts is None else texts
-    if not isinstance(tokenizer, TokenizerRef):
-        loaded = tokenizer
-        tokenizer = TokenizerRef(tokenizer_fingerprint(loaded), lambda: loaded)
-    if texts.stream is not None:
-        from neuronspec.data.stream import streamed_windows
-
-        return streamed_windows(tokenizer, config, texts, cache_dir)
-
-    def compute():
-        loaded = tokenizer.load()
-        bos_id = _bos_id(loaded)
-        analysis, heldout = _split_windows(texts, loaded, bos_id, config)
-        meta = {"corpus": config.name, "bos_id": bos_id, "vocab_size": len(loaded)}
-        return {"analysis": analysis, "heldout": heldout}, meta
-
-    if cache_dir is None or tokenizer.fingerprint is None:
-        tensors, meta = compute()
-    else:
-        from neuronspec.capture.cache import TensorCache, cache_key
-
-        key = cache_key(
-            {
-                "kind": "token-windows",
-                "format": WINDOWS_FORMAT,
-                "corpus": asdict(config),
-                "texts": texts.digest,
-                "tokenizer": tokenizer.fingerprint,
-            }
-        )
-        tensors, meta = TensorCache(Path(cache_dir)).get_or_compute(key, compute)
-    analysis, heldout = tensors["analysis"], tensors["heldout"]
-    bos_id, vocab_size = meta["bos_id"], meta["vocab_size"]
-    digest = hashlib.sha256()
-    digest.update(f"{config.name}|{config.window}|{bos_id}|{vocab_size}".encode())
-    digest.update(analysis.numpy().tobytes())
-    digest.update(b"|heldout|")
-    digest.update(heldout.numpy().tobytes())
-    return TokenWindows(
-        corpus=config.name,
-        analysis=analysis,
-        heldout=heldout,
-        bos_id=bos_id,
-        vocab_size=vocab_size,
-        fingerprint=digest.hexdigest(),
-    )
-
-
-def _split_windows(
-    texts: CorpusTexts, tokenizer, bos_id: int | None, config: CorpusConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(analysis, heldout) windows, ``(n, window)`` int64, from the texts."""
-    analysis = _to_windows(_tokenize_stream(list(texts.analysis), tokenizer, bos_id), config.window)
-    if texts.heldout:
-        heldout = _to_windows(
-            _tokenize_stream(list(texts.heldout), tokenizer, bos_id), config.window
-        )
-    else:
-        n_heldout = int(len(analysis) * config.heldout_fraction)
-        heldout = analysis[len(analysis) - n_heldout :]
-        analysis = analysis[: len(analysis) - n_heldout]
-    if config.max_tokens is not None:
-        analysis = analysis[: config.max_tokens // config.window]
-    if len(analysis) == 0:
-        raise CorpusError(
-            f"corpus {config.name!r} is too short: fewer than one analysis window of "
-            f"{config.window} tokens after tokenisation; give more or longer texts, or a "
-            "smaller --window"
-        )
-    return analysis.contiguous(), heldout.contiguous()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from neuronspec.data.corpus import TokenizerRef
+from neuronspec.data.windows import TokenizerRef
 from neuronspec.errors import (
     CheckpointError,
     ModelNotAvailableError,
@@ -274,7 +274,7 @@ class ModelFiles:
     need (the weights' hash, the tokenizer), without ``from_pretrained`` of the model.
 
     The tokenizer is loaded on first use: a rerun whose token windows are cached never
-    imports transformers for it (see :class:`~neuronspec.data.corpus.TokenizerRef`).
+    imports transformers for it (see :class:`~neuronspec.data.windows.TokenizerRef`).
     """
 
     model_id: str
