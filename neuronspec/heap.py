@@ -11,10 +11,12 @@ tokens, and a statistics pass, whose counting buffers shift the heap's layout, u
 performance section has the numbers.
 
 :func:`keep_malloc_heap` fixes the threshold at glibc's own maximum (32 MiB) and trims only
-past :data:`TRIM_THRESHOLD` of free memory at the top of the heap. The pytest plugin (in a
-project that opts in, see :mod:`neuronspec.plugin`) and the benchmark call it at start (``python -m neuronspec.bench --default-malloc`` measures
-without it); it changes speed and resident memory (freed memory up to that amount stays
-with the process), never a result.
+past :data:`TRIM_THRESHOLD` of free memory at the top of the heap. It is opt-in: a run
+asks for it with ``--keep-malloc-heap`` (the plugin's option, honoured by ``collect`` and
+by ``python -m neuronspec.bench``), and :class:`~neuronspec.session.SpecSession` applies it.
+No side-by-side benchmark of the whole suite has shown the gain yet, only the profile
+above. It changes speed and resident memory (freed memory up to that amount stays with the
+process), never a result.
 """
 
 from __future__ import annotations

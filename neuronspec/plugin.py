@@ -83,13 +83,11 @@ def run_config(config: pytest.Config) -> RunConfig:
 def pytest_configure(config: pytest.Config) -> None:
     if not is_active(config):
         return
-    from neuronspec.heap import keep_malloc_heap
     from neuronspec.session import SpecSession
 
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     _share_cores_among_workers()
-    keep_malloc_heap()
     config.stash[_SESSION_KEY] = SpecSession(run_config(config))
     config.pluginmanager.import_plugin("neuronspec.fixtures")  # the finding fixtures
     if not hasattr(config, "workeroutput"):  # the reporting process: outcomes, summary, report

@@ -49,6 +49,7 @@ class RunConfig:
     dtype: str = default("dtype")
     batch_size: int = default("batch_size")
     fast_scan: bool = default("fast_scan")
+    keep_malloc_heap: bool = default("keep_malloc_heap")
     layers: tuple[int, ...] | None = default("layers")  # per-layer analyses (None: all)
     top_k: int = default("top_k")  # neurons reported per ranking
     pruning_ratio: float = default("pruning_ratio")  # fraction of each layer pruned
@@ -111,6 +112,10 @@ class SpecSession:
 
     def __init__(self, config: RunConfig):
         self.config = config
+        if config.keep_malloc_heap:
+            from neuronspec.heap import keep_malloc_heap
+
+            keep_malloc_heap()
         self._files: dict[str, ModelFiles] = {}
         self._models: dict[str, LoadedModel] = {}
         self._texts: CorpusTexts | None = None

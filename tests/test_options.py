@@ -30,6 +30,7 @@ NON_DEFAULT = {  # a valid value other than the default, for every option of the
     "--dtype": "float64",
     "--batch-size": "3",
     "--no-fast-scan": None,
+    "--keep-malloc-heap": None,
     "--layers": "1,0",
     "--trigrams": None,
     "--top-k": "4",

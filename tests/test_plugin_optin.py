@@ -82,6 +82,24 @@ def test_opting_in_parametrizes_model_id(foreign):
     )
 
 
+HEAP_TEST = """
+import sys
+
+def test_heap_setting(request):
+    kept = request.config.getoption("keep_malloc_heap")
+    assert ("neuronspec.heap" in sys.modules) == kept
+"""
+
+
+@pytest.mark.parametrize("flags", [(), ("--keep-malloc-heap",)])
+def test_allocator_tuning_applies_only_when_asked(foreign, flags):
+    """An opted-in project leaves glibc's allocator alone unless ``--keep-malloc-heap``."""
+    foreign.makeconftest("")
+    foreign.makepyfile(test_foreign=HEAP_TEST)
+    result = foreign.runpytest_subprocess("-p", "no:cacheprovider", "-o", "neuronspec=true", *flags)
+    result.assert_outcomes(passed=1)
+
+
 def test_neuronspec_fixture_outside_a_spec_project_says_how_to_opt_in(pytester):
     pytester.makepyfile(test_x="def test_x(neuronspec_session):\n    pass\n")
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))

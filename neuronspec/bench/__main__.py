@@ -17,13 +17,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats")
     parser.add_argument("--only", choices=SECTIONS, help="run only this section")
     parser.add_argument(
-        "--default-malloc",
+        "--keep-malloc-heap",
         action="store_true",
-        help="leave glibc's heap trimming as it is (neuronspec.heap; by default kept, as in specs)",
+        help="keep glibc's malloc heap between forwards (neuronspec.heap; as the plugin's option)",
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    kept = not args.default_malloc and keep_malloc_heap()
+    kept = args.keep_malloc_heap and keep_malloc_heap()
     print(f"malloc heap kept between forwards (neuronspec.heap): {'yes' if kept else 'no'}")
     for name in [args.only] if args.only else SECTIONS:
         section = importlib.import_module(f"neuronspec.bench.{name}")

@@ -133,8 +133,5 @@ def run(quick: bool = False) -> list[dict]:
 if __name__ == "__main__":
     if len(sys.argv) not in (3, 4):
         sys.exit("usage: python -m neuronspec.bench.scale MODEL TOKENS [LAYERS]")
-    from neuronspec.heap import keep_malloc_heap
-
-    keep_malloc_heap()
     layer_count = int(sys.argv[3]) if len(sys.argv) == 4 else None
     print(json.dumps(measure(sys.argv[1], int(sys.argv[2]), layer_count)))
