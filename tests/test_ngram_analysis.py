@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from neuronspec.analyses.ngram import (
+from neuronspec.analyses.covering import (
     NEVER_FIRES,
-    CountTableError,
-    _neuron_blocks,
-    analyse_ngram_layer,
     covering_bin_labels,
     covering_count,
     covering_histogram,
+)
+from neuronspec.analyses.ngram import (
+    CountTableError,
+    _neuron_blocks,
+    analyse_ngram_layer,
     decode_trigram_key,
     ngram_detectors,
     ngram_layer_from_stats,

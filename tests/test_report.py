@@ -15,9 +15,10 @@ import pytest
 from neuronspec.cli import diff as diff_module
 from neuronspec.report.compare import changes
 from neuronspec.report.diff import ADDED, OUT, REMOVED, WITHIN, diff_results
-from neuronspec.report.html import assign_figures, render_html, render_value
+from neuronspec.report.html import assign_figures, render_html
 from neuronspec.report.results import is_token_field, token_ids_in
 from neuronspec.report.summary import summary_lines, token_text
+from neuronspec.report.values import render_value
 from neuronspec.snapshot import FindingsSnapshotExtension
 
 pytestmark = pytest.mark.report

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from neuronspec.analyses.covering import covering_bin_labels
 from neuronspec.analyses.ngram import (
     NgramLayerFinding,
     TokenDetectorSummary,
-    covering_bin_labels,
     summarise_token_detectors,
 )
 from neuronspec.analyses.positional import PositionalLayerFinding, analyse_positional_layer

@@ -39,222 +39,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
-from itertools import pairwise
 
 import numpy as np
 
+from neuronspec.analyses.covering import (
+    DEFAULT_COVERING_BIN_EDGES,
+    covering_count,
+    covering_histogram,
+    exact_fraction,
+    greedy_cover,
+    int_array,
+    neuron_totals,
+    sorted_pairs,
+)
 from neuronspec.capture.stats import NeuronStats
 from neuronspec.errors import CountTableError
 from neuronspec.findings import Finding
 
-NEVER_FIRES = 0
-"""Covering count reported for a neuron that never fired (it needs no unigram at all)."""
-
-DEFAULT_COVERING_BIN_EDGES: tuple[int, ...] = (1, 2, 6, 11, 21, 51, 101, 501)
-"""Lower edges of the Fig. 2 bins: 1, 2-5, 6-10, 11-20, 21-50, 51-100, 101-500, 501+."""
-
 MAX_DETECTOR_UNIGRAMS = 5  # Voita et al.: "triggered by at most 5 unigrams"
 MAX_DETECTOR_TRIGRAMS = 50  # Voita et al., trigram variant
-_MAX_DENOMINATOR = 10_000  # coverage → exact fraction; keeps count·den far below 2**63
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _fraction(name: str, value: float) -> Fraction:
-    if not 0.0 < value <= 1.0:
-        raise CountTableError(f"{name} must be in (0, 1], got {value!r}")
-    return Fraction(value).limit_denominator(_MAX_DENOMINATOR)
-
-
-def _int_array(name: str, values: np.ndarray) -> np.ndarray:
-    array = np.asarray(values)
-    if array.ndim != 1:
-        raise CountTableError(f"{name} must be 1-D, got shape {array.shape}")
-    if array.size and not np.issubdtype(array.dtype, np.integer):
-        raise CountTableError(f"{name} must hold integers, got dtype {array.dtype}")
-    return array.astype(np.int64, copy=False)
-
-
-def _pairs(
-    neuron: np.ndarray, key: np.ndarray, count: np.ndarray, n_neurons: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validate (neuron, key, count) triples; return them sorted by (neuron, key), count > 0."""
-    if n_neurons < 0:
-        raise CountTableError(f"n_neurons must be ≥ 0, got {n_neurons}")
-    neuron = _int_array("neuron", neuron)
-    key = _int_array("key", key)
-    count = _int_array("count", count)
-    if not len(neuron) == len(key) == len(count):
-        raise CountTableError(
-            f"neuron, key and count must have the same length, got "
-            f"{len(neuron)}, {len(key)}, {len(count)}"
-        )
-    if len(neuron) == 0:
-        return neuron, key, count
-    if neuron.min() < 0 or neuron.max() >= n_neurons:
-        raise CountTableError(
-            f"neuron ids must lie in [0, {n_neurons}), got range "
-            f"[{neuron.min()}, {neuron.max()}]; is n_neurons the layer width?"
-        )
-    if key.min() < 0:
-        raise CountTableError(f"keys must be ≥ 0, got {key.min()}")
-    if count.min() < 0:
-        raise CountTableError(f"counts must be ≥ 0, got {count.min()}")
-    if not _strictly_sorted(neuron, key):
-        order = np.lexsort((key, neuron))
-        neuron, key, count = neuron[order], key[order], count[order]
-        if not _strictly_sorted(neuron, key):
-            raise CountTableError(
-                "duplicate (neuron, key) pairs; merge shards by adding their counts first"
-            )
-    if count.min() == 0:  # a pair that never fired carries no information
-        keep = count > 0
-        neuron, key, count = neuron[keep], key[keep], count[keep]
-    return neuron, key, count
-
-
-def _strictly_sorted(neuron: np.ndarray, key: np.ndarray) -> bool:
-    neuron_step = np.diff(neuron)
-    return bool(np.all((neuron_step > 0) | ((neuron_step == 0) & (np.diff(key) > 0))))
-
-
-def _neuron_totals(neuron: np.ndarray, count: np.ndarray, n_neurons: int) -> np.ndarray:
-    """Firings per neuron, int64[n_neurons], from triples sorted by neuron."""
-    totals = np.zeros(n_neurons, dtype=np.int64)
-    if len(neuron):
-        starts = np.flatnonzero(np.r_[True, neuron[1:] != neuron[:-1]])
-        totals[neuron[starts]] = np.add.reduceat(count, starts)
-    return totals
-
-
-# --------------------------------------------------------------------------- greedy cover
-
-
-@dataclass(frozen=True)
-class _Cover:
-    """Triples ranked per neuron by descending count, and how many of them each neuron needs."""
-
-    neuron: np.ndarray  # (P,) sorted by (neuron, -count, key)
-    key: np.ndarray  # (P,)
-    rank: np.ndarray  # (P,) 0-based rank of the triple within its neuron
-    needed: np.ndarray  # (n_neurons,) entries needed to reach the target; 0 if none/not reached
-    reached: np.ndarray  # (n_neurons,) bool: the neuron's entries reach its target at all
-
-
-def _greedy_cover(
-    neuron: np.ndarray,
-    key: np.ndarray,
-    count: np.ndarray,
-    target: np.ndarray,
-    coverage: Fraction,
-    n_neurons: int,
-) -> _Cover:
-    """Per neuron, the fewest entries (by descending count) whose counts reach coverage·target.
-
-    Inputs are sorted by (neuron, key) with count > 0; ``target`` is int64[n_neurons]. Ties in
-    count keep ascending key order because the sort below is stable.
-    """
-    num, den = coverage.numerator, coverage.denominator
-    n_pairs = len(neuron)
-    if n_pairs == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        zeros = np.zeros(n_neurons, dtype=np.int64)
-        return _Cover(empty, empty, empty, zeros, zeros.astype(bool))
-    cmax = int(count.max())
-    if n_neurons * (cmax + 1) < 2**62:  # one int64 sort key: (neuron, -count), stable on key
-        order = np.argsort(neuron * (cmax + 1) + (cmax - count), kind="stable")
-    else:
-        order = np.lexsort((key, -count, neuron))
-    neuron, key, count = neuron[order], key[order], count[order]  # (P,) each
-    del order
-    starts = np.flatnonzero(np.r_[True, neuron[1:] != neuron[:-1]])  # (S,) segment starts
-    seg_len = np.diff(np.r_[starts, n_pairs])  # (S,)
-    seg_neuron = neuron[starts]  # (S,)
-    csum = np.cumsum(count)  # (P,) running total over all segments
-    before = csum[starts] - count[starts]  # (S,) running total before each segment
-    csum -= np.repeat(before, seg_len)  # (P,) running total within the segment
-    seg_sum = csum[np.r_[starts[1:], n_pairs] - 1]  # (S,)
-    seg_target = target[seg_neuron] * num  # (S,) compare ·den against ·num, exactly
-    short = csum * den < np.repeat(seg_target, seg_len)  # (P,) prefix still below target
-    del csum
-    reached = np.zeros(n_neurons, dtype=bool)
-    reached[seg_neuron] = seg_sum * den >= seg_target
-    needed = np.bincount(neuron[short], minlength=n_neurons).astype(np.int64) + 1
-    del short
-    needed[~reached] = 0
-    rank = np.arange(n_pairs, dtype=np.int64) - np.repeat(starts, seg_len)  # (P,)
-    return _Cover(neuron, key, rank, needed, reached)
-
-
-def covering_count(
-    neuron: np.ndarray,
-    key: np.ndarray,
-    count: np.ndarray,
-    *,
-    n_neurons: int,
-    coverage: float = 0.95,
-) -> np.ndarray:
-    """Smallest number of distinct keys, by descending count, covering ``coverage`` of firings.
-
-    Args:
-        neuron, key, count: int64[P] sparse firing counts (``pair_neuron``, ``pair_token``,
-            ``pair_count``; or the trigram triples), unique (neuron, key) pairs. Sorted by
-            (neuron, key) is the fast path; unsorted input is sorted here.
-        n_neurons: layer width W.
-        coverage: fraction of the neuron's firings to cover (Voita et al.: 0.95).
-
-    Returns:
-        int64[W]; :data:`NEVER_FIRES` (0) for a neuron that never fired.
-    """
-    frac = _fraction("coverage", coverage)
-    neuron, key, count = _pairs(neuron, key, count, n_neurons)
-    totals = _neuron_totals(neuron, count, n_neurons)
-    return _greedy_cover(neuron, key, count, totals, frac, n_neurons).needed
-
-
-# --------------------------------------------------------------------------- Fig. 2 bins
-
-
-def covering_bin_labels(bin_edges: Sequence[int] = DEFAULT_COVERING_BIN_EDGES) -> list[str]:
-    """Labels for the bins [e_i, e_{i+1} - 1] and the last, open one: "1", "2-5", …, "501+"."""
-    edges = _check_edges(bin_edges)
-    labels = []
-    for lo, hi in zip(edges, [*edges[1:], None], strict=True):
-        if hi is None:
-            labels.append(f"{lo}+")
-        elif hi - 1 == lo:
-            labels.append(f"{lo}")
-        else:
-            labels.append(f"{lo}-{hi - 1}")
-    return labels
-
-
-def _check_edges(bin_edges: Sequence[int]) -> list[int]:
-    edges = [int(e) for e in bin_edges]
-    if not edges or edges[0] != 1 or any(b <= a for a, b in pairwise(edges)):
-        raise CountTableError(
-            f"bin_edges must be strictly increasing lower edges starting at 1 (so every alive "
-            f"neuron falls in a bin), got {list(bin_edges)}"
-        )
-    return edges
-
-
-def covering_histogram(
-    covering_counts: np.ndarray,
-    *,
-    bin_edges: Sequence[int] = DEFAULT_COVERING_BIN_EDGES,
-) -> dict[str, int]:
-    """Number of alive neurons per covering-count bin (Fig. 2), in bin order; dead ones skipped."""
-    counts = _int_array("covering_counts", covering_counts)
-    edges = _check_edges(bin_edges)
-    alive = counts[counts > 0]
-    per_bin = np.bincount(np.searchsorted(edges, alive, side="right") - 1, minlength=len(edges))
-    return {label: int(n) for label, n in zip(covering_bin_labels(edges), per_bin, strict=True)}
-
-
-# --------------------------------------------------------------------------- detectors
 
 
 def ngram_detectors(
@@ -288,14 +91,14 @@ def ngram_detectors(
     """
     if max_ngrams < 1:
         raise CountTableError(f"max_ngrams must be ≥ 1, got {max_ngrams}")
-    frac = _fraction("coverage", coverage)
-    occ_frac = _fraction("occurrence_coverage", occurrence_coverage)
-    neuron, key, count = _pairs(neuron, key, count, n_neurons)
+    frac = exact_fraction("coverage", coverage)
+    occ_frac = exact_fraction("occurrence_coverage", occurrence_coverage)
+    neuron, key, count = sorted_pairs(neuron, key, count, n_neurons)
     occurrences = _occurrences_of(key, count, occurrence_key, occurrence_count)  # (P,)
-    totals = _neuron_totals(neuron, count, n_neurons)
+    totals = neuron_totals(neuron, count, n_neurons)
     covered = count * occ_frac.denominator >= occurrences * occ_frac.numerator  # (P,)
     del occurrences
-    cover = _greedy_cover(neuron[covered], key[covered], count[covered], totals, frac, n_neurons)
+    cover = greedy_cover(neuron[covered], key[covered], count[covered], totals, frac, n_neurons)
     is_detector = cover.reached & (cover.needed <= max_ngrams)
     keep = is_detector[cover.neuron] & (cover.rank < cover.needed[cover.neuron])
     det_neuron, det_key = cover.neuron[keep], cover.key[keep]
@@ -312,8 +115,8 @@ def _occurrences_of(
     key: np.ndarray, count: np.ndarray, occurrence_key: np.ndarray, occurrence_count: np.ndarray
 ) -> np.ndarray:
     """Occurrences of each triple's key, int64[P]; checks that firings ≤ occurrences."""
-    occ_key = _int_array("occurrence_key", occurrence_key)
-    occ_count = _int_array("occurrence_count", occurrence_count)
+    occ_key = int_array("occurrence_key", occurrence_key)
+    occ_count = int_array("occurrence_count", occurrence_count)
     if len(occ_key) != len(occ_count):
         raise CountTableError(
             f"occurrence_key and occurrence_count must have the same length, got "
@@ -354,7 +157,7 @@ def token_detectors(
     occurrence_coverage: float = 0.95,
 ) -> dict[int, list[int]]:
     """Token-detecting neurons (unigrams) from the dense ``token_count: int64[V]``."""
-    token_count = _int_array("token_count", token_count)
+    token_count = int_array("token_count", token_count)
     return ngram_detectors(
         pair_neuron,
         pair_token,
@@ -438,12 +241,12 @@ def analyse_ngram_layer(
     """Fig. 2 histogram and token (and, if given, trigram) detectors of one layer."""
     if not 0 <= layer < n_layers:
         raise CountTableError(f"layer {layer} outside [0, {n_layers})")
-    token_count = _int_array("token_count", token_count)
+    token_count = int_array("token_count", token_count)
     if len(token_count) != vocab_size:
         raise CountTableError(
             f"token_count has {len(token_count)} entries, vocab_size is {vocab_size}"
         )
-    pair_token = _int_array("pair_token", pair_token)
+    pair_token = int_array("pair_token", pair_token)
     if len(pair_token) and pair_token.max() >= vocab_size:
         raise CountTableError(f"token id {pair_token.max()} ≥ vocab_size {vocab_size}")
     counts = np.zeros(n_neurons, dtype=np.int64)

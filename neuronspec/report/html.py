@@ -21,8 +21,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from neuronspec.report.results import (
     layer_sort_key,
 )
 from neuronspec.report.summary import drift_counts, outcome_counts, token_text
+from neuronspec.report.values import TokenText, escape, inline, number, render_value, scalar, table
 
 # Figure name prefixes that do not start with their analysis' name (Voita et al.'s figures).
 FIGURE_ANALYSES: dict[str, str] = {
@@ -43,9 +42,6 @@ FIGURE_ANALYSES: dict[str, str] = {
     "fig4_new_tokens": "token_detector_summary",
 }
 ALL_MODELS = "all_models"
-_INLINE_ITEMS = 12  # list items shown inline in a table cell
-_LIST_ITEMS = 40  # list items shown for a long list
-_TABLE_ROWS = 60  # rows shown of a long table
 
 
 def safe_model_name(model_id: str) -> str:
@@ -105,148 +101,6 @@ def _figures(paths: list[Path]) -> str:
     return f'<div class="figures">{"".join(_img(p) for p in paths)}</div>' if paths else ""
 
 
-# -- values -------------------------------------------------------------------------------------
-
-TokenText = Callable[[int], str]
-_e = html.escape
-
-
-def _number(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value).lower() if isinstance(value, bool) else "—"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str))
-
-
-def _token(token_id: Any, tokens: TokenText) -> str:
-    if not isinstance(token_id, int) or isinstance(token_id, bool):
-        return _e(_number(token_id))
-    return (
-        f'<span class="tok" data-token="{token_id}" title="token id {token_id}">'
-        f"{html.escape(tokens(token_id), quote=False)}</span>"
-    )
-
-
-def _leaf(value: Any, token: bool, tokens: TokenText) -> str:
-    if token and isinstance(value, int) and not isinstance(value, bool):
-        return _token(value, tokens)
-    return _e(_number(value))
-
-
-def _inline(value: Any, token: bool, tokens: TokenText) -> str:
-    """A value compactly, for a table cell."""
-    if _scalar(value):
-        return _leaf(value, token, tokens)
-    if isinstance(value, list):
-        if all(_scalar(v) for v in value) and len(value) <= _INLINE_ITEMS:
-            return "[" + ", ".join(_leaf(v, token, tokens) for v in value) + "]"
-        if all(_scalar(v) for v in value):
-            shown = ", ".join(_leaf(v, token, tokens) for v in value[:_INLINE_ITEMS])
-            return f"[{shown}, … {len(value)} items]"
-        if len(value) <= 4:
-            return "[" + ", ".join(_inline(v, token, tokens) for v in value) + "]"
-        return f"[{len(value)} items]"
-    if isinstance(value, dict):
-        if len(value) <= 4:
-            inner = ", ".join(
-                f"{_e(str(k))}: {_inline(v, token, tokens)}" for k, v in value.items()
-            )
-            return "{" + inner + "}"
-        return f"{{{len(value)} keys}}"
-    return _e(str(value))
-
-
-def _numeric_summary(values: list[Any]) -> str:
-    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if len(numbers) != len(values) or not numbers:
-        return f"{len(values)} items"
-    finite = [float(v) for v in numbers if math.isfinite(float(v))]
-    mean = sum(finite) / len(finite) if finite else float("nan")
-    return (
-        f"{len(values)} values: min {_number(min(numbers))}, mean {mean:.4g}, "
-        f"max {_number(max(numbers))}"
-    )
-
-
-def _table(
-    header: list[str], rows: list[list[str]], *, cls: str = "", limit: int | None = _TABLE_ROWS
-) -> str:
-    """An HTML table of the first ``limit`` rows (None: every row) and a count of the rest."""
-    shown = rows if limit is None else rows[:limit]
-    head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in shown)
-    more = (
-        f'<p class="more">… {len(rows) - len(shown)} more rows</p>'
-        if len(rows) > len(shown)
-        else ""
-    )
-    table = f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-    return f'<div class="scroll">{table}</div>{more}'
-
-
-def render_value(name: str, value: Any, tokens: TokenText, *, token: bool = False) -> str:
-    """Any finding value as readable HTML: scalars in a key/value table, sibling lists of
-    one length as one table, lists of records as tables, long number lists summarised."""
-    token = token or is_token_field(name)
-    if _scalar(value):
-        return _leaf(value, token, tokens)
-    if isinstance(value, list):
-        if all(isinstance(v, dict) for v in value) and value:
-            keys = list(dict.fromkeys(k for v in value for k in v))
-            rows = [
-                [_inline(v.get(k), token or is_token_field(k), tokens) for k in keys] for v in value
-            ]
-            return _table([_e(k) for k in keys], rows)
-        if all(_scalar(v) for v in value) and len(value) > _LIST_ITEMS:
-            shown = ", ".join(_leaf(v, token, tokens) for v in value[:_LIST_ITEMS])
-            return f'<p class="list">{_e(_numeric_summary(value))}<br>{shown}, …</p>'
-        return f'<p class="list">{_inline(value, token, tokens) if len(value) <= _LIST_ITEMS else _e(_numeric_summary(value))}</p>'
-    # a dict
-    scalars = {k: v for k, v in value.items() if _scalar(v)}
-    lists = {k: v for k, v in value.items() if isinstance(v, list) and len(v) > 1}
-    groups: dict[int, list[str]] = {}
-    for key, items in lists.items():
-        if all(_scalar(v) or isinstance(v, list) for v in items):
-            groups.setdefault(len(items), []).append(key)
-    parts = []
-    if scalars and len(scalars) == len(value) and all(k.lstrip("-").isdigit() for k in value):
-        rows = [[_e(k), _leaf(v, token, tokens)] for k, v in value.items()]
-        return _table(["key", _e(name)], rows, cls="kv")
-    if scalars:
-        rows = [[_e(k), _leaf(v, token or is_token_field(k), tokens)] for k, v in scalars.items()]
-        parts.append(_table(["field", "value"], rows, cls="kv"))
-    grouped: set[str] = set()
-    for length, keys in sorted(groups.items()):
-        if len(keys) < 2:
-            continue
-        grouped |= set(keys)
-        rows = [
-            [_inline(value[k][i], token or is_token_field(k), tokens) for k in keys]
-            for i in range(length)
-        ]
-        parts.append(_table([_e(k) for k in keys], rows))
-    for key, item in value.items():
-        if key in scalars or key in grouped:
-            continue
-        child_token = token or is_token_field(key)
-        if isinstance(item, dict) and item and all(not isinstance(v, dict) for v in item.values()):
-            rows = [[_e(str(k)), _inline(v, child_token, tokens)] for k, v in item.items()]
-            inner = _table(["key", "value"], rows, cls="kv")
-        elif isinstance(item, (list, dict)) and not item:
-            inner = f'<p class="list">{"[]" if isinstance(item, list) else "{}"} (empty)</p>'
-        else:
-            inner = render_value(key, item, tokens, token=child_token)
-        parts.append(f'<div class="nested"><h5>{_e(key)}</h5>{inner}</div>')
-    return "".join(parts)
-
-
 # -- sections -----------------------------------------------------------------------------------
 
 
@@ -256,13 +110,13 @@ def _cell(
     """A key-number cell, tagged with its place in the results (checked by the browser test);
     ``layers``: the value is the same at ``path`` with each of these layer keys (path[2])."""
     attributes = (
-        f' data-path="{_e(json.dumps(path))}" data-value="{_e(json.dumps(value))}"'
-        if _scalar(value) and not isinstance(value, str)
+        f' data-path="{escape(json.dumps(path))}" data-value="{escape(json.dumps(value))}"'
+        if scalar(value) and not isinstance(value, str)
         else ""
     )
     if attributes and layers:
-        attributes += f' data-layers="{_e(json.dumps(layers))}"'
-    return f'<span class="num"{attributes}>{_inline(value, token, tokens)}</span>'
+        attributes += f' data-layers="{escape(json.dumps(layers))}"'
+    return f'<span class="num"{attributes}>{inline(value, token, tokens)}</span>'
 
 
 def key_numbers(model_id: str, analysis: str, layers: dict[str, Any], tokens: TokenText) -> str:
@@ -280,20 +134,20 @@ def key_numbers(model_id: str, analysis: str, layers: dict[str, Any], tokens: To
         f
         for f in fields
         if len(findings) > 1
-        and all(_scalar(x.get(f)) and x.get(f) == findings[0].get(f) for x in findings)
+        and all(scalar(x.get(f)) and x.get(f) == findings[0].get(f) for x in findings)
     ]
     columns = [f for f in fields if f not in constant]
-    header = ["layer", *(_e(f) for f in columns)]
+    header = ["layer", *(escape(f) for f in columns)]
     rows = []
     for key, finding in zip(per_layer, findings, strict=True):
-        row = [_e(key)]
+        row = [escape(key)]
         for f in columns:
             value = finding.get(f)
             path = [model_id, analysis, key, f]
             if isinstance(value, (list, dict)) and (
                 len(value) > 6
                 or not all(
-                    _scalar(v) for v in (value.values() if isinstance(value, dict) else value)
+                    scalar(v) for v in (value.values() if isinstance(value, dict) else value)
                 )
             ):
                 unit = "keys" if isinstance(value, dict) else "items"
@@ -302,14 +156,14 @@ def key_numbers(model_id: str, analysis: str, layers: dict[str, Any], tokens: To
                 row.append(_cell(value, path, is_token_field(f), tokens))
         rows.append(row)
     same = ", ".join(
-        f"{_e(f)} = "
+        f"{escape(f)} = "
         + _cell(
             findings[0][f], [model_id, analysis, per_layer[0], f], False, tokens, layers=per_layer
         )
         for f in constant
     )
     note = f'<p class="same">Same in every layer: {same}</p>' if same else ""
-    return note + _table(header, rows, cls="numbers")
+    return note + table(header, rows, cls="numbers")
 
 
 def _anchor(*parts: str) -> str:
@@ -325,16 +179,16 @@ def analysis_section(
     tokens: TokenText,
 ) -> str:
     parts = [
-        f'<section class="analysis" id="{_anchor(model_id, analysis)}"><h3>{_e(analysis)}</h3>'
+        f'<section class="analysis" id="{_anchor(model_id, analysis)}"><h3>{escape(analysis)}</h3>'
     ]
     if headline:
-        parts.append(f'<p class="headline">{_e(headline)}</p>')
+        parts.append(f'<p class="headline">{escape(headline)}</p>')
     parts.append(key_numbers(model_id, analysis, layers, tokens))
     if "all" in layers:
         parts.append(render_value("", layers["all"], tokens))
     parts.append(_figures(figures))
     details = [
-        f"<details><summary>layer {_e(k)}: every value</summary>"
+        f"<details><summary>layer {escape(k)}: every value</summary>"
         f"{render_value('', layers[k], tokens)}</details>"
         for k in sorted(layers, key=layer_sort_key)
         if k != "all"
@@ -362,38 +216,41 @@ def config_section(results: dict[str, Any]) -> str:
     ):
         if key in run:
             rows.append(
-                [_e(key), _e(_number(run[key]) if _scalar(run[key]) else json.dumps(run[key]))]
+                [
+                    escape(key),
+                    escape(number(run[key]) if scalar(run[key]) else json.dumps(run[key])),
+                ]
             )
     config = results.get("config", {})
     for group, values in config.items():
         if isinstance(values, dict):
-            text = ", ".join(f"{k} = {_number(v)}" for k, v in values.items())
+            text = ", ".join(f"{k} = {number(v)}" for k, v in values.items())
         else:
-            text = _number(values)
-        rows.append([_e(group), _e(text)])
+            text = number(values)
+        rows.append([escape(group), escape(text)])
     versions = run.get("versions", {})
     if versions:
-        rows.append(["versions", _e(", ".join(f"{k} {v}" for k, v in versions.items() if v))])
+        rows.append(["versions", escape(", ".join(f"{k} {v}" for k, v in versions.items() if v))])
     models = []
     for model_id, entry in sorted(results.get("models", {}).items()):
         info = entry.get("info", {})
         models.append(
             [
-                f'<a href="#{_anchor(model_id)}">{_e(model_id)}</a>',
-                _e(str(info.get("model_type", "—"))),
+                f'<a href="#{_anchor(model_id)}">{escape(model_id)}</a>',
+                escape(str(info.get("model_type", "—"))),
                 _cell(info.get("n_layers"), [model_id, "info", "n_layers"], False, token_text({})),
                 _cell(info.get("n_tokens"), [model_id, "info", "n_tokens"], False, token_text({})),
-                _e(str(info.get("corpus", "—"))),
-                _e(str(info.get("window", "—"))),
-                _e(str(info.get("corpus_fingerprint", ""))[:12]),
-                _e(str(info.get("dtype", "—"))),
-                _e(str(info.get("source", "—"))),
+                escape(str(info.get("corpus", "—"))),
+                escape(str(info.get("window", "—"))),
+                escape(str(info.get("corpus_fingerprint", ""))[:12]),
+                escape(str(info.get("dtype", "—"))),
+                escape(str(info.get("source", "—"))),
             ]
         )
     return (
         '<section id="config"><h2>Run configuration</h2>'
-        + _table(["setting", "value"], rows, cls="kv")
-        + _table(
+        + table(["setting", "value"], rows, cls="kv")
+        + table(
             [
                 "model",
                 "type",
@@ -423,25 +280,25 @@ def specs_section(specs: list[dict[str, Any]]) -> str:
         where = " ".join(
             x for x in (spec.get("model"), f"L{spec['layer']}" if "layer" in spec else None) if x
         )
-        text = [f'<span class="hyp">{_e(spec["hypothesis"] or spec["name"])}</span>']
+        text = [f'<span class="hyp">{escape(spec["hypothesis"] or spec["name"])}</span>']
         if spec.get("measured"):
-            measured = ", ".join(f"{k} = {_number(v)}" for k, v in spec["measured"].items())
-            text.append(f'<span class="measured">measured: {_e(measured)}</span>')
+            measured = ", ".join(f"{k} = {number(v)}" for k, v in spec["measured"].items())
+            text.append(f'<span class="measured">measured: {escape(measured)}</span>')
         if spec.get("reason") and outcome in ("xfailed", "skipped"):
-            text.append(f'<span class="reason">{_e(outcome)}: {_e(spec["reason"])}</span>')
+            text.append(f'<span class="reason">{escape(outcome)}: {escape(spec["reason"])}</span>')
         if spec.get("message") and outcome != "skipped":
-            text.append(f'<code class="message">{_e(spec["message"])}</code>')
+            text.append(f'<code class="message">{escape(spec["message"])}</code>')
         rows.append(
             [
-                f'<span class="badge {outcome}">{_e(outcome)}</span>',
-                f'<span class="nodeid">{_e(spec["file"])}<br>{_e(spec["name"])}</span>',
-                _e(where or "—"),
+                f'<span class="badge {outcome}">{escape(outcome)}</span>',
+                f'<span class="nodeid">{escape(spec["file"])}<br>{escape(spec["name"])}</span>',
+                escape(where or "—"),
                 "<br>".join(text),
             ]
         )
     return (
-        f'<section id="specs"><h2>Specs</h2><p class="counts">{_e(outcome_counts(specs))}</p>'
-        + _table(
+        f'<section id="specs"><h2>Specs</h2><p class="counts">{escape(outcome_counts(specs))}</p>'
+        + table(
             ["outcome", "spec", "model", "hypothesis and measured numbers"],
             rows,
             cls="specs",
@@ -462,15 +319,15 @@ def drift_section(drift: list[dict[str, Any]] | None) -> str:
         if entry.get("changes"):
             change_rows = [
                 [
-                    _e(c["path"] or "<finding>"),
-                    _e(_number(c["old"])),
-                    _e(_number(c["new"])),
-                    _e(_number(c.get("abs_change"))),
-                    _e(_number(c.get("rel_change"))),
+                    escape(c["path"] or "<finding>"),
+                    escape(number(c["old"])),
+                    escape(number(c["new"])),
+                    escape(number(c.get("abs_change"))),
+                    escape(number(c.get("rel_change"))),
                     '<span class="badge passed">within</span>'
                     if c["within_tolerance"]
                     else '<span class="badge failed">out</span>',
-                    _e(c.get("note", "")),
+                    escape(c.get("note", "")),
                 ]
                 for c in entry["changes"]
             ]
@@ -478,7 +335,7 @@ def drift_section(drift: list[dict[str, Any]] | None) -> str:
             header = ["value", "stored", "this run", "|Δ|", "rel", "tolerance", "note"]
             if not any(c.get("note") for c in entry["changes"]):
                 header, change_rows = header[:-1], [row[:-1] for row in change_rows]
-            moved = _table(header, change_rows, cls="drift")
+            moved = table(header, change_rows, cls="drift")
             if more > 0:
                 moved += f'<p class="more">… {more} more moved values</p>'
         status_class = {"match": "passed", "within tolerance": "xfailed"}.get(
@@ -486,16 +343,16 @@ def drift_section(drift: list[dict[str, Any]] | None) -> str:
         )
         rows.append(
             [
-                f'<span class="badge {status_class}">{_e(entry["status"])}</span>',
-                f'<span class="nodeid">{_e(entry["nodeid"])}</span>',
-                _e(str(entry["n_changes"])),
+                f'<span class="badge {status_class}">{escape(entry["status"])}</span>',
+                f'<span class="nodeid">{escape(entry["nodeid"])}</span>',
+                escape(str(entry["n_changes"])),
                 moved or "—",
             ]
         )
     return (
-        f'<section id="drift"><h2>Snapshot drift</h2><p class="counts">{_e(drift_counts(drift))}'
+        f'<section id="drift"><h2>Snapshot drift</h2><p class="counts">{escape(drift_counts(drift))}'
         " (values compared with the snapshots' tolerance)</p>"
-        + _table(["status", "spec", "moved values", "what moved"], rows, cls="specs", limit=None)
+        + table(["status", "spec", "moved values", "what moved"], rows, cls="specs", limit=None)
         + "</section>"
     )
 
@@ -507,12 +364,12 @@ def model_section(
     analyses = entry.get("analyses", {})
     known, _ = headlines_of(analyses, tokens)
     lines = {analysis: (label, text) for analysis, label, text in known}
-    parts = [f'<section class="model" id="{_anchor(model_id)}"><h2>{_e(model_id)}</h2>']
+    parts = [f'<section class="model" id="{_anchor(model_id)}"><h2>{escape(model_id)}</h2>']
     if known:
         parts.append(
-            _table(
+            table(
                 ["finding", "headline"],
-                [[_e(label), _e(text)] for _, label, text in known],
+                [[escape(label), escape(text)] for _, label, text in known],
                 cls="kv",
             )
         )
@@ -569,7 +426,7 @@ def render_html(results: dict[str, Any], figures: list[Path], *, source: str = "
     nav = ['<a href="#config">configuration</a>', '<a href="#specs">specs</a>']
     if "snapshot_drift" in results:
         nav.append('<a href="#drift">snapshot drift</a>')
-    nav += [f'<a href="#{_anchor(m)}">{_e(m)}</a>' for m in sorted(models)]
+    nav += [f'<a href="#{_anchor(m)}">{escape(m)}</a>' for m in sorted(models)]
     if assigned.get(ALL_MODELS) or assigned.get(""):
         nav.append('<a href="#comparison">all models</a>')
     summary = []
@@ -579,8 +436,8 @@ def render_html(results: dict[str, Any], figures: list[Path], *, source: str = "
         summary.append(f"snapshots: {drift_counts(results['snapshot_drift'])}")
     body = [
         "<h1>neuronspec report</h1>",
-        f'<p class="counts">{_e("; ".join(summary))}</p>' if summary else "",
-        f'<p class="same">{_e(source)}</p>' if source else "",
+        f'<p class="counts">{escape("; ".join(summary))}</p>' if summary else "",
+        f'<p class="same">{escape(source)}</p>' if source else "",
         f"<nav>{''.join(nav)}</nav>",
         config_section(results),
         specs_section(results.get("specs", [])),
