@@ -172,8 +172,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--keep-malloc-heap",
         False,
-        "keep glibc's malloc heap between forwards (neuronspec.heap: fewer page faults on "
-        "CPU, more resident memory; off unless asked)",
+        "keep glibc's malloc heap between forwards (neuronspec.heap)",
         "run",
         "keep_malloc_heap",
         bool,

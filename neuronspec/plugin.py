@@ -194,6 +194,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 break
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The run's snapshot specs share its false-alarm rate (:mod:`neuronspec.snapshot`)."""
+    if not is_active(session.config):
+        return
+    from neuronspec.snapshot import FindingsSnapshotExtension
+
+    n = sum("findings_snapshot" in getattr(item, "fixturenames", ()) for item in session.items)
+    FindingsSnapshotExtension.snapshots_in_run = max(n, 1)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "model_id" not in metafunc.fixturenames or not is_active(metafunc.config):
         return

@@ -10,6 +10,17 @@ floats are close: ``|a - b| <= max(rel_tol * max(|a|, |b|), abs_tol)``. syrupy w
 snapshot only when it does not match, so ``--snapshot-update`` leaves snapshots within
 tolerance byte-identical, and a rewrite keeps each stored float that is still within
 tolerance, so the file's diff shows only the findings that changed.
+
+Values with a standard error are judged against measured noise. A number ``x`` of a
+finding whose dict also holds ``x_se`` (a number in both the received and the stored
+finding) is out of tolerance when ``|a - b| > max(k · sqrt(se_a² + se_b²), floor)``, the
+floor being the fixed tolerance above (so a value whose SE is 0, or an identical rerun, is
+still judged by it). ``k`` keeps the false alarms of a whole run at :data:`RUN_ALPHA`
+(two-sided, normal): a run of ``S`` snapshots gives each ``RUN_ALPHA / S`` and a snapshot
+with ``m`` such values divides that by ``m`` (Bonferroni), ``k = Φ⁻¹(1 − α / (2·S·m))``.
+The plugin sets ``S`` (:attr:`FindingsSnapshotExtension.snapshots_in_run`) at collection;
+``x_se`` itself is recorded, not compared (its structure is). ``python -m neuronspec diff``
+uses the same rule with ``m`` counted over both results files (:func:`noise_k`).
 """
 
 from __future__ import annotations
@@ -20,7 +31,8 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from statistics import NormalDist
+from typing import Any, ClassVar
 
 from syrupy.data import Snapshot, SnapshotCollection
 from syrupy.extensions.json import JSONSnapshotExtension
@@ -29,6 +41,50 @@ from syrupy.types import PropertyFilter, PropertyMatcher, SerializableData, Seri
 from neuronspec.findings import to_plain
 
 _MAX_REPORTED = 50  # differences listed in a failure; the rest are counted
+RUN_ALPHA = 0.01
+"""Family-wise false-alarm rate of the noise-judged values of one run (snapshots or diff)."""
+SE_SUFFIX = "_se"
+
+
+def noise_k(alpha: float, n_values: int) -> float:
+    """Standard errors a noise-judged value may move: two-sided normal quantile at level
+    ``alpha`` Bonferroni-corrected over ``n_values`` values."""
+    return NormalDist().inv_cdf(1 - alpha / (2 * max(n_values, 1)))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def se_pair(received: dict, stored: dict, key: str) -> tuple[float, float] | None:
+    """The standard errors ``(received, stored)`` of ``key`` when both dicts hold a number
+    at ``key`` and at ``key + "_se"``; else None."""
+    name = key + SE_SUFFIX
+    if name not in received or name not in stored:
+        return None
+    values = (received[key], stored[key], received[name], stored[name])
+    if not all(_number(v) for v in values):
+        return None
+    return float(received[name]), float(stored[name])
+
+
+def is_se_of_sibling(data: dict, key: str) -> bool:
+    """``key`` is the standard error of a sibling value (``x_se`` beside ``x``)."""
+    return key.endswith(SE_SUFFIX) and key[: -len(SE_SUFFIX)] in data
+
+
+def count_noise_judged(received: Any, stored: Any) -> int:
+    """How many values of the pair are judged against their standard errors."""
+    if isinstance(received, dict) and isinstance(stored, dict):
+        return sum(
+            1
+            if se_pair(received, stored, key) is not None
+            else count_noise_judged(received[key], stored[key])
+            for key in received.keys() & stored.keys()
+        )
+    if isinstance(received, list) and isinstance(stored, list) and len(received) == len(stored):
+        return sum(count_noise_judged(a, b) for a, b in zip(received, stored, strict=True))
+    return 0
 
 
 @dataclass(frozen=True)
@@ -91,6 +147,26 @@ class FindingsSnapshotExtension(JSONSnapshotExtension):
 
     rel_tol: float = 1e-4  # float noise across machines/BLAS builds is well below this
     abs_tol: float = 1e-6  # values near zero (dead fractions, tiny means) need a floor
+    run_alpha: ClassVar[float] = RUN_ALPHA
+    snapshots_in_run: ClassVar[int] = 1  # set by the plugin at collection (module docstring)
+
+    def k_for(self, received: Any, stored: Any) -> float:
+        """``k`` of this snapshot comparison (module docstring)."""
+        alpha = self.run_alpha / max(self.snapshots_in_run, 1)
+        return noise_k(alpha, count_noise_judged(received, stored))
+
+    def floor(self, a: float, b: float) -> float:
+        """The fixed tolerance of a pair of numbers."""
+        return max(self.rel_tol * max(abs(a), abs(b)), self.abs_tol)
+
+    def noise_verdict(
+        self, a: float, b: float, ses: tuple[float, float], k: float
+    ) -> tuple[bool, float | None]:
+        """(within tolerance, change in standard errors of the difference or None)."""
+        spread = math.hypot(*ses)
+        delta = abs(float(a) - float(b))
+        z = delta / spread if spread > 0 else None
+        return delta <= max(k * spread, self.floor(a, b)), z
 
     def serialize(
         self,
@@ -119,26 +195,44 @@ class FindingsSnapshotExtension(JSONSnapshotExtension):
         received, stored = parsed
         return next(self.differences(received, stored), None) is None
 
-    def differences(self, received: Any, stored: Any, path: str = "<root>") -> Iterator[Difference]:
-        """Yield every difference between two parsed findings, depth first, keys sorted."""
+    def differences(
+        self, received: Any, stored: Any, path: str = "<root>", *, k: float | None = None
+    ) -> Iterator[Difference]:
+        """Yield every difference between two parsed findings, depth first, keys sorted.
+        ``k``: standard errors a noise-judged value may move (default :meth:`k_for`)."""
+        k = self.k_for(received, stored) if k is None else k
         kinds = (_kind(received), _kind(stored))
         if kinds[0] != kinds[1]:
             yield Difference(path, f"{received!r}", f"{stored!r}", f"{kinds[0]} vs {kinds[1]}")
         elif isinstance(received, dict):
             for key in sorted(received.keys() | stored.keys()):
+                where = _join(path, key)
                 if key not in stored:
-                    yield Difference(_join(path, key), "present", "missing", "new key")
+                    yield Difference(where, "present", "missing", "new key")
                 elif key not in received:
-                    yield Difference(_join(path, key), "missing", "present", "key removed")
+                    yield Difference(where, "missing", "present", "key removed")
+                elif is_se_of_sibling(received, key) and is_se_of_sibling(stored, key):
+                    if _kind(received[key]) != _kind(stored[key]):  # recorded, not compared
+                        yield from self.differences(received[key], stored[key], where, k=k)
+                elif (ses := se_pair(received, stored, key)) is not None:
+                    a, b = received[key], stored[key]
+                    within, z = self.noise_verdict(a, b, ses, k)
+                    if not within:
+                        note = (
+                            f"{z:.1f} SE of the difference, > k = {k:.2f}"
+                            if z is not None
+                            else f"SE 0: rel tol {self.rel_tol:g}, abs tol {self.abs_tol:g}"
+                        )
+                        yield Difference(where, repr(a), repr(b), note)
                 else:
-                    yield from self.differences(received[key], stored[key], _join(path, key))
+                    yield from self.differences(received[key], stored[key], where, k=k)
         elif isinstance(received, list):
             if len(received) != len(stored):
                 note = "list length changed"
                 yield Difference(path, f"{len(received)} items", f"{len(stored)} items", note)
             else:
                 for index, (a, b) in enumerate(zip(received, stored, strict=True)):
-                    yield from self.differences(a, b, _join(path, str(index)))
+                    yield from self.differences(a, b, _join(path, str(index)), k=k)
         elif isinstance(received, float):
             if not self._close(received, stored):
                 note = f"rel tol {self.rel_tol:g}, abs tol {self.abs_tol:g}"
@@ -182,16 +276,27 @@ class FindingsSnapshotExtension(JSONSnapshotExtension):
             snapshot_collection=snapshot_collection, name_order=name_order
         )
 
-    def _keep_close(self, received: Any, stored: Any) -> Any:
-        """``received``, with each float replaced by the stored one where they are close."""
+    def _keep_close(self, received: Any, stored: Any, k: float | None = None) -> Any:
+        """``received``, with each float replaced by the stored one where they are close (a
+        noise-judged value together with its standard error)."""
+        k = self.k_for(received, stored) if k is None else k
         if _kind(received) != _kind(stored):
             return received
         if isinstance(received, dict):
-            return {
-                k: self._keep_close(v, stored[k]) if k in stored else v for k, v in received.items()
-            }
+            out = {}
+            for key, value in received.items():
+                if key not in stored:
+                    out[key] = value
+                elif (ses := se_pair(received, stored, key)) is not None:
+                    if self.noise_verdict(value, stored[key], ses, k)[0]:
+                        out[key], out[key + SE_SUFFIX] = stored[key], stored[key + SE_SUFFIX]
+                    else:
+                        out[key], out[key + SE_SUFFIX] = value, received[key + SE_SUFFIX]
+                elif key not in out:
+                    out[key] = self._keep_close(value, stored[key], k)
+            return {key: out[key] for key in received}
         if isinstance(received, list) and len(received) == len(stored):
-            return [self._keep_close(a, b) for a, b in zip(received, stored, strict=True)]
+            return [self._keep_close(a, b, k) for a, b in zip(received, stored, strict=True)]
         if isinstance(received, float) and self._close(received, stored):
             return stored
         return received

@@ -108,6 +108,11 @@ class ControlledEffect(Finding):
     p_value: float | None  # empirical, in the direction the analysis tests
     uncertainty: str  # how the SEs and the p-value were computed
 
+    @property
+    def change_se(self) -> float:
+        """SE of :attr:`change` by the delta method: ``(1 + change) · SE(log ratio)``."""
+        return (1 + self.change) * self.log_ratio_se
+
     def interval(self, level: float = 0.95) -> Interval:
         """Interval of the relative PPL change at ``level`` (from its log ratio's)."""
         return change_interval(self.change, self.log_ratio_se, level, self.uncertainty)
@@ -138,7 +143,9 @@ class AblationConditionFinding(ControlledEffect):
         return {
             "name": self.name,
             "n_neurons": self.n_neurons,
-            "ppl": {"value": self.ppl, "log_ratio_se": self.log_ratio_se},
+            "ppl": self.ppl,
+            "change": self.change,  # judged against change_se by the snapshot
+            "change_se": self.change_se,
             "control_ppl_mean": None if control is None else control.ppl_mean,
             "control_ppl_std": None if control is None else control.ppl_std,
             "p_value": self.p_value,
@@ -194,7 +201,9 @@ class PruningFinding(ControlledEffect):
             "ratio": self.ratio,
             "n_pruned": self.n_pruned,
             "pruned_by_class": self.pruned_by_class,
-            "ppl": {"value": self.ppl, "log_ratio_se": self.log_ratio_se},
+            "ppl": self.ppl,
+            "change": self.change,  # judged against change_se by the snapshot
+            "change_se": self.change_se,
             "control_ppl_mean": self.control.ppl_mean,
             "control_ppl_std": self.control.ppl_std,
             "p_value": self.p_value,

@@ -8,7 +8,12 @@ leaf by leaf with the snapshots' tolerance (:mod:`neuronspec.report.compare`), a
 - ``added``: in NEW, not in OLD;
 - ``within tolerance``: values moved, all within the tolerance.
 
-Unchanged findings are counted, not listed. Exit status: 1 when a finding is out of
+A value with a standard error (``x`` beside ``x_se``) is judged against noise: it is out
+of tolerance when it moved more than ``k`` standard errors of the difference (and more than
+the fixed tolerance), ``k`` chosen so that the whole diff raises a false alarm with
+probability at most ``alpha`` (default 0.01; Bonferroni over every such value compared,
+:func:`~neuronspec.snapshot.noise_k`); each such change is listed with its size in
+standard errors. Unchanged findings are counted, not listed. Exit status: 1 when a finding is out of
 tolerance or removed, 0 otherwise (an added finding is new, not a change), 2 when a file
 cannot be read. ``--markdown`` writes a CI job summary.
 """
@@ -20,7 +25,7 @@ from typing import Any
 
 from neuronspec.report.compare import Change, changes
 from neuronspec.report.results import iter_findings
-from neuronspec.snapshot import FindingsSnapshotExtension
+from neuronspec.snapshot import RUN_ALPHA, FindingsSnapshotExtension, count_noise_judged, noise_k
 
 OUT, REMOVED, ADDED, WITHIN = "out of tolerance", "removed", "added", "within tolerance"
 STATUSES = (OUT, REMOVED, ADDED, WITHIN)
@@ -47,6 +52,9 @@ class RunDiff:
     n_unchanged: int = 0
     rel_tol: float = FindingsSnapshotExtension.rel_tol
     abs_tol: float = FindingsSnapshotExtension.abs_tol
+    alpha: float = RUN_ALPHA  # false-alarm rate of the noise-judged values, whole diff
+    n_noise_judged: int = 0  # values with a standard error compared
+    k: float = 0.0  # standard errors such a value may move
 
     def of(self, status: str) -> list[FindingDiff]:
         return [f for f in self.findings if f.status == status]
@@ -61,19 +69,32 @@ def diff_results(
     new: dict[str, Any],
     *,
     extension: FindingsSnapshotExtension | None = None,
+    alpha: float = RUN_ALPHA,
 ) -> RunDiff:
     """Compare every finding of two results files (see the module docstring)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     extension = extension if extension is not None else FindingsSnapshotExtension()
     before = {(m, a, layer): f for m, a, layer, f in iter_findings(old)}
     after = {(m, a, layer): f for m, a, layer, f in iter_findings(new)}
-    result = RunDiff(rel_tol=extension.rel_tol, abs_tol=extension.abs_tol)
+    judged = sum(
+        count_noise_judged(after[key], before[key]) for key in before.keys() & after.keys()
+    )
+    k = noise_k(alpha, judged)
+    result = RunDiff(
+        rel_tol=extension.rel_tol,
+        abs_tol=extension.abs_tol,
+        alpha=alpha,
+        n_noise_judged=judged,
+        k=k,
+    )
     for key in sorted(before.keys() | after.keys()):
         if key not in after:
             result.findings.append(FindingDiff(*key, REMOVED))
         elif key not in before:
             result.findings.append(FindingDiff(*key, ADDED))
         else:
-            moved = tuple(changes(before[key], after[key], extension=extension))
+            moved = tuple(changes(before[key], after[key], extension=extension, k=k))
             if not moved:
                 result.n_unchanged += 1
             else:
@@ -97,10 +118,19 @@ def describe_change(change: Change) -> str:
         extra.append(f"Δ {change.abs_change:.3g}")
     if change.rel_change is not None:
         extra.append(f"rel {change.rel_change:.3g}")
+    if change.se_change is not None:
+        extra.append(f"{change.se_change:.2f} SE")
     if change.note:
         extra.append(change.note)
     extra.append("within tolerance" if change.within_tolerance else "OUT of tolerance")
     return f"{text} ({', '.join(extra)})"
+
+
+def _tolerance(result: RunDiff) -> str:
+    return (
+        f"rel tol {result.rel_tol:g}, abs tol {result.abs_tol:g}; {result.n_noise_judged} values "
+        f"with a standard error: k = {result.k:.2f} SE (alpha {result.alpha:g} per diff)"
+    )
 
 
 def _counts(result: RunDiff) -> str:
@@ -109,10 +139,7 @@ def _counts(result: RunDiff) -> str:
 
 
 def format_text(result: RunDiff, *, max_changes: int = 20) -> str:
-    lines = [
-        f"neuronspec diff (rel tol {result.rel_tol:g}, abs tol {result.abs_tol:g}): "
-        + _counts(result)
-    ]
+    lines = [f"neuronspec diff ({_tolerance(result)}): " + _counts(result)]
     for finding in result.findings:
         lines.append(f"{finding.status.upper():>16}  {finding.name}")
         for change in finding.changes[:max_changes]:
@@ -131,7 +158,7 @@ def format_markdown(result: RunDiff, *, max_changes: int = 20) -> str:
     lines = [
         f"### neuronspec diff: {verdict}",
         "",
-        f"Tolerance: rel {result.rel_tol:g}, abs {result.abs_tol:g}. {_counts(result)}.",
+        f"Tolerance: {_tolerance(result)}. {_counts(result)}.",
         "",
     ]
     if result.findings:

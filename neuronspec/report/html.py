@@ -324,6 +324,7 @@ def drift_section(drift: list[dict[str, Any]] | None) -> str:
                     escape(number(c["new"])),
                     escape(number(c.get("abs_change"))),
                     escape(number(c.get("rel_change"))),
+                    escape(number(c.get("se_change"))),
                     '<span class="badge passed">within</span>'
                     if c["within_tolerance"]
                     else '<span class="badge failed">out</span>',
@@ -332,7 +333,7 @@ def drift_section(drift: list[dict[str, Any]] | None) -> str:
                 for c in entry["changes"]
             ]
             more = entry["n_changes"] - len(entry["changes"])
-            header = ["value", "stored", "this run", "|Δ|", "rel", "tolerance", "note"]
+            header = ["value", "stored", "this run", "|Δ|", "rel", "|Δ| in SE", "tolerance", "note"]
             if not any(c.get("note") for c in entry["changes"]):
                 header, change_rows = header[:-1], [row[:-1] for row in change_rows]
             moved = table(header, change_rows, cls="drift")
