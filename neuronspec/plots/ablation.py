@@ -39,7 +39,8 @@ def plot_ablation(study: AblationStudyFinding, path: str | Path) -> Path:
         label="random, same count per layer (mean ± 2 std)",
     )
     for x, condition in zip(xs, study.conditions, strict=True):
-        axis.annotate(f"n={condition.n_neurons}", (x, 0), ha="center", va="bottom", fontsize=8)
+        p = "" if condition.p_value is None else f", p={condition.p_value:.2g}"
+        axis.annotate(f"n={condition.n_neurons}{p}", (x, 0), ha="center", va="bottom", fontsize=8)
     axis.axhline(0, color="black", linewidth=0.8)
     axis.set_xticks(list(xs), names)
     axis.set(
@@ -68,9 +69,15 @@ def plot_pruning(finding: PruningFinding, path: str | Path) -> Path:
     axis = figure.subplots()
     control = finding.control
     axis.bar([0], [finding.baseline_ppl], color="tab:blue")
-    axis.bar([1], [finding.ppl], color="tab:red")
+    interval = finding.interval(0.95)  # of the relative change, paired over windows
+    bar = [
+        [finding.baseline_ppl * (finding.change - interval.low)],
+        [finding.baseline_ppl * (interval.high - finding.change)],
+    ]
+    axis.bar([1], [finding.ppl], yerr=bar, color="tab:red", capsize=4)
     axis.bar([2], [control.ppl_mean], yerr=[2 * control.ppl_std], color="tab:gray", capsize=4)
-    axis.set_xticks([0, 1, 2], ["baseline", "by priority", "random (± 2 std)"])
+    p = "" if finding.p_value is None else f"\np = {finding.p_value:.2g}"
+    axis.set_xticks([0, 1, 2], ["baseline", f"by priority (95%){p}", "random (± 2 std)"])
     low = min(finding.baseline_ppl, finding.ppl, control.ppl_mean - 2 * control.ppl_std)
     high = max(finding.ppl, control.ppl_mean + 2 * control.ppl_std)
     axis.set_ylim(low - 0.1 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9))

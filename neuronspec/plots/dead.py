@@ -1,5 +1,6 @@
 """Voita et al. (2023) Figure 1: (a) fraction of dead neurons and (b) mean firing frequency of
-alive neurons, against relative depth l/(L-1), one line per model."""
+alive neurons, against relative depth l/(L-1), one line per model; error bars are 95%
+intervals (1.96 SE of the window bootstrap) where the findings carry SEs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ def _as_dict(finding) -> dict:
     return finding.to_json() if hasattr(finding, "to_json") else dict(finding)
 
 
+def _half_widths(rows: list[dict], name: str, scale: float = 1.0) -> list[float] | None:
+    """95% half-widths of ``name`` per row (1.96 SE), or None when a row has no SE."""
+    errors = [row.get(f"{name}_se") for row in rows]
+    if any(error is None for error in errors):
+        return None
+    return [1.959964 * scale * error for error in errors]
+
+
 def plot_dead_neurons(findings_by_model: Mapping[str, Sequence], path: str | Path) -> Path:
     """Figure 1a/1b from ``{model_id: [DeadLayerFinding or its JSON, one per layer]}``."""
     figure = new_figure(10, 4)
@@ -20,8 +29,16 @@ def plot_dead_neurons(findings_by_model: Mapping[str, Sequence], path: str | Pat
     for model_id, findings in sorted(findings_by_model.items()):
         rows = sorted((_as_dict(f) for f in findings), key=lambda row: row["layer"])
         depth = [row["relative_depth"] for row in rows]
-        dead_axis.plot(depth, [100 * row["dead_fraction"] for row in rows], "o-", label=model_id)
-        freq_axis.plot(depth, [row["mean_alive_frequency"] for row in rows], "o-", label=model_id)
+        dead = [100 * row["dead_fraction"] for row in rows]
+        freq = [row["mean_alive_frequency"] for row in rows]
+        dead_axis.errorbar(
+            depth, dead, yerr=_half_widths(rows, "dead_fraction", 100), fmt="o-", capsize=3,
+            label=model_id,
+        )  # fmt: skip
+        freq_axis.errorbar(
+            depth, freq, yerr=_half_widths(rows, "mean_alive_frequency"), fmt="o-", capsize=3,
+            label=model_id,
+        )  # fmt: skip
     tokens = sorted({_as_dict(f)["n_tokens"] for fs in findings_by_model.values() for f in fs})
     dead_axis.set(title="(a) dead neurons", xlabel="relative depth l/(L-1)", ylabel="dead (%)")
     freq_axis.set(
@@ -32,5 +49,7 @@ def plot_dead_neurons(findings_by_model: Mapping[str, Sequence], path: str | Pat
     for axis in (dead_axis, freq_axis):
         axis.legend(title="model")
         axis.grid(alpha=0.3)
-    figure.suptitle(f"Dead neurons (Voita et al. 2023, Fig. 1); tokens: {tokens}")
+    figure.suptitle(
+        f"Dead neurons (Voita et al. 2023, Fig. 1); tokens: {tokens}; bars: 95% (window bootstrap)"
+    )
     return save_figure(figure, path)

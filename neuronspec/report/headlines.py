@@ -60,6 +60,12 @@ def _dead(layers: dict[str, Any], tokens: TokenText) -> str:
     if all(f.get("rare_fraction_se") is not None for f in found):
         errors = ", ".join(f"{100 * 1.96 * f['rare_fraction_se']:.2f}" for f in found)
         text += f"; rarely firing 95% half-widths by layer (pp) [{errors}] (window bootstrap)"
+    if all(f.get("mean_alive_frequency_se") is not None for f in found):
+        alive = ", ".join(
+            f"{f['mean_alive_frequency']:.4f} ± {1.96 * f['mean_alive_frequency_se']:.4f}"
+            for f in found
+        )
+        text += f"; mean alive firing frequency by layer (95%) [{alive}]"
     return text
 
 
