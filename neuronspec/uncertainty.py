@@ -67,6 +67,16 @@ class Estimate(Finding):
     def above(self, bound: float, *, alpha: float = 0.01) -> bool:
         return self.value - _one_sided_z(alpha) * self.se > bound
 
+    def minus(self, other: Estimate) -> Estimate:
+        """The difference ``self − other`` (two layers, two models), its SE combined as of
+        independent estimates: conservative where both come from one corpus and correlate
+        positively (the usual case for layers of one model and models on one corpus)."""
+        return Estimate(
+            self.value - other.value,
+            math.hypot(self.se, other.se),
+            f"difference; SEs combined as independent ({self.method})",
+        )
+
 
 def _one_sided_z(alpha: float) -> float:
     if not 0.0 < alpha < 1.0:

@@ -165,3 +165,12 @@ def test_replicates_merge_exactly_across_shards():
     merged = shards[0].merge(shards[1])
     assert torch.equal(merged.layer(0).fire_replicates, whole.layer(0).fire_replicates)
     assert torch.equal(merged.token_replicates, whole.token_replicates)
+
+
+def test_difference_of_estimates_combines_their_errors():
+    from neuronspec.uncertainty import Estimate
+
+    difference = Estimate(0.3, 0.03, "bootstrap").minus(Estimate(0.1, 0.04, "bootstrap"))
+    assert difference.value == pytest.approx(0.2) and difference.se == pytest.approx(0.05)
+    assert difference.interval(0.95).low == pytest.approx(0.2 - 1.959964 * 0.05)
+    assert difference.above(0.0, alpha=0.01) and not difference.above(0.1, alpha=0.01)
