@@ -185,7 +185,10 @@ def test_shards_in_one_layout_add_field_by_field(random_model):
     ids[(draw >= 35) & (draw < 45)] = 6  # ~130: 8 bits
     ids[draw >= 95] = 94
     ids[0, 3], ids[50, 3], ids[60, 3] = 95, 96, 96  # once (1 bit), twice (2 bits)
-    parts = [collect_stats(random_model, half, bos_id=None) for half in (ids[:40], ids[40:])]
+    parts = [
+        collect_stats(random_model, ids[:40], bos_id=None),
+        collect_stats(random_model, ids[40:], bos_id=None, window_offset=40),
+    ]
     whole = collect_stats(random_model, ids, bos_id=None)
     layout = packed_layout(whole.token_count, sum(layer.width for layer in whole.layers))
     assert {int(b) for b in layout[1]} >= {1, 2, 4, 8, 16}

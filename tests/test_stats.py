@@ -24,9 +24,15 @@ def _windows(n=12, length=16, seed=3):
     return ids
 
 
-def _stats(loaded, windows, batch_size=4, config=CONFIG, backend="auto"):
+def _stats(loaded, windows, batch_size=4, config=CONFIG, backend="auto", window_offset=0):
     return collect_stats(
-        loaded, windows, bos_id=BOS, config=config, batch_size=batch_size, backend=backend
+        loaded,
+        windows,
+        bos_id=BOS,
+        config=config,
+        batch_size=batch_size,
+        backend=backend,
+        window_offset=window_offset,
     )
 
 
@@ -124,7 +130,9 @@ def test_merge_of_halves_equals_whole(random_model):
     windows = _windows()
     whole = _stats(random_model, windows)
     # split on a batch boundary: the same forward passes, so the merge must be exact
-    merged = _stats(random_model, windows[:4]).merge(_stats(random_model, windows[4:]))
+    merged = _stats(random_model, windows[:4]).merge(
+        _stats(random_model, windows[4:], window_offset=4)
+    )
     a, b = whole.to_tensors(table_only=True), merged.to_tensors(table_only=True)
     assert a.keys() == b.keys()
     for name in a:

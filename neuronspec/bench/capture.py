@@ -17,7 +17,8 @@ ratio (the extra batches of the long pass, statistics against forward) is the co
 batch once the pass is long. The one sorted (neuron, token) table per layer that analyses
 read is built on read, not in the pass; its cost for all layers after the short pass is
 reported too. The pass with its 64 Poisson-bootstrap replicates (the default) is timed
-beside the pass without them. 5 rounds; ratios are medians of per-round ratios (each round runs the compared
+beside the pass without them, and so is the pass with its 16 top-activating contexts per
+neuron (the default) beside the pass without. 5 rounds; ratios are medians of per-round ratios (each round runs the compared
 passes back to back). ``quick``: 4 layers, 1 and 2 batches of 2×128 tokens, 2 rounds.
 """
 
@@ -106,13 +107,9 @@ def run(quick: bool = False) -> list[dict]:
             if n == short:
                 stored.update(tensors=tensors, meta=stats.meta())
 
-        def stats_pass_without_replicates(n, loaded=loaded, ids=ids):
+        def stats_pass_with(config, n, loaded=loaded, ids=ids):
             stats = collect_stats(
-                loaded,
-                ids[: batch * n],
-                bos_id=None,
-                config=StatsConfig(replicates=0),
-                batch_size=batch,
+                loaded, ids[: batch * n], bos_id=None, config=config, batch_size=batch
             )
             stats.to_tensors()
 
@@ -125,7 +122,12 @@ def run(quick: bool = False) -> list[dict]:
             {  # compared rows are neighbours: they run back to back in every round
                 "lm": lm_forward,
                 "stats": functools.partial(stats_pass, short),
-                "stats, no replicates": functools.partial(stats_pass_without_replicates, short),
+                "stats, no replicates": functools.partial(
+                    stats_pass_with, StatsConfig(replicates=0), short
+                ),
+                "stats, no top contexts": functools.partial(
+                    stats_pass_with, StatsConfig(top_contexts=0), short
+                ),
                 "layers": functools.partial(layers_forward, short),
                 "tables": read_tables,
                 "layers long": functools.partial(layers_forward, long),
@@ -155,6 +157,11 @@ def run(quick: bool = False) -> list[dict]:
             _row(f"{name}: statistics pass with the 64 replicates, whole, {tokens}", t["stats"],
                  f"{name}: statistics pass without bootstrap replicates, whole, {tokens}",
                  t["stats, no replicates"]),
+            _row(f"{name}: statistics pass without top contexts, whole, {tokens}",
+                 t["stats, no top contexts"], layers_row, t["layers"]),
+            _row(f"{name}: statistics pass with the 16 top contexts, whole, {tokens}", t["stats"],
+                 f"{name}: statistics pass without top contexts, whole, {tokens}",
+                 t["stats, no top contexts"]),
             _row(whole, t["stats"], lm_row, t["lm"]),
             _row(f"{name}: on read, sorted (neuron, token) tables of all layers, {tokens}",
                  t["tables"], layers_row, t["layers"]),

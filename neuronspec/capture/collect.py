@@ -42,6 +42,7 @@ from neuronspec.capture.packed_rows import packed_layout, packed_regions
 from neuronspec.capture.runner import collect_stats, computation_path, stats_cache_key
 from neuronspec.capture.sparse_counts import merge_sparse
 from neuronspec.capture.stats import NeuronStats
+from neuronspec.capture.top_contexts import merge_top
 from neuronspec.errors import CacheCorruptError
 from neuronspec.models.registry import pick_dtype
 from neuronspec.session import SpecSession
@@ -75,9 +76,11 @@ def init_group(device: str) -> tuple[Group, bool]:
     return Group(dist.get_rank(), dist.get_world_size(), comm_device), created
 
 
-def shard_of(windows: torch.Tensor, group: Group) -> torch.Tensor:
-    """Rank r's windows: the r-th of ``world_size`` contiguous, near-equal parts."""
-    return torch.tensor_split(windows, group.world_size)[group.rank]
+def shard_of(windows: torch.Tensor, group: Group) -> tuple[torch.Tensor, int]:
+    """Rank r's windows, the r-th of ``world_size`` contiguous, near-equal parts, and the
+    corpus index of its first window."""
+    parts = torch.tensor_split(windows, group.world_size)
+    return parts[group.rank], sum(len(part) for part in parts[: group.rank])
 
 
 def merge_across_ranks(stats: NeuronStats, group: Group) -> dict[str, torch.Tensor] | None:
@@ -101,6 +104,17 @@ def merge_across_ranks(stats: NeuronStats, group: Group) -> dict[str, torch.Tens
             merged[name] = _all_reduce_packed(
                 tensors[name], tensors[name + "_offset"], tensors[name + "_bits"], group
             )
+        elif rule == "top":  # the first k of every rank's candidates
+            index = name[: -len("top_value")] + "top_index"
+            k, width = tensors[name].shape
+            values = _gather(tensors[name].flatten(), group)
+            indices = _gather(tensors[index].flatten(), group)
+            if group.rank == 0:
+                parts = [
+                    (v.view(k, width), i.view(k, width))
+                    for v, i in zip(values, indices, strict=True)
+                ]
+                merged[name], merged[index] = merge_top(parts, k)
         elif rule == "counts":
             key = name[: -len("_count")] + "_key"
             keys = _gather(tensors[key], group)
@@ -189,9 +203,14 @@ def collect_model(session: SpecSession, model_id: str, group: Group) -> dict:
         return {**summary, "computed": False}
     start = time.perf_counter()
     loaded = session.model(model_id)
-    shard = shard_of(corpus.analysis, group)  # (n / N, T)
+    shard, offset = shard_of(corpus.analysis, group)  # (n / N, T)
     stats = collect_stats(
-        loaded, shard, bos_id=corpus.bos_id, config=run.stats, batch_size=run.batch_size
+        loaded,
+        shard,
+        bos_id=corpus.bos_id,
+        config=run.stats,
+        batch_size=run.batch_size,
+        window_offset=offset,
     )
     merged = merge_across_ranks(stats, group)
     if group.rank == 0:

@@ -38,6 +38,8 @@ class StatsConfig:
     # Poisson-bootstrap replicates of the firing counts over windows (capture/replicates.py):
     # standard errors of firing frequencies and dead / rare fractions; 0 turns them off
     replicates: int = 64
+    # top-activating contexts per mlp neuron (capture/top_contexts.py): neuron cards; 0 off
+    top_contexts: int = 16
 
     def __post_init__(self) -> None:
         if not FLOAT32_TINY <= self.sketch_min < self.sketch_max <= FLOAT32_MAX:
@@ -49,6 +51,8 @@ class StatsConfig:
             raise NeuronSpecError(
                 f"replicates must be 0 (off) or at least 2, got {self.replicates}"
             )
+        if self.top_contexts < 0:
+            raise NeuronSpecError(f"top_contexts must be 0 (off) or more, got {self.top_contexts}")
         if not 1 <= self.sketch_bins <= 65533:  # bin indices (with the ends) fit in uint16
             raise NeuronSpecError(f"the sketch needs 1..65533 bins, got {self.sketch_bins}")
 

@@ -28,6 +28,9 @@ pair_dense          (bytes,) uint8         order), W fields of pair_dense_bits[r
 pair_key/count      (P,) int32             ... and for the other tokens: sparse, sorted, key =
                                            n·V + token; int64 where W·V >= 2^31
 tri_key/count       (Q,) int64             sparse trigram firings: key = n·V³ + trigram
+top_value           (k, W) float32         the k largest ``mlp`` activations per neuron
+top_index           (k, W) int64           their corpus token index window·T + position
+                                           (:mod:`neuronspec.capture.top_contexts`)
 {site}_wmean_sum    (W,) float64           Σ over windows of the window-mean of ``site``
 {site}_wmean_sumsq  (W,) float64           Σ of its square (METHODS §5; sites ``mlp``, ``dt``)
 ==================  =====================  ==================================================
@@ -46,13 +49,14 @@ import torch
 
 from neuronspec.capture.packed_rows import packed_regions
 from neuronspec.capture.sparse_counts import merge_sparse
+from neuronspec.capture.top_contexts import merge_top
 from neuronspec.errors import NeuronSpecError
 
 # Part of the cache key: bump when an accumulator changes. v5: trigrams ending at window
 # position 2 count; v6: window-mean moments, sparsity sketch; v7: packed (neuron, token)
 # rows, no abs_hist (abs_sketch bins the same |a| finer); v8: Mamba dt window sums from
-# the scan, in float64; v9: Poisson-bootstrap firing replicates.
-STATS_FORMAT = "neuronspec-stats-v9"
+# the scan, in float64; v9: Poisson-bootstrap firing replicates; v10: top-activating contexts.
+STATS_FORMAT = "neuronspec-stats-v10"
 
 LAYER_FIELDS = (
     "fire_by_pos",
@@ -63,6 +67,8 @@ LAYER_FIELDS = (
     "abs_sketch",
     "token_sparsity",
     "fire_replicates",
+    "top_value",
+    "top_index",
 )
 """The per-layer accumulators of fixed shape (:class:`~neuronspec.capture.stats.LayerStats`)."""
 
@@ -81,14 +87,20 @@ def merge_rules(names: list[str]) -> dict[str, str]:
     ``layout``) merges across shards: ``"sum"`` (counts, sums, histograms: the default for
     any new field), ``"max"`` (``act_absmax``), ``"keys"`` / ``"counts"`` (a sparse table
     ``X_key`` / ``X_count``: union of keys, counts summed), ``"packed"`` (the packed rows
-    ``pair_dense``: added field by field, see :func:`packed_regions`) or ``"layout"`` (their
-    tokens, offsets and widths: equal in every shard). In the table-only form the last two
+    ``pair_dense``: added field by field, see :func:`packed_regions`), ``"layout"`` (their
+    tokens, offsets and widths: equal in every shard) or ``"top"`` / ``"top_index"`` (the
+    top-activating contexts: the first k of both shards' candidates, see
+    :func:`~neuronspec.capture.top_contexts.merge_top`). In the table-only form the last two
     are empty. The one place merge semantics live: :func:`NeuronStats.merge` and the
     distributed merge (:mod:`neuronspec.capture.collect`) both follow it."""
     present = set(names)
     rules: dict[str, str] = {}
     for name in names:
-        if name.endswith("pair_dense"):
+        if name.endswith("top_value"):
+            rules[name] = "top"
+        elif name.endswith("top_index"):
+            rules[name] = "top_index"
+        elif name.endswith("pair_dense"):
             rules[name] = "packed"
         elif name.endswith(PACKED_FIELDS):
             rules[name] = "layout"
@@ -106,8 +118,8 @@ def merge_rules(names: list[str]) -> dict[str, str]:
 def merge_tensor_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
     merged: dict[str, torch.Tensor] = {}
     for name, rule in merge_rules(list(a)).items():
-        if rule == "keys":
-            continue  # merged with its counts
+        if rule in ("keys", "top_index"):
+            continue  # merged with its counts / its values
         if rule == "layout":
             if not torch.equal(a[name], b[name]):
                 raise NeuronSpecError("merge statistics in one packed layout, or table_only")
@@ -125,6 +137,10 @@ def merge_tensor_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
             merged[key], merged[name] = keys.to(a[key].dtype), counts.to(a[name].dtype)
         elif rule == "max":
             merged[name] = torch.maximum(a[name], b[name])
+        elif rule == "top":
+            index = name[: -len("top_value")] + "top_index"
+            parts = [(a[name], a[index]), (b[name], b[index])]
+            merged[name], merged[index] = merge_top(parts, a[name].shape[0])
         else:
             merged[name] = a[name] + b[name]
     return merged

@@ -39,12 +39,15 @@ def collect_stats(
     batch_size: int = 16,
     backend: str = "auto",
     token_frequency: torch.Tensor | None = None,
+    window_offset: int = 0,
 ) -> NeuronStats:
     """Stream ``windows`` ``(n, T)`` through the model once and return the statistics.
 
     ``backend``: how each layer is accumulated (:data:`~neuronspec.capture.config.STATS_BACKENDS`).
     ``token_frequency`` ``(V,)``: frequencies that pick the tokens counted densely (e.g.
     corpus-wide ones for a shard); default, counted from ``windows``. Never changes results.
+    ``window_offset``: the corpus index of ``windows[0]`` (a shard's), for the token indices
+    of the top-activating contexts.
     """
     adapter = loaded.adapter
     widths = [adapter.width("mlp")] * adapter.n_layers
@@ -61,6 +64,7 @@ def collect_stats(
         token_frequency,
         backend=backend,
         window_mean_sites=moment_sites,
+        window_offset=window_offset,
     )
     targets = [(site, layer) for layer in range(adapter.n_layers) for site in ("mlp_pre", "mlp")]
     # the mlp window sums come with add_layer; the other moment sites' sums are read apart

@@ -46,6 +46,7 @@ from neuronspec.capture.packed_rows import UnigramCounter, packed_tokens
 from neuronspec.capture.replicates import poisson_weights
 from neuronspec.capture.sketch import add_token_sparsity
 from neuronspec.capture.sparse_counts import SparseCounter
+from neuronspec.capture.top_contexts import batch_top, empty_top, merge_top
 from neuronspec.errors import LayerOutOfRangeError, NeuronSpecError, TooFewTokensError
 
 
@@ -61,6 +62,8 @@ class LayerStats:
     abs_sketch: torch.Tensor
     token_sparsity: torch.Tensor
     fire_replicates: torch.Tensor  # (R, W) float64: firing counts, windows Poisson-weighted
+    top_value: torch.Tensor  # (k, W) float32: largest mlp activations (top_contexts.py)
+    top_index: torch.Tensor  # (k, W) int64: their corpus token index window·T + position
     pairs: UnigramCounter
     trigrams: SparseCounter
 
@@ -75,6 +78,7 @@ class LayerStats:
         native: bool = False,
         token_frequency: torch.Tensor | None = None,
     ) -> LayerStats:
+        top_value, top_index = empty_top(config.top_contexts, width)
         return cls(
             fire_by_pos=torch.zeros(window, width, dtype=torch.int32),
             act_sum=torch.zeros(width, dtype=torch.float64),
@@ -84,6 +88,8 @@ class LayerStats:
             abs_sketch=torch.zeros(config.sketch_bins + 2, dtype=torch.long),
             token_sparsity=torch.zeros(4, dtype=torch.float64),
             fire_replicates=torch.zeros(config.replicates, width, dtype=torch.float64),
+            top_value=top_value,
+            top_index=top_index,
             pairs=UnigramCounter(width, vocab_size, dense_tokens, native, token_frequency),
             trigrams=SparseCounter(),
         )
@@ -119,6 +125,10 @@ class NeuronStats:
     _bos_id: int | None = dataclasses.field(default=None, repr=False, compare=False)
     # (R, B) Poisson weights of the windows add_tokens accounted last (add_layer uses them)
     _weights: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
+    # corpus index of this statistics' first window (a shard's offset): top-context indices
+    window_offset: int = dataclasses.field(default=0, repr=False, compare=False)
+    # corpus token index of the batch add_tokens accounted last
+    _first_token: int = dataclasses.field(default=0, repr=False, compare=False)
     # window-mean moments per (site, layer): delta-sensitive / high-variance neurons
     window_means: dict = dataclasses.field(default_factory=dict)
 
@@ -133,6 +143,7 @@ class NeuronStats:
         *,
         backend: str = "auto",
         window_mean_sites: tuple[str, ...] = (),
+        window_offset: int = 0,
     ):
         """Empty accumulators. ``token_frequency (V,)`` (optional) picks the tokens whose
         unigram counts are kept densely; it changes speed and memory, never the counts.
@@ -165,6 +176,7 @@ class NeuronStats:
             token_replicates=torch.zeros(config.replicates, dtype=torch.float64),
             tri_occurrences=SparseCounter(),
             backend=backend,
+            window_offset=window_offset,
             window_means={
                 (site, layer): WindowMeanMoments.empty(width)
                 for site in window_mean_sites
@@ -213,6 +225,7 @@ class NeuronStats:
                 "one statistics shard holds at most 2^31 tokens (int32 counts); "
                 "collect shards of the corpus separately and merge them"
             )
+        self._first_token = (self.window_offset + self.n_windows) * window
         self.tokens_by_pos += batch
         self._bos_id = bos_id
         if self.config.replicates:
@@ -258,6 +271,12 @@ class NeuronStats:
             keys, valid = trigram_keys(input_ids, counted, self.vocab_size, self._bos_id)
             b, t, n = torch.nonzero(fires & valid[:, :, None], as_tuple=True)
             stats.trigrams.add(n * self.vocab_size**3 + keys[b, t])
+        if self.config.top_contexts:
+            k = self.config.top_contexts
+            batch = batch_top(act, k, self._first_token)
+            stats.top_value, stats.top_index = merge_top(
+                [(stats.top_value, stats.top_index), batch], k
+            )
 
     def _add_layer_torch(self, stats, pre, act, input_ids, counted, wmeans) -> torch.Tensor:
         """Torch form of :meth:`add_layer`; returns the firing pattern ``(B, T, W)`` bool."""
