@@ -343,6 +343,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
 
     spec_session = _session(config)
     results = spec_session.results()
+    spec_session.add_cards(results)
     if hasattr(config, "workeroutput"):  # xdist worker: hand results to the controller
         config.workeroutput["neuronspec_results"] = json.dumps(results)
         return

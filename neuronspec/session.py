@@ -210,6 +210,18 @@ class SpecSession:
             "neurons": sorted(int(n) for n in neurons),
         }
 
+    def add_cards(self, results: dict[str, Any]) -> None:
+        """Neuron cards (:mod:`neuronspec.cards`) of every neuron this process's neuron sets
+        name, for the models whose statistics it holds, into ``results``."""
+        from neuronspec.cards import cards_for_run
+
+        for model_id, entry in results["models"].items():
+            sets = entry["analyses"].get("neuron_sets")
+            if not sets or model_id not in self._stats:
+                continue
+            stats, windows = self._stats[model_id], self._corpora[model_id].analysis
+            entry["cards"] = cards_for_run(model_id, stats, windows, sets)
+
     def results(self) -> dict[str, Any]:
         return {
             "config": {
@@ -232,6 +244,8 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
         for model_id, entry in part.get("models", {}).items():
             target = merged["models"].setdefault(model_id, {"info": {}, "analyses": {}})
             target["info"].update(entry.get("info", {}))
+            if entry.get("cards"):
+                target.setdefault("cards", {}).update(entry["cards"])
             for analysis, layers in entry.get("analyses", {}).items():
                 merged_layers = target["analyses"].setdefault(analysis, {})
                 if analysis == "neuron_sets":  # kinds of one layer may come from several workers

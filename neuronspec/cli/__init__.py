@@ -1,7 +1,8 @@
 """``python -m neuronspec COMMAND ...``: one module per command, each with ``main(argv)``.
 
 Commands: ``collect`` (fill the statistics cache), ``report`` (HTML report of a results
-file), ``diff`` (findings that changed between two results files). The run options of
+file), ``diff`` (findings that changed between two results files), ``card`` (the evidence behind
+one neuron). The run options of
 ``collect`` come from the one options table (:mod:`neuronspec.options`), as the pytest
 plugin's do.
 """
@@ -15,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "collect": "neuronspec.cli.collect",
     "report": "neuronspec.cli.report",
     "diff": "neuronspec.cli.diff",
+    "card": "neuronspec.cli.card",
 }
 
 

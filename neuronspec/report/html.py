@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from neuronspec.report.cards import anchor, cards_section, neuron_sets_table
 from neuronspec.report.headlines import HEADLINES, headlines_of
 from neuronspec.report.results import (
     ResultsFileError,
@@ -166,10 +167,6 @@ def key_numbers(model_id: str, analysis: str, layers: dict[str, Any], tokens: To
     return note + table(header, rows, cls="numbers")
 
 
-def _anchor(*parts: str) -> str:
-    return "-".join("".join(c if c.isalnum() else "_" for c in p) for p in parts)
-
-
 def analysis_section(
     model_id: str,
     analysis: str,
@@ -179,7 +176,7 @@ def analysis_section(
     tokens: TokenText,
 ) -> str:
     parts = [
-        f'<section class="analysis" id="{_anchor(model_id, analysis)}"><h3>{escape(analysis)}</h3>'
+        f'<section class="analysis" id="{anchor(model_id, analysis)}"><h3>{escape(analysis)}</h3>'
     ]
     if headline:
         parts.append(f'<p class="headline">{escape(headline)}</p>')
@@ -236,7 +233,7 @@ def config_section(results: dict[str, Any]) -> str:
         info = entry.get("info", {})
         models.append(
             [
-                f'<a href="#{_anchor(model_id)}">{escape(model_id)}</a>',
+                f'<a href="#{anchor(model_id)}">{escape(model_id)}</a>',
                 escape(str(info.get("model_type", "—"))),
                 _cell(info.get("n_layers"), [model_id, "info", "n_layers"], False, token_text({})),
                 _cell(info.get("n_tokens"), [model_id, "info", "n_tokens"], False, token_text({})),
@@ -365,7 +362,7 @@ def model_section(
     analyses = entry.get("analyses", {})
     known, _ = headlines_of(analyses, tokens)
     lines = {analysis: (label, text) for analysis, label, text in known}
-    parts = [f'<section class="model" id="{_anchor(model_id)}"><h2>{escape(model_id)}</h2>']
+    parts = [f'<section class="model" id="{anchor(model_id)}"><h2>{escape(model_id)}</h2>']
     if known:
         parts.append(
             table(
@@ -376,6 +373,14 @@ def model_section(
         )
     order = [a for a in HEADLINES if a in analyses] + sorted(set(analyses) - set(HEADLINES))
     for analysis in order:
+        if analysis == "neuron_sets":  # every neuron id a link to its card
+            parts.append(
+                f'<section class="analysis" id="{anchor(model_id, analysis)}">'
+                f"<h3>neuron sets</h3>"
+                f"{neuron_sets_table(model_id, analyses[analysis], entry.get('cards') or {})}"
+                "</section>"
+            )
+            continue
         parts.append(
             analysis_section(
                 model_id,
@@ -388,11 +393,14 @@ def model_section(
         )
     if figures.get(None):
         parts.append("<h3>Other figures</h3>" + _figures(figures[None]))
+    parts.append(cards_section(model_id, entry, tokens))
     parts.append("</section>")
     return "".join(parts)
 
 
 _CSS = """
+mark.fire{background:#ffd24d;font-weight:600;padding:0 1px}.context{font-family:ui-monospace,monospace;white-space:pre-wrap}
+section.card{border-top:1px solid #d5d9e0;margin-top:1em}svg.spark rect{fill:#3b6fd8}a.neuron{font-variant-numeric:tabular-nums}
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
 main{max-width:1200px;margin:0 auto;padding:16px 24px 64px}
 h1{margin:8px 0 4px}h2{border-bottom:2px solid #d5dae3;padding-bottom:4px;margin-top:36px}
@@ -427,7 +435,7 @@ def render_html(results: dict[str, Any], figures: list[Path], *, source: str = "
     nav = ['<a href="#config">configuration</a>', '<a href="#specs">specs</a>']
     if "snapshot_drift" in results:
         nav.append('<a href="#drift">snapshot drift</a>')
-    nav += [f'<a href="#{_anchor(m)}">{escape(m)}</a>' for m in sorted(models)]
+    nav += [f'<a href="#{anchor(m)}">{escape(m)}</a>' for m in sorted(models)]
     if assigned.get(ALL_MODELS) or assigned.get(""):
         nav.append('<a href="#comparison">all models</a>')
     summary = []

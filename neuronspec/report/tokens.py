@@ -35,10 +35,13 @@ def decode_tokens(model_id: str, ids: set[int]) -> dict[str, str]:
 
 
 def record_tokens(results: dict[str, Any]) -> None:
-    """Add ``tokens`` (id → text of every token id in its findings) to each model's entry."""
+    """Add ``tokens`` (id → text of every token id in its findings and neuron cards) to each
+    model's entry."""
     for model_id, entry in results.get("models", {}).items():
         ids: set[int] = set()
         for layers in entry.get("analyses", {}).values():  # names of analyses, layers: not fields
             for finding in layers.values():
                 ids |= token_ids_in(finding)
+        for card in entry.get("cards", {}).values():
+            ids |= token_ids_in(card)
         entry["tokens"] = decode_tokens(model_id, ids)
