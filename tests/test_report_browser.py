@@ -112,6 +112,10 @@ PAGE_STATE = """JSON.stringify({
   cells: Array.from(document.querySelectorAll('[data-path]')).map(e => ({path: JSON.parse(e.dataset.path), value: JSON.parse(e.dataset.value), layers: JSON.parse(e.dataset.layers || 'null'), text: e.textContent})),
   tokens: Array.from(document.querySelectorAll('[data-token]')).map(e => ({id: e.dataset.token, text: e.textContent})),
   text: document.body.innerText,
+  links: Array.from(document.querySelectorAll('a[href^="#"]')).map(a => ({href: a.getAttribute('href').slice(1), resolves: document.getElementById(a.getAttribute('href').slice(1)) !== null})),
+  neuronLinks: document.querySelectorAll('a.neuron').length,
+  cards: document.querySelectorAll('section.card').length,
+  highlighted: document.querySelectorAll('section.card mark.fire').length,
 })"""
 
 
@@ -174,6 +178,16 @@ def test_report_renders_in_chromium_with_the_runs_numbers(spec_run, tmp_path):
 
         (out / "report" / "report.png").write_bytes(base64.b64decode(shot["data"]))
         shutil.copy(out / "report" / "report.png", tmp_path / "report.png")
+        first_card = next(
+            link["href"] for link in state["links"] if link["href"].startswith("card-")
+        )
+        browser.send(
+            "Runtime.evaluate",
+            {"expression": f"document.getElementById('{first_card}').scrollIntoView()"},
+            session=session,
+        )
+        shot = browser.send("Page.captureScreenshot", {"format": "png"}, session=session)
+        (out / "report" / "card.png").write_bytes(base64.b64decode(shot["data"]))
         errors = errors_in(browser.events)
     finally:
         browser.close()
@@ -185,6 +199,11 @@ def test_report_renders_in_chromium_with_the_runs_numbers(spec_run, tmp_path):
         "images"
     ]
     assert errors == []
+    # every in-page link resolves; neuron ids of the neuron sets link to their cards
+    assert state["links"] and all(link["resolves"] for link in state["links"]), state["links"]
+    n_cards = sum(len(entry.get("cards", {})) for entry in results["models"].values())
+    assert state["cards"] == n_cards > 0 and state["neuronLinks"] >= n_cards
+    assert state["highlighted"] > 0  # top contexts with the activating token marked
     # every analysis of the run has a headline that reads its findings
     assert "(no headline" not in state["text"]
     # the tables hold the results' numbers: every tagged cell, and the key numbers of each layer
