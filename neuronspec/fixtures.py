@@ -427,12 +427,12 @@ def _knowledge_facts(config, model_id: str):
 
 @pytest.fixture(scope="session")
 def knowledge_neurons(neuronspec_session, model_id, loaded_model):
-    """METHODS §8: ``(KnowledgeNeuronsFinding, [KnowledgeOverlapFinding per layer...,
-    overall])``, recorded under ``knowledge_neurons`` and ``knowledge_overlap``; refined sets
+    """METHODS §8: a :class:`~neuronspec.analyses.knowledge.KnowledgeResult`
+    ``(KnowledgeNeuronsFinding, [KnowledgeOverlapFinding per layer..., overall])``, recorded under ``knowledge_neurons`` and ``knowledge_overlap``; refined sets
     join the neuron-type overlap as ``knowledge`` (union over facts, per layer)."""
     from neuronspec.analyses.knowledge import knowledge_neurons as analyse
 
-    summary, overlaps = analyse(
+    result = analyse(
         loaded_model.model,
         loaded_model.adapter,
         loaded_model.tokenizer,
@@ -440,13 +440,14 @@ def knowledge_neurons(neuronspec_session, model_id, loaded_model):
         steps=neuronspec_session.config.ig_steps,
         top_k=neuronspec_session.config.top_k,
     )
+    summary, overlaps = result
     neuronspec_session.record(model_id, "knowledge_neurons", summary)
     for overlap in overlaps:
         neuronspec_session.record(model_id, "knowledge_overlap", overlap, layer=overlap.layer)
     for j, layer in enumerate(summary.facts[0].layers):
         union = set().union(*(set(f.refined[j]) for f in summary.facts))
         neuronspec_session.record_neuron_set(model_id, "knowledge", layer, union)
-    return summary, overlaps
+    return result
 
 
 # -- efficiency and comparison (METHODS §11) -------------------------------------------------------

@@ -60,19 +60,7 @@ def test_attention_neuron_summaries_snapshot(
     model_id, default_selection, hidden_attention, findings_snapshot
 ):
     """Per (method, layer): neurons analysed, top neurons, diversity, must not drift."""
-    summary = [
-        {
-            "method": f.method,
-            "layer": f.layer,
-            "n_neurons": f.n_neurons,
-            "top_neurons": list(f.top_neurons[:5]),
-            "top_importances": list(f.top_importances[:5]),
-            "diversity": f.diversity,
-            "mean_activation": f.mean_activation,
-        }
-        for f in hidden_attention.neuron_findings
-    ]
-    assert summary == findings_snapshot
+    assert hidden_attention.snapshot_view() == findings_snapshot
 
 
 def test_attention_figures(model_id, hidden_attention, loaded_model, plots_dir):

@@ -9,19 +9,7 @@ pytestmark = pytest.mark.delta
 
 def test_delta_sensitive_snapshot(model_id, default_selection, delta_sensitive, findings_snapshot):
     """The top channels by variance across texts and by token-substitution perturbation."""
-    summary = [
-        {
-            "layer": f.layer,
-            "site": f.site,
-            "kind": f.kind,
-            "top_by_variance": list(f.top_by_variance),
-            "top_variance": list(f.top_variance),
-            "top_by_perturbation": list(f.top_by_perturbation),
-            "top_perturbation": list(f.top_perturbation),
-        }
-        for f in delta_sensitive.findings
-    ]
-    assert summary == findings_snapshot
+    assert [f.snapshot_view() for f in delta_sensitive.findings] == findings_snapshot
 
 
 def test_text_variance_and_substitution_sensitivity_agree(model_id, delta_sensitive):

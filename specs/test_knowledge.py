@@ -21,23 +21,7 @@ def test_knowledge_neurons_snapshot(
     model_id, default_selection, knowledge_neurons, findings_snapshot
 ):
     """Refined-set sizes per fact and layer, the intervention means and the overlaps must not drift."""
-    summary, overlaps = knowledge_neurons
-    finding = {
-        "refined_sizes": {f.name: [len(r) for r in f.refined] for f in summary.facts},
-        "means": {
-            "n_with_refined": summary.n_with_refined,
-            "suppress": summary.mean_suppress_change,
-            "control_suppress": summary.mean_control_suppress_change,
-            "enhance": summary.mean_enhance_change,
-            "control_enhance": summary.mean_control_enhance_change,
-            "suppress_difference": [summary.suppress_difference, summary.suppress_difference_se],
-            "suppress_p_value": summary.suppress_p_value,
-            "enhance_difference": [summary.enhance_difference, summary.enhance_difference_se],
-            "enhance_p_value": summary.enhance_p_value,
-        },
-        "overlap": [o.to_json() for o in overlaps],
-    }
-    assert finding == findings_snapshot
+    assert knowledge_neurons.snapshot_view() == findings_snapshot
 
 
 def test_suppressing_refined_neurons_lowers_gold_probability_more_than_for_unrelated_facts(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from neuronspec.snapshot import stable_ranking
-
 pytestmark = pytest.mark.positional
 
 
@@ -13,15 +11,7 @@ def test_positional_neurons_snapshot(model_id, positional, findings_snapshot):
     """Number of positional neurons per layer and the strongest ones must not drift: the top
     5 mutual informations, with the neurons' ids where their rank is not within tolerance of
     a neighbour's (:func:`~neuronspec.snapshot.stable_ranking`)."""
-    layers = [
-        {
-            "layer": f.layer,
-            "n_positional": f.n_positional,
-            "top": stable_ranking(f.top_neurons, f.top_mutual_information, 5),
-        }
-        for f in positional
-    ]
-    assert layers == findings_snapshot
+    assert positional.snapshot_view() == findings_snapshot
 
 
 def test_positional_neurons_concentrate_in_first_layer_with_learned_positions(

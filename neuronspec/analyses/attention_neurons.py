@@ -98,6 +98,23 @@ class AttentionRun:
     neuron_findings: list[AttentionNeuronFinding] = field(default_factory=list)
     scores: dict[tuple[str, int], LayerScores] = field(default_factory=dict)
     mean_attention: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (L, L), prompt 0
+
+    def snapshot_view(self) -> list[dict]:
+        """Per (method, layer): neurons analysed, the top 5 neurons and importances,
+        diversity and mean activation."""
+        return [
+            {
+                "method": f.method,
+                "layer": f.layer,
+                "n_neurons": f.n_neurons,
+                "top_neurons": list(f.top_neurons[:5]),
+                "top_importances": list(f.top_importances[:5]),
+                "diversity": f.diversity,
+                "mean_activation": f.mean_activation,
+            }
+            for f in self.neuron_findings
+        ]
+
     relevance: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (P, L)
     fact_relevance: list[FactRelevanceFinding] = field(default_factory=list)  # filled by callers
 

@@ -202,6 +202,18 @@ class DeltaSensitiveFinding(Finding):
     top_overlap: int  # channels in both top lists
     rank_correlation: float  # Spearman ρ of the two scores over all channels
 
+    def snapshot_view(self) -> dict:
+        """The top channels by variance across texts and by token-substitution perturbation."""
+        return {
+            "layer": self.layer,
+            "site": self.site,
+            "kind": self.kind,
+            "top_by_variance": list(self.top_by_variance),
+            "top_variance": list(self.top_variance),
+            "top_by_perturbation": list(self.top_by_perturbation),
+            "top_perturbation": list(self.top_perturbation),
+        }
+
 
 def delta_sensitive_layer(
     stats: NeuronStats,

@@ -35,6 +35,7 @@ import math
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -268,6 +269,37 @@ def _control_indices(facts: Sequence[KnowledgeFact], i: int, n_controls: int) ->
     return [j for j in order if facts[j].relation != facts[i].relation][:n_controls]
 
 
+class KnowledgeResult(NamedTuple):
+    """What :func:`knowledge_neurons` returns: the summary over facts and the overlaps
+    (unpacks as ``summary, overlaps``)."""
+
+    summary: KnowledgeNeuronsFinding
+    overlaps: list[KnowledgeOverlapFinding]
+
+    def snapshot_view(self) -> dict:
+        """Refined-set sizes per fact and layer, the intervention means, the paired
+        differences with their SEs (``x`` beside ``x_se``: judged against noise) and the
+        overlaps."""
+        summary = self.summary
+        return {
+            "refined_sizes": {f.name: [len(r) for r in f.refined] for f in summary.facts},
+            "means": {
+                "n_with_refined": summary.n_with_refined,
+                "suppress": summary.mean_suppress_change,
+                "control_suppress": summary.mean_control_suppress_change,
+                "enhance": summary.mean_enhance_change,
+                "control_enhance": summary.mean_control_enhance_change,
+                "suppress_difference": summary.suppress_difference,
+                "suppress_difference_se": summary.suppress_difference_se,
+                "suppress_p_value": summary.suppress_p_value,
+                "enhance_difference": summary.enhance_difference,
+                "enhance_difference_se": summary.enhance_difference_se,
+                "enhance_p_value": summary.enhance_p_value,
+            },
+            "overlap": [o.to_json() for o in self.overlaps],
+        }
+
+
 def knowledge_neurons(
     model: torch.nn.Module,
     adapter: SiteAdapter,
@@ -281,7 +313,7 @@ def knowledge_neurons(
     top_k: int = default("top_k"),
     max_rows: int = DEFAULT_MAX_ROWS,
     site: str = "mlp",
-) -> tuple[KnowledgeNeuronsFinding, list[KnowledgeOverlapFinding]]:
+) -> KnowledgeResult:
     """Refined sets, suppress/enhance with controls, and overlap for ``facts`` (every layer)."""
     if not facts:
         raise FactsError("no facts to analyse")
@@ -352,7 +384,7 @@ def knowledge_neurons(
                 min_share=min_share,
             )
         )
-    return summarise(findings), knowledge_overlap(findings)
+    return KnowledgeResult(summarise(findings), knowledge_overlap(findings))
 
 
 def summarise(findings: Sequence[KnowledgeFactFinding]) -> KnowledgeNeuronsFinding:

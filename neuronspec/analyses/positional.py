@@ -154,6 +154,18 @@ class PositionalLayerFinding(Finding):
     def relative_depth(self) -> float:
         return relative_depth(self.layer, self.n_layers)
 
+    def snapshot_view(self) -> dict:
+        """The number of positional neurons and the top 5 mutual informations, with the
+        neurons' ids where their rank is not within tolerance of a neighbour's
+        (:func:`~neuronspec.snapshot.stable_ranking`)."""
+        from neuronspec.snapshot import stable_ranking
+
+        return {
+            "layer": self.layer,
+            "n_positional": self.n_positional,
+            "top": stable_ranking(self.top_neurons, self.top_mutual_information, 5),
+        }
+
 
 def analyse_positional_layer(
     *,
