@@ -7,7 +7,9 @@ fr_n(p) = firings at p / windows (Voita et al. Fig. 5's curve), the tokens that 
 of its firings (count, share of its firings, and the share of the token's occurrences it
 fires on; counted positions as in METHODS §3), its top-activating contexts (the streamed
 top k of :mod:`neuronspec.capture.top_contexts`, each with :data:`BEFORE` tokens of
-context before and :data:`AFTER` after), and the neuron sets of the run that name it.
+context before and :data:`AFTER` after), and the neuron sets of the run that name it with
+each finding's own numbers for it (the ``evidence`` of ``SpecSession.record_neuron_set``:
+KL impact, IG attribution, Δ variance, ...).
 Token ids stay ids (``token``, ``context_tokens``); the report shows their text.
 """
 
@@ -43,6 +45,7 @@ class NeuronCard(Finding):
     token_coverage: list[dict[str, Any]]  # token, count, share_of_firings, share_of_occurrences
     contexts: list[dict[str, Any]]  # value, window, position, context_tokens, at
     named_by: list[str]  # neuron sets of the run naming it (dead, positional, causal, ...)
+    evidence: dict[str, dict[str, Any]]  # set -> that finding's numbers for this neuron
 
 
 def _top_tokens(stats: NeuronStats, table, neuron: int, fires: int) -> list[dict[str, Any]]:
@@ -97,6 +100,7 @@ def neuron_card(
     neuron: int,
     *,
     named_by: list[str] = (),
+    evidence: dict[str, dict[str, Any]] | None = None,
     table: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> NeuronCard:
     """The card of ``mlp`` neuron ``neuron`` of ``layer`` (``windows``: the analysis windows
@@ -135,6 +139,7 @@ def neuron_card(
         token_coverage=_top_tokens(stats, table, neuron, fires),
         contexts=_contexts(stats, windows, layer, neuron) if stats.config.top_contexts else [],
         named_by=sorted(named_by),
+        evidence=dict(sorted((evidence or {}).items())),
     )
 
 
@@ -143,16 +148,19 @@ def card_key(layer: int | str, neuron: int | str) -> str:
     return f"{layer}:{neuron}"
 
 
-def named_neurons(neuron_sets: dict[str, Any]) -> dict[tuple[int, int], list[str]]:
-    """``{(layer, neuron): kinds}`` of the run's neuron sets (results ``neuron_sets``), at
-    most :data:`MAX_CARDS_PER_SET` per (layer, kind), ``mlp`` site only."""
-    named: dict[tuple[int, int], list[str]] = {}
+def named_neurons(neuron_sets: dict[str, Any]) -> dict[tuple[int, int], dict[str, dict]]:
+    """``{(layer, neuron): {kind: evidence}}`` of the run's neuron sets (results
+    ``neuron_sets``; evidence ``{}`` where the set recorded none), at most
+    :data:`MAX_CARDS_PER_SET` per (layer, kind), ``mlp`` site only."""
+    named: dict[tuple[int, int], dict[str, dict]] = {}
     for layer, kinds in neuron_sets.items():
         for kind, entry in kinds.items():
             if entry.get("site", "mlp") != "mlp":
                 continue
+            evidence = entry.get("evidence", {})
             for neuron in entry["neurons"][:MAX_CARDS_PER_SET]:
-                named.setdefault((int(layer), int(neuron)), []).append(kind)
+                numbers = evidence.get(str(neuron), {})
+                named.setdefault((int(layer), int(neuron)), {})[kind] = numbers
     return named
 
 
@@ -166,7 +174,14 @@ def cards_for_run(
         if layer not in tables:
             tables = {layer: stats.unigram_table(layer) if stats.config.unigrams else None}
         card = neuron_card(
-            model_id, stats, windows, layer, neuron, named_by=kinds, table=tables[layer]
+            model_id,
+            stats,
+            windows,
+            layer,
+            neuron,
+            named_by=list(kinds),
+            evidence={kind: numbers for kind, numbers in kinds.items() if numbers},
+            table=tables[layer],
         )
         cards[card_key(layer, neuron)] = card.to_json()
     return cards

@@ -111,11 +111,19 @@ def ngram(neuronspec_session, model_id, neuron_stats) -> LayerFindings:
     )
     for finding in findings:
         neuronspec_session.record_neuron_set(
-            model_id, "token_detecting", finding.layer, finding.detector_tokens
+            model_id,
+            "token_detecting",
+            finding.layer,
+            finding.detector_tokens,
+            evidence={n: {"detected_tokens": t} for n, t in finding.detector_tokens.items()},
         )
         if finding.detector_trigrams is not None:  # --trigrams
             neuronspec_session.record_neuron_set(
-                model_id, "trigram_detecting", finding.layer, finding.detector_trigrams
+                model_id,
+                "trigram_detecting",
+                finding.layer,
+                finding.detector_trigrams,
+                evidence={n: {"trigram_keys": t} for n, t in finding.detector_trigrams.items()},
             )
     return _record_layers(neuronspec_session, model_id, "ngram", findings)
 
@@ -130,8 +138,18 @@ def positional(neuronspec_session, model_id, neuron_stats) -> LayerFindings:
         for layer in range(neuron_stats.n_layers)
     ]
     for finding in findings:
+        numbers = {"mutual_information": finding.mutual_information}
+        if finding.mean_abs_pearson is not None:
+            numbers["mean_abs_pearson"] = finding.mean_abs_pearson
         neuronspec_session.record_neuron_set(
-            model_id, "positional", finding.layer, finding.positional_neurons
+            model_id,
+            "positional",
+            finding.layer,
+            finding.positional_neurons,
+            evidence={
+                n: {name: values[i] for name, values in numbers.items()}
+                for i, n in enumerate(finding.positional_neurons)
+            },
         )
     return _record_layers(neuronspec_session, model_id, "positional", findings)
 
@@ -220,6 +238,7 @@ def delta_sensitive(
         seed=DEFAULT_SEED,
         vocab_size=min(corpus.vocab_size, int(loaded_model.model.config.vocab_size)),
     )
+    variance = {layer: variance_scores(neuron_stats, layer, sets.site) for layer in layers}
     findings = []
     for layer in layers:
         finding = delta_sensitive_layer(
@@ -235,13 +254,20 @@ def delta_sensitive(
         findings.append(finding)
         neuronspec_session.record(model_id, "delta_sensitive", finding, layer=layer)
         neuronspec_session.record_neuron_set(
-            model_id, sets.kind, layer, sets.by_layer[layer], site=sets.site
+            model_id,
+            sets.kind,
+            layer,
+            sets.by_layer[layer],
+            site=sets.site,
+            evidence={
+                n: {
+                    "variance_score": float(variance[layer][n]),
+                    "perturbation_score": float(perturbation[layer][n]),
+                }
+                for n in sets.by_layer[layer]
+            },
         )
-    return DeltaSensitiveRun(
-        LayerFindings("delta_sensitive", findings),
-        {layer: variance_scores(neuron_stats, layer, sets.site) for layer in layers},
-        perturbation,
-    )
+    return DeltaSensitiveRun(LayerFindings("delta_sensitive", findings), variance, perturbation)
 
 
 @pytest.fixture(scope="session")
@@ -287,8 +313,15 @@ def hidden_attention(neuronspec_session, model_id, loaded_model, corpus):
         if per_method:
             record(model_id, "attention_neurons", per_method, layer=layer)
             first = next(f for f in run.neuron_findings if f.layer == layer)
+            importance: dict[int, dict[str, float]] = {n: {} for n in first.top_neurons}
+            for f in run.neuron_findings:  # every method's importance of the first's top set
+                if f.layer == layer:
+                    for n in first.top_neurons:
+                        importance[n][f"{f.method}_importance"] = float(
+                            run.scores[f.method, layer].importance[n]
+                        )
             neuronspec_session.record_neuron_set(
-                model_id, "attention", layer, first.top_neurons, site="mlp"
+                model_id, "attention", layer, first.top_neurons, site="mlp", evidence=importance
             )
     return run
 
@@ -387,7 +420,13 @@ def causal(neuronspec_session, model_id, loaded_model, corpus, neuron_stats):
     )
     neuronspec_session.record(model_id, "causal", finding)
     for layer in finding.layers:
-        neuronspec_session.record_neuron_set(model_id, "causal", layer.layer, layer.causal_neurons)
+        neuronspec_session.record_neuron_set(
+            model_id,
+            "causal",
+            layer.layer,
+            layer.causal_neurons,
+            evidence=layer.evidence(),
+        )
     return finding
 
 
@@ -409,7 +448,12 @@ def causal_delta_sensitive(
     neuronspec_session.record(model_id, "causal_delta_sensitive", finding)
     for layer in finding.layers:  # joins the neuron-type overlap, within its site
         neuronspec_session.record_neuron_set(
-            model_id, "causal_delta_sensitive", layer.layer, layer.causal_neurons, site=finding.site
+            model_id,
+            "causal_delta_sensitive",
+            layer.layer,
+            layer.causal_neurons,
+            site=finding.site,
+            evidence=layer.evidence(),
         )
     return finding
 
@@ -446,7 +490,9 @@ def knowledge_neurons(neuronspec_session, model_id, loaded_model):
         neuronspec_session.record(model_id, "knowledge_overlap", overlap, layer=overlap.layer)
     for j, layer in enumerate(summary.facts[0].layers):
         union = set().union(*(set(f.refined[j]) for f in summary.facts))
-        neuronspec_session.record_neuron_set(model_id, "knowledge", layer, union)
+        neuronspec_session.record_neuron_set(
+            model_id, "knowledge", layer, union, evidence=summary.evidence(j)
+        )
     return result
 
 

@@ -25,6 +25,9 @@ inhibition as relevance), the signed mean (METHODS §7 as written; undefined whe
 mass is negative)."""
 ATTENTION_METHODS = ("attention_weighted", "gradient_guided", "rollout")
 KNOWLEDGE_TEMPLATES = ("train", "heldout", "all")
+REPORT_TOP_CONTEXTS = 16
+"""Top-activating contexts kept per mlp neuron when ``--top-contexts`` is not given and the run
+writes a report or a card (the cards show them); other runs keep none."""
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -192,6 +195,17 @@ OPTIONS: tuple[Option, ...] = (
         "§3",
         "stats.trigrams",
         bool,
+    ),
+    Option(
+        "--top-contexts",
+        None,
+        "top-activating contexts kept per mlp neuron for the neuron cards; 0: none (none: "
+        f"{REPORT_TOP_CONTEXTS} when the run writes a report or a card, else 0)",
+        "§13",
+        "stats.top_contexts",
+        int,
+        valid=lambda n: n >= 0,
+        requirement="at least 0",
     ),
     Option(
         "--top-k",

@@ -73,7 +73,9 @@ def run_config(config: pytest.Config) -> RunConfig:
     from neuronspec.session import RunConfig
 
     try:
-        run = RunConfig.from_options(config.option)
+        run = RunConfig.from_options(
+            config.option, for_report=config.option.neuronspec_report is not None
+        )
         run.check_models()
     except NeuronSpecError as error:
         raise pytest.UsageError(str(error)) from None

@@ -32,7 +32,7 @@ from neuronspec.models.registry import (
     pick_dtype,
     resolve,
 )
-from neuronspec.options import default, field_values
+from neuronspec.options import REPORT_TOP_CONTEXTS, default, field_values
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,17 @@ class RunConfig:
     knowledge_templates: str = default("knowledge_templates")
 
     @classmethod
-    def from_options(cls, values: Mapping[str, Any] | Any) -> RunConfig:
+    def from_options(
+        cls, values: Mapping[str, Any] | Any, *, for_report: bool = False
+    ) -> RunConfig:
         """The run parsed options describe (pytest's ``config.option`` or an argparse
         namespace, keyed by the options' ``dest``). Raises :class:`NeuronSpecError` naming an
-        option whose value is out of range."""
+        option whose value is out of range. ``for_report``: the run writes a report or a card,
+        so ``--top-contexts`` not given means :data:`~neuronspec.options.REPORT_TOP_CONTEXTS`
+        (else 0)."""
         given = field_values(values if isinstance(values, Mapping) else vars(values))
+        if given["stats.top_contexts"] is None:
+            given["stats.top_contexts"] = REPORT_TOP_CONTEXTS if for_report else 0
         nested: dict[str, dict[str, Any]] = {"corpus": {}, "stats": {}}
         top: dict[str, Any] = {}
         for name, value in given.items():
@@ -196,19 +202,31 @@ class SpecSession:
         )
 
     def record_neuron_set(
-        self, model_id: str, kind: str, layer: int, neurons: Any, *, site: str = "mlp"
+        self,
+        model_id: str,
+        kind: str,
+        layer: int,
+        neurons: Any,
+        *,
+        site: str = "mlp",
+        evidence: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> None:
         """Record the neurons of one type that an analysis found in a layer (e.g. ``dead``,
-        ``positional``, ``delta_sensitive``, ``knowledge``), for the neuron-type overlap.
+        ``positional``, ``delta_sensitive``, ``knowledge``), for the neuron-type overlap and
+        the neuron cards.
 
         Stored in the results under the analysis ``neuron_sets``: ``{layer: {kind: {"site":
-        site, "neurons": sorted ids}}}``. Any analysis joins the overlap by calling this.
+        site, "neurons": sorted ids, "evidence": {id: {number name: value}}}}}``. ``evidence``
+        holds the finding's own numbers for a neuron (its KL impact, IG attribution, Δ
+        variance, ...), shown on its card. Any analysis joins the overlap by calling this.
         """
         layers = self.findings.setdefault(model_id, {}).setdefault("neuron_sets", {})
-        layers.setdefault(str(layer), {})[kind] = {
-            "site": site,
-            "neurons": sorted(int(n) for n in neurons),
-        }
+        entry: dict[str, Any] = {"site": site, "neurons": sorted(int(n) for n in neurons)}
+        if evidence:
+            entry["evidence"] = {
+                str(int(n)): to_plain(dict(numbers)) for n, numbers in sorted(evidence.items())
+            }
+        layers.setdefault(str(layer), {})[kind] = entry
 
     def add_cards(self, results: dict[str, Any]) -> None:
         """Neuron cards (:mod:`neuronspec.cards`) of every neuron this process's neuron sets

@@ -23,7 +23,7 @@ def planted():
     """Neuron 1 fires (and is active) exactly on token 7; neurons 0 and 2 are noise."""
     generator = torch.Generator().manual_seed(5)
     windows = torch.randint(1, VOCAB, (WINDOWS, LENGTH), generator=generator)
-    stats = NeuronStats.empty([3], LENGTH, VOCAB, StatsConfig(), backend="torch")
+    stats = NeuronStats.empty([3], LENGTH, VOCAB, StatsConfig(top_contexts=16), backend="torch")
     for start in range(0, WINDOWS, 8):
         ids = windows[start : start + 8]
         act = torch.rand(8, LENGTH, 3, generator=generator)
@@ -92,3 +92,68 @@ def test_the_report_links_neuron_ids_to_cards_and_cards_back_to_findings(planted
     assert card_links and all(link in anchors for link in links)
     assert 'href="#planted-ngram"' in page  # the card links back to the finding naming it
     assert page.count('<mark class="fire">t7</mark>') == stats.config.top_contexts
+
+
+def test_neuron_ids_in_finding_tables_link_to_cards_of_their_layer_and_site(planted):
+    """Per-layer tables, records with their own ``layer`` (causal candidates) and the
+    card's evidence: an mlp neuron id with a card is a link; a ``dt`` channel id, an id
+    without a card and a count (``n_neurons``) are not."""
+    stats, windows = planted
+    sets = {
+        "0": {
+            "causal": {
+                "site": "mlp",
+                "neurons": [1],
+                "evidence": {"1": {"kl": 0.25, "p_value": 0.01}},
+            },
+            "token_detecting": {
+                "site": "mlp",
+                "neurons": [1],
+                "evidence": {"1": {"detected_tokens": [DETECTED]}},
+            },
+        }
+    }
+    cards = cards_for_run("planted", stats, windows, sets)
+    assert cards["0:1"]["evidence"] == {
+        "causal": {"kl": 0.25, "p_value": 0.01},
+        "token_detecting": {"detected_tokens": [DETECTED]},
+    }
+    link = 'href="#card-planted-L0-N1"'
+    causal = {
+        "site": "mlp",
+        "layers": [
+            {
+                "layer": 0,
+                "candidates": [{"layer": 0, "neuron": 1, "kl": 0.25}, {"layer": 0, "neuron": 2}],
+                "causal_neurons": [1],
+            }
+        ],
+    }
+    delta = {"layer": 0, "site": "dt", "top_by_variance": [1, 2], "top_variance": [3.0, 2.0]}
+    results = {
+        "models": {
+            "planted": {
+                "analyses": {
+                    "neuron_sets": sets,
+                    "causal": {"all": causal},
+                    "delta_sensitive": {"0": delta},
+                    "positional": {"0": {"layer": 0, "n_neurons": 1, "top_neurons": [2, 1]}},
+                },
+                "cards": cards,
+                "tokens": {str(i): f"t{i}" for i in range(VOCAB)},
+            }
+        }
+    }
+
+    def section(name: str) -> str:
+        page = render_html(results, [])
+        start = page.index(f'id="planted-{name}"')
+        return page[start : page.index("</section>", start)]
+
+    assert link in section("causal")  # the candidates' and the causal set's neuron 1
+    assert section("causal").count('class="neuron"') == 2  # neuron 2 has no card
+    assert link in section("positional")
+    assert link not in section("delta_sensitive")  # dt channel 1 is not mlp neuron 1
+    card = section("cards")
+    assert "kl = 0.25" in card and "p_value = 0.01" in card
+    assert f'data-token="{DETECTED}" title="token id {DETECTED}">' in card  # shown as text

@@ -23,7 +23,7 @@ from neuronspec.session import SpecSession
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = "tiny-gpt2,tiny-mamba"
-OPTIONS = ["--models", MODELS, "--text-limit", "100", "--batch-size", "4"]
+OPTIONS = ["--models", MODELS, "--text-limit", "100", "--batch-size", "4", "--top-contexts", "4"]
 
 SENTINEL = """
 import torch

@@ -12,7 +12,7 @@ from neuronspec import plugin
 from neuronspec.cli.collect import parse_run_config
 from neuronspec.cli.collect import parser as collect_parser
 from neuronspec.errors import NeuronSpecError
-from neuronspec.options import BY_FIELD, OPTIONS, markdown_table
+from neuronspec.options import BY_FIELD, OPTIONS, REPORT_TOP_CONTEXTS, markdown_table
 from neuronspec.session import RunConfig
 
 pytest_plugins = ["pytester"]
@@ -33,6 +33,7 @@ NON_DEFAULT = {  # a valid value other than the default, for every option of the
     "--keep-malloc-heap": None,
     "--layers": "1,0",
     "--trigrams": None,
+    "--top-contexts": "5",
     "--top-k": "4",
     "--attention-methods": "rollout,gradient_guided",
     "--attention-aggregate": "abs",
@@ -85,6 +86,23 @@ def test_collect_honours_every_option_of_the_plugin(pytester):
 
 def test_defaults_are_the_tables():
     assert RunConfig.from_options(vars(collect_parser().parse_args([]))) == RunConfig()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "for_report", "kept"),
+    [([], False, 0), ([], True, REPORT_TOP_CONTEXTS), (["--top-contexts=0"], True, 0)],
+)
+def test_top_contexts_are_kept_for_a_report_unless_told(arguments, for_report, kept):
+    """Off by default (they cost over 5% of the pass); a report or card run keeps them."""
+    values = vars(collect_parser().parse_args(arguments))
+    assert RunConfig.from_options(values, for_report=for_report).stats.top_contexts == kept
+
+
+def test_a_report_run_of_the_plugin_keeps_top_contexts(pytester):
+    pytester.makepyprojecttoml('[tool.pytest.ini_options]\nneuronspec = "true"\n')
+    plain = plugin.run_config(pytester.parseconfig())
+    reporting = plugin.run_config(pytester.parseconfig("--neuronspec-report=out"))
+    assert (plain.stats.top_contexts, reporting.stats.top_contexts) == (0, REPORT_TOP_CONTEXTS)
 
 
 @pytest.mark.parametrize(

@@ -98,6 +98,16 @@ class CausalLayerFinding(Finding):
     def strongest(self) -> CausalNeuron:
         return self.candidates[0]
 
+    def evidence(self) -> dict[int, dict[str, float | None]]:
+        """Per causal neuron: its KL impact (nats), its p-value among the layer's random
+        controls and its intervention size (the numbers a neuron card shows)."""
+        causal = set(self.causal_neurons)
+        return {
+            c.neuron: {"kl": c.kl, "p_value": c.p_value, "intervention_size": c.intervention_size}
+            for c in self.candidates
+            if c.neuron in causal
+        }
+
 
 @dataclass(frozen=True)
 class CausalFinding(Finding):

@@ -35,7 +35,7 @@ import math
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -130,6 +130,26 @@ class KnowledgeNeuronsFinding(Finding):
         return normal_interval(
             self.enhance_difference, self.enhance_difference_se, level, UNCERTAINTY
         )
+
+    def evidence(self, j: int) -> dict[int, dict[str, Any]]:
+        """Per neuron of the union of refined sets at layer index ``j``: the facts whose
+        refined set holds it and its largest IG attribution among those facts' top neurons
+        (the numbers a neuron card shows)."""
+        union = sorted(set().union(*(set(f.refined[j]) for f in self.facts)))
+        evidence: dict[int, dict[str, Any]] = {}
+        for n in union:
+            facts = [f for f in self.facts if n in f.refined[j]]
+            attributions = [
+                a
+                for f in facts
+                for top, a in zip(f.top_neurons[j], f.top_attributions[j], strict=True)
+                if top == n
+            ]
+            evidence[n] = {
+                "facts": [f"{f.subject} {f.relation} {f.object}" for f in facts],
+                "max_ig_attribution": max(attributions) if attributions else None,
+            }
+        return evidence
 
 
 UNCERTAINTY = "paired over facts: normal interval mean ± z·s/√n; sign-flip permutation p-value"

@@ -38,6 +38,7 @@ from neuronspec.capture.stats import NeuronStats
 from neuronspec.models.adapters import adapter_for
 from neuronspec.models.registry import LoadedModel
 from neuronspec.models.scan import use_fast_scan
+from neuronspec.options import REPORT_TOP_CONTEXTS
 
 
 def _zipf_weights(vocab: int) -> torch.Tensor:
@@ -125,8 +126,8 @@ def run(quick: bool = False) -> list[dict]:
                 "stats, no replicates": functools.partial(
                     stats_pass_with, StatsConfig(replicates=0), short
                 ),
-                "stats, no top contexts": functools.partial(
-                    stats_pass_with, StatsConfig(top_contexts=0), short
+                "stats, top contexts": functools.partial(
+                    stats_pass_with, StatsConfig(top_contexts=REPORT_TOP_CONTEXTS), short
                 ),
                 "layers": functools.partial(layers_forward, short),
                 "tables": read_tables,
@@ -157,11 +158,10 @@ def run(quick: bool = False) -> list[dict]:
             _row(f"{name}: statistics pass with the 64 replicates, whole, {tokens}", t["stats"],
                  f"{name}: statistics pass without bootstrap replicates, whole, {tokens}",
                  t["stats, no replicates"]),
-            _row(f"{name}: statistics pass without top contexts, whole, {tokens}",
-                 t["stats, no top contexts"], layers_row, t["layers"]),
-            _row(f"{name}: statistics pass with the 16 top contexts, whole, {tokens}", t["stats"],
-                 f"{name}: statistics pass without top contexts, whole, {tokens}",
-                 t["stats, no top contexts"]),
+            _row(f"{name}: statistics pass with {REPORT_TOP_CONTEXTS} top contexts (a report run),"
+                 f" whole, {tokens}", t["stats, top contexts"], layers_row, t["layers"]),
+            _row(f"{name}: statistics pass with {REPORT_TOP_CONTEXTS} top contexts, whole, {tokens}",
+                 t["stats, top contexts"], whole, t["stats"]),
             _row(whole, t["stats"], lm_row, t["lm"]),
             _row(f"{name}: on read, sorted (neuron, token) tables of all layers, {tokens}",
                  t["tables"], layers_row, t["layers"]),

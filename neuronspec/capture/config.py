@@ -38,8 +38,11 @@ class StatsConfig:
     # Poisson-bootstrap replicates of the firing counts over windows (capture/replicates.py):
     # standard errors of firing frequencies and dead / rare fractions; 0 turns them off
     replicates: int = 64
-    # top-activating contexts per mlp neuron (capture/top_contexts.py): neuron cards; 0 off
-    top_contexts: int = 16
+    # top-activating contexts per mlp neuron (capture/top_contexts.py) for the neuron cards;
+    # 0 off. Off by default: keeping 16 costs 1.21-1.22x the pass without them (python -m
+    # neuronspec.bench --only capture), over the 5% a default may cost. A run that writes a
+    # report or a card turns them on (options.REPORT_TOP_CONTEXTS).
+    top_contexts: int = 0
 
     def __post_init__(self) -> None:
         if not FLOAT32_TINY <= self.sketch_min < self.sketch_max <= FLOAT32_MAX:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from neuronspec.errors import NeuronSpecError
 from neuronspec.options import add_options
+from neuronspec.report.cards import NO_CONTEXTS
 from neuronspec.session import RunConfig, SpecSession
 
 
@@ -50,7 +51,7 @@ def terminal_text(card: dict, tokens, raw: dict[str, str]) -> str:
             f"{100 * entry['share_of_firings']:.1f}% of its firings, "
             f"fires on {100 * entry['share_of_occurrences']:.1f}% of the token"
         )
-    lines.append("  top-activating contexts:")
+    lines.append("  top-activating contexts:" if card["contexts"] else f"  {NO_CONTEXTS}")
     for context in card["contexts"]:
         pieces = [raw.get(str(t), f"#{t}") for t in context["context_tokens"]]
         pieces[context["at"]] = f"[[{pieces[context['at']]}]]"
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         args.models = args.model
-        run = RunConfig.from_options(args)
+        run = RunConfig.from_options(args, for_report=True)
         run.check_models()
         session = SpecSession(run)
         model_id = run.models[0]

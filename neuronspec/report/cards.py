@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from neuronspec.report.values import TokenText, escape, number, table
+from neuronspec.report.results import is_token_field
+from neuronspec.report.values import NeuronLinks, TokenText, escape, inline, number, table
 
 # the analysis section each neuron set comes from
 SET_ANALYSES = {
@@ -40,6 +41,15 @@ def card_link(model_id: str, layer: Any, neuron: Any, cards: dict[str, Any]) -> 
     if f"{layer}:{neuron}" not in cards:
         return escape(str(neuron))
     return f'<a class="neuron" href="#{card_anchor(model_id, layer, neuron)}">{escape(str(neuron))}</a>'
+
+
+def card_links(model_id: str, cards: dict[str, Any]) -> NeuronLinks:
+    """``(layer, neuron) -> link HTML`` for the neurons with a card, None for the others."""
+
+    def link(layer: int, neuron: int) -> str | None:
+        return card_link(model_id, layer, neuron, cards) if f"{layer}:{neuron}" in cards else None
+
+    return link
 
 
 def neuron_sets_table(model_id: str, layers: dict[str, Any], cards: dict[str, Any]) -> str:
@@ -118,6 +128,18 @@ def card_section(
         f"max {number(max(card['firing_by_position'], default=0.0))}): "
         f"{_sparkline(card['firing_by_position'])}</p>",
     ]
+    evidence = [
+        [
+            escape(kind),
+            "; ".join(
+                f"{escape(name)} = {inline(value, is_token_field(name), tokens)}"
+                for name, value in numbers.items()
+            ),
+        ]
+        for kind, numbers in (card.get("evidence") or {}).items()
+    ]
+    if evidence:
+        parts.append(table(["finding", "its numbers for this neuron"], evidence, cls="evidence"))
     if coverage:
         parts.append(
             table(
@@ -128,8 +150,16 @@ def card_section(
         )
     if contexts:
         parts.append(table(["activation", "window:position", "context"], contexts, cls="contexts"))
+    else:
+        parts.append(f"<p>{NO_CONTEXTS}</p>")
     parts.append("</section>")
     return "".join(parts)
+
+
+NO_CONTEXTS = (
+    "No top-activating contexts: the statistics pass kept none (--top-contexts 0; a run with "
+    "--neuronspec-report keeps 16)."
+)
 
 
 def cards_section(model_id: str, entry: dict[str, Any], tokens: TokenText) -> str:

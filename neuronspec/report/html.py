@@ -24,15 +24,27 @@ import json
 from pathlib import Path
 from typing import Any
 
-from neuronspec.report.cards import anchor, cards_section, neuron_sets_table
+from neuronspec.report.cards import anchor, card_links, cards_section, neuron_sets_table
 from neuronspec.report.headlines import HEADLINES, headlines_of
 from neuronspec.report.results import (
     ResultsFileError,
+    is_neuron_field,
     is_token_field,
     layer_sort_key,
 )
 from neuronspec.report.summary import drift_counts, outcome_counts, token_text
-from neuronspec.report.values import TokenText, escape, inline, number, render_value, scalar, table
+from neuronspec.report.values import (
+    NOWHERE,
+    NeuronLinks,
+    TokenText,
+    Where,
+    escape,
+    inline,
+    number,
+    render_value,
+    scalar,
+    table,
+)
 
 # Figure name prefixes that do not start with their analysis' name (Voita et al.'s figures).
 FIGURE_ANALYSES: dict[str, str] = {
@@ -106,10 +118,17 @@ def _figures(paths: list[Path]) -> str:
 
 
 def _cell(
-    value: Any, path: list[str], token: bool, tokens: TokenText, *, layers: list[str] | None = None
+    value: Any,
+    path: list[str],
+    token: bool,
+    tokens: TokenText,
+    *,
+    layers: list[str] | None = None,
+    where: Where = NOWHERE,
 ) -> str:
     """A key-number cell, tagged with its place in the results (checked by the browser test);
-    ``layers``: the value is the same at ``path`` with each of these layer keys (path[2])."""
+    ``layers``: the value is the same at ``path`` with each of these layer keys (path[2]);
+    ``where``: the card links of neuron ids in a neuron field (path[-1])."""
     attributes = (
         f' data-path="{escape(json.dumps(path))}" data-value="{escape(json.dumps(value))}"'
         if scalar(value) and not isinstance(value, str)
@@ -117,10 +136,23 @@ def _cell(
     )
     if attributes and layers:
         attributes += f' data-layers="{escape(json.dumps(layers))}"'
-    return f'<span class="num"{attributes}>{inline(value, token, tokens)}</span>'
+    shown = inline(value, token, tokens, is_neuron_field(path[-1]), where)
+    return f'<span class="num"{attributes}>{shown}</span>'
 
 
-def key_numbers(model_id: str, analysis: str, layers: dict[str, Any], tokens: TokenText) -> str:
+def _layer_place(links: NeuronLinks | None, key: str, finding: Any) -> Where:
+    """The place of a per-layer finding stored under layer ``key``."""
+    place = Where(links, int(key) if key.lstrip("-").isdigit() else None)
+    return place.inside(finding) if isinstance(finding, dict) else place
+
+
+def key_numbers(
+    model_id: str,
+    analysis: str,
+    layers: dict[str, Any],
+    tokens: TokenText,
+    links: NeuronLinks | None = None,
+) -> str:
     """Per-layer table of a per-layer analysis: scalar fields as columns (those equal in
     every layer listed once above it), list fields by their length or their few values."""
     keys = [k for k in sorted(layers, key=layer_sort_key) if isinstance(layers[k], dict)]
@@ -154,7 +186,8 @@ def key_numbers(model_id: str, analysis: str, layers: dict[str, Any], tokens: To
                 unit = "keys" if isinstance(value, dict) else "items"
                 row.append(_cell(len(value), [*path, "#len"], False, tokens) + f" {unit}")
             else:
-                row.append(_cell(value, path, is_token_field(f), tokens))
+                place = _layer_place(links, key, finding)
+                row.append(_cell(value, path, is_token_field(f), tokens, where=place))
         rows.append(row)
     same = ", ".join(
         f"{escape(f)} = "
@@ -174,19 +207,22 @@ def analysis_section(
     headline: str | None,
     figures: list[Path],
     tokens: TokenText,
+    links: NeuronLinks | None = None,
 ) -> str:
+    """One analysis: headline, key numbers, figures and every value; ``links``: neuron ids
+    of ``mlp`` findings link to their cards."""
     parts = [
         f'<section class="analysis" id="{anchor(model_id, analysis)}"><h3>{escape(analysis)}</h3>'
     ]
     if headline:
         parts.append(f'<p class="headline">{escape(headline)}</p>')
-    parts.append(key_numbers(model_id, analysis, layers, tokens))
+    parts.append(key_numbers(model_id, analysis, layers, tokens, links))
     if "all" in layers:
-        parts.append(render_value("", layers["all"], tokens))
+        parts.append(render_value("", layers["all"], tokens, where=Where(links)))
     parts.append(_figures(figures))
     details = [
         f"<details><summary>layer {escape(k)}: every value</summary>"
-        f"{render_value('', layers[k], tokens)}</details>"
+        f"{render_value('', layers[k], tokens, where=_layer_place(links, k, layers[k]))}</details>"
         for k in sorted(layers, key=layer_sort_key)
         if k != "all"
     ]
@@ -360,6 +396,7 @@ def model_section(
 ) -> str:
     tokens = token_text(entry.get("tokens", {}))
     analyses = entry.get("analyses", {})
+    links = card_links(model_id, entry.get("cards") or {})
     known, _ = headlines_of(analyses, tokens)
     lines = {analysis: (label, text) for analysis, label, text in known}
     parts = [f'<section class="model" id="{anchor(model_id)}"><h2>{escape(model_id)}</h2>']
@@ -389,6 +426,7 @@ def model_section(
                 lines.get(analysis, (None, None))[1],
                 figures.get(analysis, []),
                 tokens,
+                links,
             )
         )
     if figures.get(None):

@@ -73,6 +73,15 @@ def is_token_field(name: str) -> bool:
     return bool(_TOKEN_FIELD.search(name)) and not name.startswith(_COUNT_PREFIXES)
 
 
+_NEURON_FIELD = re.compile(r"(?:^|_)neurons?$|^top_by_[a-z]+$")
+
+
+def is_neuron_field(name: str) -> bool:
+    """Whether a finding field named ``name`` holds neuron ids of its finding's layer and site
+    (``dead_neurons``, ``top_neurons``, ``neuron``, ``top_by_variance``; not ``n_neurons``)."""
+    return bool(_NEURON_FIELD.search(name)) and not name.startswith(_COUNT_PREFIXES)
+
+
 def token_ids_in(data: Any, *, inside: bool = False) -> set[int]:
     """The token ids held by token fields anywhere in ``data`` (findings of one model)."""
     found: set[int] = set()

@@ -6,16 +6,49 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from neuronspec.report.results import is_token_field
+from neuronspec.report.results import is_neuron_field, is_token_field
 
 INLINE_ITEMS = 12  # list items shown inline in a table cell
 LIST_ITEMS = 40  # list items shown for a long list
 TABLE_ROWS = 60  # rows shown of a long table
 
 TokenText = Callable[[int], str]
+NeuronLinks = Callable[[int, int], "str | None"]  # (layer, neuron) -> link to its card, or None
 escape = html.escape
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a rendered value sits: the run's neuron-card links and the layer of the finding
+    around it. A neuron id links to its card only where both are known and the finding is of
+    the ``mlp`` site (cards are of mlp neurons; a ``dt`` channel id is not one)."""
+
+    links: NeuronLinks | None = None
+    layer: int | None = None
+
+    def inside(self, record: dict) -> Where:
+        """The place of ``record``'s fields: its own ``layer`` and ``site`` if it has them."""
+        if self.links is None:
+            return self
+        if record.get("site", "mlp") != "mlp":
+            return NOWHERE
+        layer = record.get("layer")
+        if isinstance(layer, int) and not isinstance(layer, bool):
+            return Where(self.links, layer)
+        return self
+
+    def neuron(self, value: Any) -> str | None:
+        if self.links is None or self.layer is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            return None
+        return self.links(self.layer, value)
+
+
+NOWHERE = Where()
 
 
 def number(value: Any) -> str:
@@ -41,29 +74,38 @@ def _token(token_id: Any, tokens: TokenText) -> str:
     )
 
 
-def _leaf(value: Any, token: bool, tokens: TokenText) -> str:
+def _leaf(
+    value: Any, token: bool, tokens: TokenText, neuron: bool = False, where: Where = NOWHERE
+) -> str:
     if token and isinstance(value, int) and not isinstance(value, bool):
         return _token(value, tokens)
+    if neuron and (link := where.neuron(value)) is not None:
+        return link
     return escape(number(value))
 
 
-def inline(value: Any, token: bool, tokens: TokenText) -> str:
-    """A value compactly, for a table cell."""
+def inline(
+    value: Any, token: bool, tokens: TokenText, neuron: bool = False, where: Where = NOWHERE
+) -> str:
+    """A value compactly, for a table cell (``neuron``: its ints are neuron ids of ``where``)."""
     if scalar(value):
-        return _leaf(value, token, tokens)
+        return _leaf(value, token, tokens, neuron, where)
     if isinstance(value, list):
         if all(scalar(v) for v in value) and len(value) <= INLINE_ITEMS:
-            return "[" + ", ".join(_leaf(v, token, tokens) for v in value) + "]"
+            return "[" + ", ".join(_leaf(v, token, tokens, neuron, where) for v in value) + "]"
         if all(scalar(v) for v in value):
-            shown = ", ".join(_leaf(v, token, tokens) for v in value[:INLINE_ITEMS])
+            shown = ", ".join(_leaf(v, token, tokens, neuron, where) for v in value[:INLINE_ITEMS])
             return f"[{shown}, … {len(value)} items]"
         if len(value) <= 4:
-            return "[" + ", ".join(inline(v, token, tokens) for v in value) + "]"
+            return "[" + ", ".join(inline(v, token, tokens, neuron, where) for v in value) + "]"
         return f"[{len(value)} items]"
     if isinstance(value, dict):
         if len(value) <= 4:
+            place = where.inside(value)
             inner = ", ".join(
-                f"{escape(str(k))}: {inline(v, token, tokens)}" for k, v in value.items()
+                f"{escape(str(k))}: "
+                + inline(v, token or is_token_field(k), tokens, is_neuron_field(k), place)
+                for k, v in value.items()
             )
             return "{" + inner + "}"
         return f"{{{len(value)} keys}}"
@@ -98,24 +140,42 @@ def table(
     return f'<div class="scroll">{table}</div>{more}'
 
 
-def render_value(name: str, value: Any, tokens: TokenText, *, token: bool = False) -> str:
+def render_value(
+    name: str, value: Any, tokens: TokenText, *, token: bool = False, where: Where = NOWHERE
+) -> str:
     """Any finding value as readable HTML: scalars in a key/value table, sibling lists of
-    one length as one table, lists of records as tables, long number lists summarised."""
+    one length as one table, lists of records as tables, long number lists summarised.
+    Token ids show their text; neuron ids link to their cards where ``where`` knows the
+    links and the layer (a record's own ``layer`` field sets it for its fields)."""
     token = token or is_token_field(name)
+    neuron = is_neuron_field(name)
     if scalar(value):
-        return _leaf(value, token, tokens)
+        return _leaf(value, token, tokens, neuron, where)
     if isinstance(value, list):
         if all(isinstance(v, dict) for v in value) and value:
             keys = list(dict.fromkeys(k for v in value for k in v))
             rows = [
-                [inline(v.get(k), token or is_token_field(k), tokens) for k in keys] for v in value
-            ]
+                [
+                    inline(
+                        v.get(k), token or is_token_field(k), tokens, is_neuron_field(k),
+                        where.inside(v),
+                    )
+                    for k in keys
+                ]
+                for v in value
+            ]  # fmt: skip
             return table([escape(k) for k in keys], rows)
         if all(scalar(v) for v in value) and len(value) > LIST_ITEMS:
-            shown = ", ".join(_leaf(v, token, tokens) for v in value[:LIST_ITEMS])
+            shown = ", ".join(_leaf(v, token, tokens, neuron, where) for v in value[:LIST_ITEMS])
             return f'<p class="list">{escape(_numeric_summary(value))}<br>{shown}, …</p>'
-        return f'<p class="list">{inline(value, token, tokens) if len(value) <= LIST_ITEMS else escape(_numeric_summary(value))}</p>'
+        shown = (
+            inline(value, token, tokens, neuron, where)
+            if len(value) <= LIST_ITEMS
+            else escape(_numeric_summary(value))
+        )
+        return f'<p class="list">{shown}</p>'
     # a dict
+    where = where.inside(value)
     scalars = {k: v for k, v in value.items() if scalar(v)}
     lists = {k: v for k, v in value.items() if isinstance(v, list) and len(v) > 1}
     groups: dict[int, list[str]] = {}
@@ -124,11 +184,12 @@ def render_value(name: str, value: Any, tokens: TokenText, *, token: bool = Fals
             groups.setdefault(len(items), []).append(key)
     parts = []
     if scalars and len(scalars) == len(value) and all(k.lstrip("-").isdigit() for k in value):
-        rows = [[escape(k), _leaf(v, token, tokens)] for k, v in value.items()]
+        rows = [[escape(k), _leaf(v, token, tokens, neuron, where)] for k, v in value.items()]
         return table(["key", escape(name)], rows, cls="kv")
     if scalars:
         rows = [
-            [escape(k), _leaf(v, token or is_token_field(k), tokens)] for k, v in scalars.items()
+            [escape(k), _leaf(v, token or is_token_field(k), tokens, is_neuron_field(k), where)]
+            for k, v in scalars.items()
         ]
         parts.append(table(["field", "value"], rows, cls="kv"))
     grouped: set[str] = set()
@@ -137,7 +198,10 @@ def render_value(name: str, value: Any, tokens: TokenText, *, token: bool = Fals
             continue
         grouped |= set(keys)
         rows = [
-            [inline(value[k][i], token or is_token_field(k), tokens) for k in keys]
+            [
+                inline(value[k][i], token or is_token_field(k), tokens, is_neuron_field(k), where)
+                for k in keys
+            ]
             for i in range(length)
         ]
         parts.append(table([escape(k) for k in keys], rows))
@@ -146,11 +210,15 @@ def render_value(name: str, value: Any, tokens: TokenText, *, token: bool = Fals
             continue
         child_token = token or is_token_field(key)
         if isinstance(item, dict) and item and all(not isinstance(v, dict) for v in item.values()):
-            rows = [[escape(str(k)), inline(v, child_token, tokens)] for k, v in item.items()]
+            child = where.inside(item)
+            rows = [
+                [escape(str(k)), inline(v, child_token, tokens, is_neuron_field(key), child)]
+                for k, v in item.items()
+            ]
             inner = table(["key", "value"], rows, cls="kv")
         elif isinstance(item, (list, dict)) and not item:
             inner = f'<p class="list">{"[]" if isinstance(item, list) else "{}"} (empty)</p>'
         else:
-            inner = render_value(key, item, tokens, token=child_token)
+            inner = render_value(key, item, tokens, token=child_token, where=where)
         parts.append(f'<div class="nested"><h5>{escape(key)}</h5>{inner}</div>')
     return "".join(parts)
