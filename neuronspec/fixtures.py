@@ -314,12 +314,11 @@ def hidden_attention(neuronspec_session, model_id, loaded_model, corpus):
             record(model_id, "attention_neurons", per_method, layer=layer)
             first = next(f for f in run.neuron_findings if f.layer == layer)
             importance: dict[int, dict[str, float]] = {n: {} for n in first.top_neurons}
-            for f in run.neuron_findings:  # every method's importance of the first's top set
+            for f in run.neuron_findings:  # every method's mean importance of the first's top set
                 if f.layer == layer:
+                    per_prompt = run.scores[f.method, layer].importance  # (P, W)
                     for n in first.top_neurons:
-                        importance[n][f"{f.method}_importance"] = float(
-                            run.scores[f.method, layer].importance[n]
-                        )
+                        importance[n][f"{f.method}_importance"] = float(per_prompt[:, n].mean())
             neuronspec_session.record_neuron_set(
                 model_id, "attention", layer, first.top_neurons, site="mlp", evidence=importance
             )

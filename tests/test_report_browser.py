@@ -45,6 +45,12 @@ def spec_run(tmp_path_factory):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert (out / "results.json").is_file(), completed.stdout[-3000:] + completed.stderr[-3000:]
+    broken = [
+        (s["nodeid"], s.get("message", "")[:200])
+        for s in load_results(out / "results.json")["specs"]
+        if s["outcome"] in ("failed", "error")
+    ]
+    assert broken == [], broken  # the page under test is the report of a clean run
     return out, completed
 
 
