@@ -322,10 +322,34 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     from neuronspec.report.outcomes import item_properties
 
     report.user_properties.extend(item_properties(item))  # hypothesis, model, layer: the report
+    if report.when == "call" and report.failed and _only_missing_snapshots(item):
+        # a first run on a model: nothing to compare with is not a failure of the finding
+        path, line, _ = item.location
+        report.outcome = "skipped"
+        report.longrepr = (
+            str(path),
+            (line or 0) + 1,
+            f"Skipped: {NO_SNAPSHOT_YET}: run with --snapshot-update to record this finding",
+        )
+        return report
     if call.excinfo is not None and isinstance(call.excinfo.value, NeuronSpecError):
         error = call.excinfo.value
         report.longrepr = f"{item.nodeid}: {type(error).__name__}: {error}"
     return report
+
+
+NO_SNAPSHOT_YET = "no snapshot yet"
+
+
+def _only_missing_snapshots(item: pytest.Item) -> bool:
+    """The test's ``findings_snapshot`` failed only because its snapshots do not exist yet
+    (and ``--snapshot-update`` was not given, which would have created them)."""
+    assertion = getattr(item, "funcargs", {}).get("findings_snapshot")
+    executions = getattr(assertion, "executions", None)
+    if not executions:
+        return False
+    failed = [r for r in executions.values() if not r.success]
+    return bool(failed) and all(r.recalled_data is None and not r.created for r in failed)
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -106,6 +106,23 @@ def test_unavailable_real_model_skips_with_reason(run):
     result.stdout.fnmatch_lines(["*not available offline*"])
 
 
+def test_a_first_run_without_snapshots_skips_with_the_update_hint(run, pytester):
+    """A user's new model has no snapshot: that is no failure of the finding. Once recorded,
+    the same finding matches and a changed one fails."""
+    spec = """
+def test_finding(model_id, neuron_stats, findings_snapshot):
+    assert {{"n_tokens": neuron_stats.n_tokens * {factor}}} == findings_snapshot
+"""
+    pytester.makepyfile(test_spec=spec.format(factor=1))
+    first = run("-rs", "-k", "test_finding")
+    first.assert_outcomes(skipped=1)
+    first.stdout.fnmatch_lines(["*no snapshot yet: run with --snapshot-update*"])
+    run("-k", "test_finding", "--snapshot-update").assert_outcomes(passed=1)
+    run("-k", "test_finding").assert_outcomes(passed=1)
+    pytester.makepyfile(test_spec=spec.format(factor=3))
+    run("-k", "test_finding").assert_outcomes(failed=1)
+
+
 def test_unknown_model_is_a_usage_error(run):
     result = run(models="mamba13m")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
