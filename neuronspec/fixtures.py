@@ -37,6 +37,7 @@ import pytest
 
 from neuronspec.findings import LayerFindings
 from neuronspec.options import BY_FIELD, default
+from neuronspec.plots.of_findings import draw_comparison, draw_figures
 
 SELECTION_FIELDS = (  # RunConfig fields that change what a snapshot spec's findings hold
     "layers",
@@ -92,7 +93,9 @@ def dead(neuronspec_session, model_id, neuron_stats) -> LayerFindings:
         frequency = neuron_stats.layer(layer).fire_count.double() / neuron_stats.n_tokens
         rare = ((frequency > 0) & (frequency < RARE_CUTOFF)).nonzero().flatten().tolist()
         neuronspec_session.record_neuron_set(model_id, "rarely_firing", layer, rare)
-    return _record_layers(neuronspec_session, model_id, "dead", findings)
+    found = _record_layers(neuronspec_session, model_id, "dead", findings)
+    draw_figures(neuronspec_session, "dead", model_id, found)
+    return found
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +128,9 @@ def ngram(neuronspec_session, model_id, neuron_stats) -> LayerFindings:
                 finding.detector_trigrams,
                 evidence={n: {"trigram_keys": t} for n, t in finding.detector_trigrams.items()},
             )
-    return _record_layers(neuronspec_session, model_id, "ngram", findings)
+    found = _record_layers(neuronspec_session, model_id, "ngram", findings)
+    draw_figures(neuronspec_session, "ngram", model_id, found)
+    return found
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +156,9 @@ def positional(neuronspec_session, model_id, neuron_stats) -> LayerFindings:
                 for i, n in enumerate(finding.positional_neurons)
             },
         )
-    return _record_layers(neuronspec_session, model_id, "positional", findings)
+    found = _record_layers(neuronspec_session, model_id, "positional", findings)
+    draw_figures(neuronspec_session, "positional", model_id, found, neuron_stats=neuron_stats)
+    return found
 
 
 @pytest.fixture(scope="session")
@@ -160,7 +167,9 @@ def sparsity(neuronspec_session, model_id, model_files, neuron_stats) -> LayerFi
     from neuronspec.analyses.sparsity import default_tau, sparsity_all_layers
 
     findings = sparsity_all_layers(neuron_stats, tau=default_tau(model_files.model_type))
-    return _record_layers(neuronspec_session, model_id, "sparsity", findings)
+    found = _record_layers(neuronspec_session, model_id, "sparsity", findings)
+    draw_figures(neuronspec_session, "sparsity", model_id, found)
+    return found
 
 
 @pytest.fixture(scope="session")
@@ -267,7 +276,9 @@ def delta_sensitive(
                 for n in sets.by_layer[layer]
             },
         )
-    return DeltaSensitiveRun(LayerFindings("delta_sensitive", findings), variance, perturbation)
+    run = DeltaSensitiveRun(LayerFindings("delta_sensitive", findings), variance, perturbation)
+    draw_figures(neuronspec_session, "delta_sensitive", model_id, run)
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -322,6 +333,9 @@ def hidden_attention(neuronspec_session, model_id, loaded_model, corpus):
             neuronspec_session.record_neuron_set(
                 model_id, "attention", layer, first.top_neurons, site="mlp", evidence=importance
             )
+    draw_figures(
+        neuronspec_session, "hidden_attention", model_id, run, tokenizer=loaded_model.tokenizer
+    )
     return run
 
 
@@ -375,6 +389,7 @@ def ablation(
         n_seeds=neuronspec_session.config.control_seeds,
     )
     neuronspec_session.record(model_id, "ablation", study)
+    draw_figures(neuronspec_session, "ablation", model_id, study)
     return study
 
 
@@ -399,6 +414,7 @@ def pruning(
         n_seeds=neuronspec_session.config.control_seeds,
     )
     neuronspec_session.record(model_id, "pruning", finding)
+    draw_figures(neuronspec_session, "pruning", model_id, finding)
     return finding
 
 
@@ -426,6 +442,7 @@ def causal(neuronspec_session, model_id, loaded_model, corpus, neuron_stats):
             layer.causal_neurons,
             evidence=layer.evidence(),
         )
+    draw_figures(neuronspec_session, "causal", model_id, finding)
     return finding
 
 
@@ -454,6 +471,7 @@ def causal_delta_sensitive(
             site=finding.site,
             evidence=layer.evidence(),
         )
+    draw_figures(neuronspec_session, "causal_delta_sensitive", model_id, finding)
     return finding
 
 
@@ -492,6 +510,7 @@ def knowledge_neurons(neuronspec_session, model_id, loaded_model):
         neuronspec_session.record_neuron_set(
             model_id, "knowledge", layer, union, evidence=summary.evidence(j)
         )
+    draw_figures(neuronspec_session, "knowledge_neurons", model_id, result)
     return result
 
 
@@ -510,6 +529,7 @@ def efficiency(neuronspec_session, model_id, loaded_model, corpus, neuron_stats)
     neuronspec_session.record(
         model_id, "efficiency", finding.to_json() | {"throughput": throughput.to_json()}
     )
+    draw_figures(neuronspec_session, "efficiency", model_id, (finding, throughput))
     return finding, throughput
 
 
@@ -535,7 +555,7 @@ def comparison(neuronspec_session):
     the run has both; one fixture, two models: under xdist the cache's file lock makes a
     worker wait for a pass another worker is computing): a ``ComparisonFinding`` recorded
     for both models, with its figures in ``--plots-dir``."""
-    from neuronspec.analyses.comparison import FAMILIES, compare_models, family_rows
+    from neuronspec.analyses.comparison import compare_models
     from neuronspec.analyses.dead import dead_neurons_all_layers
     from neuronspec.analyses.efficiency import efficiency as efficiency_of
     from neuronspec.analyses.ngram import ngram_layer_from_stats
@@ -564,25 +584,7 @@ def comparison(neuronspec_session):
     result = compare_models(findings, efficiencies)
     for model_id in models:
         session.record(model_id, "comparison", result)
-    plots_dir = session.config.plots_dir
-    if plots_dir is not None:
-        from neuronspec.plots.sparsity import plot_measures_vs_depth, plot_table
-
-        plots_dir.mkdir(parents=True, exist_ok=True)
-        name = "_vs_".join(m.replace("/", "_") for m in models)
-        title = " vs ".join(models)
-        for family, measures in FAMILIES.items():
-            table = result.tables[family]
-            plot_measures_vs_depth(
-                family_rows(table), measures, plots_dir / f"comparison_{family}_{name}.png",
-                f"{family}: {title}",
-            )  # fmt: skip
-            plot_table(
-                table.columns, table.rows, plots_dir / f"comparison_{family}_table_{name}.png",
-                f"{family}: {title}",
-            )  # fmt: skip
-        plot_table(
-            result.efficiency.columns, result.efficiency.rows,
-            plots_dir / f"comparison_efficiency_table_{name}.png", "efficiency",
-        )  # fmt: skip
+    if session.config.plots_dir is not None:
+        session.config.plots_dir.mkdir(parents=True, exist_ok=True)
+        draw_comparison(result, models, session.config.plots_dir)
     return result

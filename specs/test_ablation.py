@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-from neuronspec.plots.ablation import plot_ablation, plot_pruning
-from neuronspec.plots.figure import plot_path
-
 pytestmark = pytest.mark.ablation
 
 
@@ -59,13 +56,3 @@ def test_pruning_by_priority_hurts_less_than_random(model_id, pruning):
 
 def test_pruning_snapshot(model_id, default_selection, pruning, findings_snapshot):
     assert pruning.snapshot_view() == findings_snapshot
-
-
-def test_ablation_figures(model_id, ablation, pruning, plots_dir):
-    if plots_dir is None:
-        pytest.skip("no --plots-dir given")
-    written = [
-        plot_ablation(ablation, plot_path(plots_dir, "ablation", model_id)),
-        plot_pruning(pruning, plot_path(plots_dir, "pruning", model_id)),
-    ]
-    assert all(path.stat().st_size > 0 for path in written)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import pytest
 
 from neuronspec.analyses.causal import upstream_leaks
-from neuronspec.plots.ablation import plot_causal_neurons, plot_cross_layer
-from neuronspec.plots.figure import plot_path
 
 pytestmark = pytest.mark.causal
 
@@ -32,16 +30,6 @@ def test_candidates_are_more_causal_than_random(model_id, layer, causal):
 
 def test_top_causal_neurons_snapshot(model_id, default_selection, causal, findings_snapshot):
     assert causal.snapshot_view() == findings_snapshot
-
-
-def test_causal_figures(model_id, causal, plots_dir):
-    if plots_dir is None:
-        pytest.skip("no --plots-dir given")
-    written = [
-        plot_causal_neurons(causal, plot_path(plots_dir, "causal_neurons", model_id)),
-        plot_cross_layer(causal, plot_path(plots_dir, "cross_layer", model_id)),
-    ]
-    assert all(path.stat().st_size > 0 for path in written)
 
 
 def test_sensitive_channel_interventions_leave_upstream_layers_unchanged(
@@ -67,14 +55,3 @@ def test_sensitive_causal_snapshot(
     model_id, default_selection, causal_delta_sensitive, findings_snapshot
 ):
     assert causal_delta_sensitive.snapshot_view() == findings_snapshot
-
-
-def test_sensitive_causal_figures(model_id, causal_delta_sensitive, plots_dir):
-    if plots_dir is None:
-        pytest.skip("no --plots-dir given")
-    finding = causal_delta_sensitive
-    written = [
-        plot_causal_neurons(finding, plot_path(plots_dir, "causal_delta_sensitive", model_id)),
-        plot_cross_layer(finding, plot_path(plots_dir, "cross_layer_delta_sensitive", model_id)),
-    ]
-    assert all(path.stat().st_size > 0 for path in written)

@@ -17,19 +17,3 @@ def test_text_variance_and_substitution_sensitivity_agree(model_id, delta_sensit
     substitution moves most: the two scores' rank correlation is positive in every layer."""
     correlations = {f.layer: f.rank_correlation for f in delta_sensitive.findings}
     assert all(value > 0 for value in correlations.values()), correlations
-
-
-def test_delta_figure(model_id, delta_sensitive, plots_dir):
-    if plots_dir is None:
-        pytest.skip("no --plots-dir given")
-    from neuronspec.plots.attention import plot_delta_ranking
-    from neuronspec.plots.figure import plot_path
-
-    kind = delta_sensitive.findings[0].kind
-    path = plot_delta_ranking(
-        delta_sensitive.variance,
-        delta_sensitive.perturbation,
-        plot_path(plots_dir, f"{kind}_ranking", model_id),
-        title=f"{model_id}: {kind} channels ({delta_sensitive.findings[0].site} site)",
-    )
-    assert path.stat().st_size > 0

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import pytest
 
-from neuronspec.plots.figure import plot_path
-from neuronspec.plots.knowledge import plot_attribution_heatmap, plot_interventions, plot_overlap
-
 pytestmark = pytest.mark.knowledge
 
 
@@ -60,18 +57,3 @@ def test_intra_relation_overlap_exceeds_inter_relation_overlap(model_id, knowled
     overall = overlaps[-1]
     assert overall.layer is None
     assert overall.intra_jaccard > overall.inter_jaccard, overall
-
-
-def test_knowledge_figures(model_id, knowledge_neurons, plots_dir):
-    """The attribution heatmap of the fact with the largest refined set, overlap per layer,
-    and suppress/enhance effects with their controls."""
-    if plots_dir is None:
-        pytest.skip("no --plots-dir given")
-    summary, overlaps = knowledge_neurons
-    fact = max(summary.facts, key=lambda f: f.n_refined)
-    written = [
-        plot_attribution_heatmap(fact, plot_path(plots_dir, "knowledge_attribution", model_id)),
-        plot_overlap(overlaps, plot_path(plots_dir, "knowledge_overlap", model_id)),
-        plot_interventions(summary, plot_path(plots_dir, "knowledge_interventions", model_id)),
-    ]
-    assert all(path.stat().st_size > 0 for path in written)
