@@ -100,18 +100,18 @@ def dead(neuronspec_session, model_id, neuron_stats) -> LayerFindings:
 
 @pytest.fixture(scope="session")
 def ngram(neuronspec_session, model_id, neuron_stats) -> LayerFindings:
-    """Voita et al. §4 n-gram findings of every layer (``NgramLayerFinding``); records the
+    """Voita et al. §4 n-gram findings of every layer (``NgramFindings``: per layer an
+    ``NgramLayerFinding``, and their ``summary``); records the
     ``token_detector_summary`` and the sets ``token_detecting`` (and ``trigram_detecting``
     with ``--trigrams``)."""
-    from neuronspec.analyses.ngram import ngram_layer_from_stats, summarise_token_detectors
+    from neuronspec.analyses.ngram import NgramFindings, ngram_layer_from_stats
 
     findings = [
         ngram_layer_from_stats(neuron_stats, layer, model=model_id)
         for layer in range(neuron_stats.n_layers)
     ]
-    neuronspec_session.record(
-        model_id, "token_detector_summary", summarise_token_detectors(findings)
-    )
+    found = NgramFindings(findings)
+    neuronspec_session.record(model_id, "token_detector_summary", found.summary)
     for finding in findings:
         neuronspec_session.record_neuron_set(
             model_id,
@@ -128,7 +128,8 @@ def ngram(neuronspec_session, model_id, neuron_stats) -> LayerFindings:
                 finding.detector_trigrams,
                 evidence={n: {"trigram_keys": t} for n, t in finding.detector_trigrams.items()},
             )
-    found = _record_layers(neuronspec_session, model_id, "ngram", findings)
+    for finding in findings:
+        neuronspec_session.record(model_id, "ngram", finding, layer=finding.layer)
     draw_figures(neuronspec_session, "ngram", model_id, found)
     return found
 

@@ -23,7 +23,7 @@ def _mean_at_depth(comparison, model: str, family: str, measure: str, min_depth:
 def test_comparison_snapshot(comparison, findings_snapshot):
     """Every family's table (relative depth, measures) of the two models must not drift."""
     name = "-vs-".join(comparison.models)  # one snapshot per pair of models
-    assert comparison.to_json() == findings_snapshot(name=name)
+    assert comparison.snapshot_view() == findings_snapshot(name=name)
 
 
 def test_mamba_sparser_than_transformer_in_deep_layers_by_gini(comparison):

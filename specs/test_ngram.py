@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from neuronspec.analyses.ngram import summarise_token_detectors
-
 pytestmark = pytest.mark.ngram
 
 
 def test_token_detectors_snapshot(model_id, ngram, findings_snapshot):
     """Fig. 2–4 numbers per layer: covering-unigram bins, detectors, tokens covered."""
-    summary = summarise_token_detectors(ngram)
-    layers = [
-        {
-            "layer": f.layer,
-            "n_alive": f.n_alive,
-            "covering_histogram": f.covering_histogram,
-            "n_token_detectors": f.n_token_detectors,
-        }
-        for f in ngram
-    ]
-    assert {"summary": summary.to_json(), "layers": layers} == findings_snapshot
+    assert ngram.snapshot_view() == findings_snapshot
 
 
 @pytest.mark.measured({

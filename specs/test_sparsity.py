@@ -12,7 +12,7 @@ pytestmark = pytest.mark.sparsity
 def test_sparsity_per_layer_snapshot(model_id, sparsity, findings_snapshot):
     """Threshold sparsity (with τ), percentile profile, entropy, Gini, Hoyer and the optimal
     threshold of every layer must not drift."""
-    assert [f.to_json() for f in sparsity] == findings_snapshot
+    assert sparsity.snapshot_view() == findings_snapshot
 
 
 def test_threshold_sparsity_uses_family_tau(model_id, model_files, sparsity):
@@ -26,7 +26,7 @@ def test_efficiency_snapshot(model_id, efficiency, findings_snapshot):
     """Parameters, neurons per layer, firing fraction per token and analytic FLOPs per token
     must not drift (tokens/s is measured, not snapshotted)."""
     finding, throughput = efficiency
-    assert finding.to_json() == findings_snapshot
+    assert finding.snapshot_view() == findings_snapshot
     assert throughput.tokens_per_second > 0
 
 

@@ -54,7 +54,7 @@ from neuronspec.analyses.covering import (
 )
 from neuronspec.capture.stats import NeuronStats
 from neuronspec.errors import CountTableError
-from neuronspec.findings import Finding
+from neuronspec.findings import Finding, LayerFindings
 
 MAX_DETECTOR_UNIGRAMS = 5  # Voita et al.: "triggered by at most 5 unigrams"
 MAX_DETECTOR_TRIGRAMS = 50  # Voita et al., trigram variant
@@ -338,6 +338,28 @@ class TokenDetectorSummary(Finding):
     n_tokens_cumulative: list[int]  # Fig. 3b dashed: … in layers 0..l
     n_new_overall: list[int]  # Fig. 4: tokens of layer l covered in no lower layer
     n_new_vs_previous: list[int]  # Fig. 4: tokens of layer l not covered in layer l-1
+
+
+class NgramFindings(LayerFindings):
+    """The ``NgramLayerFinding`` of every layer of one model, with their Fig. 3-4 summary."""
+
+    def __init__(self, findings: Sequence[NgramLayerFinding]):
+        super().__init__("ngram", findings)
+        self.summary = summarise_token_detectors(list(self))
+
+    def snapshot_view(self) -> dict:
+        """The summary, and per layer the alive neurons, the covering-unigram histogram
+        (Fig. 2) and the number of token detectors."""
+        layers = [
+            {
+                "layer": f.layer,
+                "n_alive": f.n_alive,
+                "covering_histogram": f.covering_histogram,
+                "n_token_detectors": f.n_token_detectors,
+            }
+            for f in self
+        ]
+        return {"summary": self.summary.to_json(), "layers": layers}
 
 
 def summarise_token_detectors(findings: Sequence[NgramLayerFinding]) -> TokenDetectorSummary:

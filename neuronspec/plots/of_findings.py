@@ -28,7 +28,6 @@ def draw_dead(finding, model_id: str, plots_dir: Path, **_: Any) -> list[Path]:
 def draw_ngram(finding, model_id: str, plots_dir: Path, **_: Any) -> list[Path]:
     """Voita et al. Fig. 2 (covering unigrams), 3a/3b (detectors, detected tokens), 4 (new
     tokens per layer)."""
-    from neuronspec.analyses.ngram import summarise_token_detectors
     from neuronspec.plots.voita import (
         plot_covering_bins,
         plot_detected_tokens,
@@ -36,7 +35,7 @@ def draw_ngram(finding, model_id: str, plots_dir: Path, **_: Any) -> list[Path]:
         plot_token_detectors,
     )
 
-    summary = summarise_token_detectors(finding)
+    summary = finding.summary  # an NgramFindings
     return [
         plot_covering_bins(finding, plot_path(plots_dir, "fig2_covering_unigrams", model_id)),
         plot_token_detectors(summary, plot_path(plots_dir, "fig3a_token_detectors", model_id)),
