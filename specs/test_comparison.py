@@ -65,7 +65,7 @@ def test_gini_rises_with_depth(comparison, family, request):
 def test_neuron_overlap_snapshot(model_id, default_selection, neuron_overlap, findings_snapshot):
     """Sizes, intersections and Jaccard of dead, rarely firing, token-detecting and positional
     neurons per layer must not drift."""
-    assert [f.to_json() for f in neuron_overlap] == findings_snapshot
+    assert neuron_overlap.snapshot_view() == findings_snapshot
 
 
 def test_token_detectors_are_not_positional(model_id, neuron_overlap):
