@@ -102,3 +102,11 @@ def test_model_internals_are_reached_only_from_models():
         if INTERNALS.search(line)
     ]
     assert reaching == []
+
+
+def test_readme_is_a_short_users_page_linking_the_methods():
+    """The README stays a user's page (under 12 kB); the definitions ship in docs/METHODS.md."""
+    root = PACKAGE.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert len(readme.encode("utf-8")) < 12_000
+    assert (root / "docs" / "METHODS.md").is_file() and "(docs/METHODS.md)" in readme
