@@ -74,6 +74,22 @@ def test_diff_reports_exactly_the_planted_changes():
     assert out.changes[0].rel_change == pytest.approx(0.125 / 0.375)
 
 
+def test_diff_does_not_judge_the_machines_timings():
+    """Tokens/s of the efficiency finding measure the machine, not the model: a slower run
+    is no changed finding, while its analytic FLOPs still are compared."""
+    old = planted_results()
+    old["models"]["m"]["analyses"]["efficiency"] = {
+        "all": {"flops_per_token": 1000, "throughput": {"tokens_per_second": 25933.5}}
+    }
+    new = copy.deepcopy(old)
+    new["models"]["m"]["analyses"]["efficiency"]["all"]["throughput"]["tokens_per_second"] = 1.0
+    assert not diff_results(old, new).findings
+    new["models"]["m"]["analyses"]["efficiency"]["all"]["flops_per_token"] = 2000
+    assert [(f.analysis, f.status) for f in diff_results(old, new).findings] == [
+        ("efficiency", OUT)
+    ]
+
+
 @pytest.mark.parametrize("markdown", [False, True])
 def test_diff_command_exit_codes_and_output(tmp_path, capsys, markdown):
     old, new = planted_pair()

@@ -13,7 +13,9 @@ of tolerance when it moved more than ``k`` standard errors of the difference (an
 the fixed tolerance), ``k`` chosen so that the whole diff raises a false alarm with
 probability at most ``alpha`` (default 0.01; Bonferroni over every such value compared,
 :func:`~neuronspec.snapshot.noise_k`); each such change is listed with its size in
-standard errors. Unchanged findings are counted, not listed. Exit status: 1 when a finding is out of
+standard errors. Timings of the machine (:data:`MACHINE_MEASUREMENTS`, e.g. the
+efficiency's measured tokens/s) are no findings and are not compared. Unchanged findings
+are counted, not listed. Exit status: 1 when a finding is out of
 tolerance or removed, 0 otherwise (an added finding is new, not a change), 2 when a file
 cannot be read. ``--markdown`` writes a CI job summary.
 """
@@ -30,6 +32,19 @@ from neuronspec.snapshot import RUN_ALPHA, FindingsSnapshotExtension, count_nois
 OUT, REMOVED, ADDED, WITHIN = "out of tolerance", "removed", "added", "within tolerance"
 STATUSES = (OUT, REMOVED, ADDED, WITHIN)
 FAILING = (OUT, REMOVED)
+MACHINE_MEASUREMENTS = frozenset({"throughput"})  # finding keys that time the machine
+
+
+def _findings(results: dict[str, Any]) -> dict[tuple[str, str, str], Any]:
+    """``(model, analysis, layer) → finding``, without the machine's timings."""
+    return {
+        (m, a, layer): (
+            {k: v for k, v in f.items() if k not in MACHINE_MEASUREMENTS}
+            if isinstance(f, dict)
+            else f
+        )
+        for m, a, layer, f in iter_findings(results)
+    }
 
 
 @dataclass(frozen=True)
@@ -75,8 +90,7 @@ def diff_results(
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     extension = extension if extension is not None else FindingsSnapshotExtension()
-    before = {(m, a, layer): f for m, a, layer, f in iter_findings(old)}
-    after = {(m, a, layer): f for m, a, layer, f in iter_findings(new)}
+    before, after = _findings(old), _findings(new)
     judged = sum(
         count_noise_judged(after[key], before[key]) for key in before.keys() & after.keys()
     )
