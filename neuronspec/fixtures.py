@@ -37,7 +37,7 @@ import pytest
 
 from neuronspec.findings import LayerFindings
 from neuronspec.options import BY_FIELD, default
-from neuronspec.plots.of_findings import draw_comparison, draw_figures
+from neuronspec.plots.of_findings import draw_figures
 
 SELECTION_FIELDS = (  # RunConfig fields that change what a snapshot spec's findings hold
     "layers",
@@ -507,9 +507,9 @@ def knowledge_neurons(neuronspec_session, model_id, loaded_model):
     for overlap in overlaps:
         neuronspec_session.record(model_id, "knowledge_overlap", overlap, layer=overlap.layer)
     for j, layer in enumerate(summary.facts[0].layers):
-        union = set().union(*(set(f.refined[j]) for f in summary.facts))
+        evidence = summary.evidence(j)  # keyed by the union of the facts' refined sets
         neuronspec_session.record_neuron_set(
-            model_id, "knowledge", layer, union, evidence=summary.evidence(j)
+            model_id, "knowledge", layer, sorted(evidence), evidence=evidence
         )
     draw_figures(neuronspec_session, "knowledge_neurons", model_id, result)
     return result
@@ -585,7 +585,5 @@ def comparison(neuronspec_session):
     result = compare_models(findings, efficiencies)
     for model_id in models:
         session.record(model_id, "comparison", result)
-    if session.config.plots_dir is not None:
-        session.config.plots_dir.mkdir(parents=True, exist_ok=True)
-        draw_comparison(result, models, session.config.plots_dir)
+    draw_figures(session, "comparison", " vs ".join(models), result, models=models)
     return result

@@ -39,9 +39,10 @@ class StatsConfig:
     # standard errors of firing frequencies and dead / rare fractions; 0 turns them off
     replicates: int = 64
     # top-activating contexts per mlp neuron (capture/top_contexts.py) for the neuron cards;
-    # 0 off. Off by default: keeping 16 costs 1.21-1.22x the pass without them (python -m
-    # neuronspec.bench --only capture), over the 5% a default may cost. A run that writes a
-    # report or a card turns them on (options.REPORT_TOP_CONTEXTS).
+    # 0 off. Off by default: keeping 16 costs 1.20x (GPT-2 shape) and 1.16x (Mamba shape)
+    # the pass without them (python -m neuronspec.bench --only capture), over the 5% a
+    # default may cost. A run that writes a report or a card turns them on
+    # (options.REPORT_TOP_CONTEXTS).
     top_contexts: int = 0
 
     def __post_init__(self) -> None:

@@ -4,7 +4,7 @@ One function per fixture (:data:`FIGURES`, keyed by the fixture's name): it take
 finding as the fixture returns it, the model id, ``--plots-dir`` and what else the figure
 needs (the statistics, the tokenizer), and returns the paths it wrote. Specs draw nothing;
 a figure error is an error of the fixture, so every spec that uses the finding shows it.
-File names are those the report assigns to its sections (``report/figures.py``).
+File names are those the report assigns to its sections (``report.html.assign_figures``).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def draw_knowledge_neurons(finding, model_id: str, plots_dir: Path, **_: Any) ->
     ]
 
 
-def draw_comparison(finding, models: tuple[str, str], plots_dir: Path) -> list[Path]:
+def draw_comparison(finding, model_id: str, plots_dir: Path, *, models, **_: Any) -> list[Path]:
     """Measures against relative depth and the table of each family of measures, and the
     efficiency table, for the compared pair."""
     from neuronspec.analyses.comparison import FAMILIES, family_rows
@@ -240,6 +240,7 @@ FIGURES: dict[str, Callable[..., list[Path]]] = {
         "causal_delta_sensitive", "cross_layer_delta_sensitive"
     ),
     "knowledge_neurons": draw_knowledge_neurons,
+    "comparison": draw_comparison,  # model_id: the pair, models=(mamba, transformer)
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from neuronspec.options import REPORT_TOP_CONTEXTS
 from neuronspec.report.results import is_token_field
 from neuronspec.report.values import NeuronLinks, TokenText, escape, inline, number, table
 
@@ -36,9 +37,13 @@ def card_anchor(model_id: str, layer: Any, neuron: Any) -> str:
     return anchor("card", model_id, f"L{layer}", f"N{neuron}")
 
 
+def _has_card(cards: dict[str, Any], layer: Any, neuron: Any) -> bool:
+    return f"{layer}:{neuron}" in cards  # the results' card keys (neuronspec.cards.card_key)
+
+
 def card_link(model_id: str, layer: Any, neuron: Any, cards: dict[str, Any]) -> str:
     """Neuron ``neuron`` of ``layer`` as a link to its card, or as text when it has none."""
-    if f"{layer}:{neuron}" not in cards:
+    if not _has_card(cards, layer, neuron):
         return escape(str(neuron))
     return f'<a class="neuron" href="#{card_anchor(model_id, layer, neuron)}">{escape(str(neuron))}</a>'
 
@@ -47,7 +52,9 @@ def card_links(model_id: str, cards: dict[str, Any]) -> NeuronLinks:
     """``(layer, neuron) -> link HTML`` for the neurons with a card, None for the others."""
 
     def link(layer: int, neuron: int) -> str | None:
-        return card_link(model_id, layer, neuron, cards) if f"{layer}:{neuron}" in cards else None
+        return (
+            card_link(model_id, layer, neuron, cards) if _has_card(cards, layer, neuron) else None
+        )
 
     return link
 
@@ -158,7 +165,7 @@ def card_section(
 
 NO_CONTEXTS = (
     "No top-activating contexts: the statistics pass kept none (--top-contexts 0; a run with "
-    "--neuronspec-report keeps 16)."
+    f"--neuronspec-report keeps {REPORT_TOP_CONTEXTS})."
 )
 
 
