@@ -2,7 +2,7 @@
 pass (no further forward).
 
 A card of ``mlp`` neuron n of layer l holds its firing frequency with a 95% interval (the
-window bootstrap of :mod:`neuronspec.capture.replicates`), its firing by window position
+bootstrap over the window groups of :mod:`neuronspec.capture.window_groups`), its firing by window position
 fr_n(p) = firings at p / windows (Voita et al. Fig. 5's curve), the tokens that cover most
 of its firings (count, share of its firings, and the share of the token's occurrences it
 fires on; counted positions as in METHODS §3), its top-activating contexts (the streamed
@@ -122,9 +122,10 @@ def neuron_card(
         table = stats.unigram_table(layer)
     frequency = fires / stats.n_tokens
     se = interval = None
-    if stats.config.replicates:
+    bootstrap = stats.group_bootstrap()
+    if bootstrap is not None:
         se = float(firing_frequency_se(stats, layer)[neuron])
-        bounds = normal_interval(frequency, se, 0.95, "window bootstrap")
+        bounds = normal_interval(frequency, se, 0.95, bootstrap.method, df=bootstrap.df)
         interval = (bounds.low, bounds.high)
     by_position = layer_stats.fire_by_pos[:, neuron].double() / stats.tokens_by_pos.double()
     return NeuronCard(

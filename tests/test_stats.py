@@ -244,9 +244,10 @@ class _FireCounts:
 
     def __init__(self, counts: list[int], n_tokens: int):
         self.n_tokens, self.n_layers, self.n_windows = n_tokens, 1, n_tokens // 10
-        no_replicates = torch.zeros(0, len(counts), dtype=torch.float64)
-        fields = {"fire_count": torch.tensor(counts), "fire_replicates": no_replicates}
-        self._layer = type("Layer", (), fields)()
+        self._layer = type("Layer", (), {"fire_count": torch.tensor(counts)})()
+
+    def group_bootstrap(self):
+        return None  # no window groups: no standard errors
 
     def require_tokens(self, min_tokens):
         assert min_tokens is None

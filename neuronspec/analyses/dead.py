@@ -7,16 +7,16 @@ A neuron is *dead* if its firing frequency (fraction of tokens with ``mlp_pre`` 
 for every cutoff. Per layer we report both fractions and
 the mean frequency of the alive neurons (their Figure 1a/1b against relative depth).
 
-Uncertainty: each fraction and the mean alive frequency have a standard error from the
-pass's R Poisson-bootstrap replicates over windows (:mod:`neuronspec.capture.replicates`):
-the statistic recomputed on each replicate's weighted firing counts, SE = the replicates'
-std. ``estimate("dead_fraction")`` gives it as an :class:`~neuronspec.uncertainty.Estimate`
-(``interval(0.95)``, ``below(0.1, alpha=0.01)``). The bootstrap cannot see firing the
-corpus never showed: a neuron dead on the corpus is dead in every replicate, so where the
-dead neurons fire in no window and the alive ones in many, the dead fraction's SE is 0.
-What the corpus does bound is reported beside it: a neuron that fired in none of n
-windows fires in a window with probability below 3/n at 95% (the rule of three,
-``dead_window_rate_bound``).
+Uncertainty: each fraction, the mean alive frequency and each neuron's firing frequency
+have a standard error from the bootstrap over the pass's window groups
+(:mod:`neuronspec.capture.window_groups`): the statistic recomputed on 200 resamples of
+the groups of windows, G − 1 degrees of freedom (``se_df``). ``estimate("dead_fraction")``
+gives it as an :class:`~neuronspec.uncertainty.Estimate` (``interval(0.95)``,
+``below(0.1, alpha=0.01)``, Student-t quantiles). A count's interval is one for the count
+a corpus of this size shows, its expectation over corpora. No resampling sees firing the
+corpus never showed: a neuron dead on the corpus is dead in every resample. What the
+corpus does bound is reported beside it: a neuron that fired in none of n windows fires in
+a window with probability below 3/n at 95% (the rule of three, ``dead_window_rate_bound``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from neuronspec.capture.stats import NeuronStats
 from neuronspec.errors import NeuronSpecError
 from neuronspec.findings import Finding
-from neuronspec.uncertainty import Estimate, replicate_se
+from neuronspec.uncertainty import NO_WINDOW_GROUPS, Estimate
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,12 @@ class DeadLayerFinding(Finding):
     rare_fraction: float  # freq_cutoff < freq < rare_cutoff, as a fraction of all neurons
     mean_alive_frequency: float  # nan-free: 0.0 when no neuron is alive
     dead_neurons: tuple[int, ...]
-    # bootstrap SEs over windows (None when the pass kept no replicates)
+    # bootstrap SEs over window groups (None when the pass kept no window groups)
     dead_fraction_se: float | None = None
     rare_fraction_se: float | None = None
     mean_alive_frequency_se: float | None = None
     uncertainty: str = ""
+    se_df: int | None = None  # degrees of freedom of the SEs: non-empty window groups − 1
     dead_window_rate_bound: float | None = None  # 3 / n_windows: 95% bound, rule of three
 
     def snapshot_view(self) -> dict:
@@ -59,11 +60,8 @@ class DeadLayerFinding(Finding):
         """``dead_fraction``, ``rare_fraction`` or ``mean_alive_frequency`` with its SE."""
         se = getattr(self, f"{name}_se", None)
         if se is None:
-            raise NeuronSpecError(
-                f"no standard error of {name!r}: the statistics were collected without "
-                "replicates (StatsConfig.replicates = 0)"
-            )
-        return Estimate(getattr(self, name), se, self.uncertainty)
+            raise NeuronSpecError(f"no standard error of {name!r}: {NO_WINDOW_GROUPS}")
+        return Estimate(getattr(self, name), se, self.uncertainty, self.se_df)
 
 
 def dead_neurons(
@@ -82,7 +80,7 @@ def dead_neurons(
     rare = (frequency > freq_cutoff) & (frequency < rare_cutoff)  # disjoint from dead
     alive = ~dead
     width = frequency.numel()
-    errors = _replicate_errors(stats, layer, freq_cutoff, rare_cutoff)
+    errors = _bootstrap_errors(stats, layer, freq_cutoff, rare_cutoff)
     if freq_cutoff == 0.0 and stats.n_windows:
         errors["dead_window_rate_bound"] = 3.0 / stats.n_windows
     return DeadLayerFinding(
@@ -101,36 +99,33 @@ def dead_neurons(
     )
 
 
-REPLICATE_METHOD = (
-    "Poisson bootstrap over windows, {R} replicates accumulated in the pass; SE = std over "
-    "replicates"
-)
-
-
-def _replicate_errors(stats: NeuronStats, layer: int, freq_cutoff: float, rare_cutoff: float):
-    replicates = stats.layer(layer).fire_replicates  # (R, W)
-    if replicates.shape[0] == 0:
+def _bootstrap_errors(stats: NeuronStats, layer: int, freq_cutoff: float, rare_cutoff: float):
+    bootstrap = stats.group_bootstrap()
+    if bootstrap is None:
         return {}
-    frequency = (replicates / stats.token_replicates[:, None]).numpy()  # (R, W)
+    fire, tokens = stats.fire_count_resampled(layer, bootstrap)  # (R, W), (R,)
+    frequency = (fire / tokens[:, None]).numpy()  # (R, W)
     dead = frequency <= freq_cutoff
     rare = (frequency > freq_cutoff) & (frequency < rare_cutoff)
     alive = np.where(~dead, frequency, np.nan)
     with np.errstate(invalid="ignore"):
         mean_alive = np.nan_to_num(np.nanmean(alive, axis=1), nan=0.0)  # (R,)
     return {
-        "dead_fraction_se": float(replicate_se(dead.mean(1))),
-        "rare_fraction_se": float(replicate_se(rare.mean(1))),
-        "mean_alive_frequency_se": float(replicate_se(mean_alive)),
-        "uncertainty": REPLICATE_METHOD.format(R=replicates.shape[0]),
+        "dead_fraction_se": float(bootstrap.se(dead.mean(1))),
+        "rare_fraction_se": float(bootstrap.se(rare.mean(1))),
+        "mean_alive_frequency_se": float(bootstrap.se(mean_alive)),
+        "uncertainty": bootstrap.method,
+        "se_df": bootstrap.df,
     }
 
 
 def firing_frequency_se(stats: NeuronStats, layer: int) -> np.ndarray:
-    """``(W,)`` bootstrap SE of each neuron's firing frequency (replicates over windows)."""
-    replicates = stats.layer(layer).fire_replicates  # (R, W)
-    if replicates.shape[0] == 0:
-        raise NeuronSpecError("the statistics were collected without replicates")
-    return replicate_se((replicates / stats.token_replicates[:, None]).numpy())
+    """``(W,)`` SE of each neuron's firing frequency, by the bootstrap over window groups."""
+    bootstrap = stats.group_bootstrap()
+    if bootstrap is None:
+        raise NeuronSpecError(f"no standard error of firing frequencies: {NO_WINDOW_GROUPS}")
+    fire, tokens = stats.fire_count_resampled(layer, bootstrap)  # (R, W), (R,)
+    return bootstrap.se((fire / tokens[:, None]).numpy())
 
 
 def dead_neurons_all_layers(stats: NeuronStats, **options) -> list[DeadLayerFinding]:

@@ -9,6 +9,8 @@ each channel c gets two scores:
   population variance, ddof 0). A value below the float64 rounding floor of the one-pass
   formula, ``4·n·ε·mean(m²)`` for n windows, is reported as 0 (a constant channel then scores
   exactly 0 instead of ±1e-20).
+  Its standard error is the bootstrap over the pass's window groups
+  (:mod:`neuronspec.capture.window_groups`; G − 1 degrees of freedom, ``se_df``).
 - **perturbation**: mean |Δ_c(x') − Δ_c(x)| over positions t ≥ k after replacing the token at
   k with a random token (uniform over the vocabulary, never the original; k uniform over the
   window's positions other than the window start and any BOS token, as the n-gram counts
@@ -201,6 +203,10 @@ class DeltaSensitiveFinding(Finding):
     n_zero_variance: int  # channels whose text-mean never varies
     top_overlap: int  # channels in both top lists
     rank_correlation: float  # Spearman ρ of the two scores over all channels
+    # bootstrap SEs of top_variance over window groups (None without window groups)
+    top_variance_se: tuple[float, ...] | None = None
+    uncertainty: str = ""
+    se_df: int | None = None
 
     def snapshot_view(self) -> dict:
         """The top channels by variance across texts and by token-substitution perturbation."""
@@ -209,10 +215,17 @@ class DeltaSensitiveFinding(Finding):
             "site": self.site,
             "kind": self.kind,
             "top_by_variance": list(self.top_by_variance),
-            "top_variance": list(self.top_variance),
+            "top_variance": _with_se(self.top_variance, self.top_variance_se),
             "top_by_perturbation": list(self.top_by_perturbation),
             "top_perturbation": list(self.top_perturbation),
         }
+
+
+def _with_se(values: tuple[float, ...], ses: tuple[float, ...] | None) -> list:
+    """Values as ``{"x", "x_se"}`` pairs, judged against their noise by the snapshots."""
+    if ses is None:
+        return list(values)
+    return [{"x": x, "x_se": se} for x, se in zip(values, ses, strict=True)]
 
 
 def delta_sensitive_layer(
@@ -236,7 +249,17 @@ def delta_sensitive_layer(
     mean = stats.site_mean(site, layer).numpy()  # (W,)
     by_variance = top_channels(variance, top_k)
     by_perturbation = top_channels(perturbation, top_k)
+    errors = {}
+    bootstrap = stats.group_bootstrap()
+    if bootstrap is not None:
+        resampled = stats.window_mean_variance_resampled(site, layer, bootstrap).numpy()
+        errors = {
+            "top_variance_se": tuple(bootstrap.se(resampled[:, by_variance]).tolist()),
+            "uncertainty": bootstrap.method,
+            "se_df": bootstrap.df,
+        }
     return DeltaSensitiveFinding(
+        **errors,
         model=model,
         layer=layer,
         site=site,

@@ -17,6 +17,13 @@ Decisions where METHODS.md is silent:
   position. Each summand is a Bernoulli KL divergence, so I ≥ 0 in every case.
 - A neuron with fr_n ∈ {0, 1} fires never/always, hence fr_n(p) = fr_n at every p and I = 0.
 - A position with no tokens makes fr_n(p) undefined: that is an error, not a skipped term.
+- **Uncertainty**: the number of positional neurons and each top neuron's I get a
+  standard error by the bootstrap over the pass's window groups
+  (:mod:`neuronspec.capture.window_groups`): I recomputed from fr_n(p) on each resample
+  of the groups of windows, G − 1 degrees of freedom (``se_df``). The count's interval is one for
+  the count a corpus of this size shows (its expectation over corpora; the plug-in I is
+  biased upwards by about (T − 1)/(2·n·fr_n·(1 − fr_n)) nats for n windows, Miller 1955,
+  so a neuron whose true I sits just under the threshold can be counted).
 - **Position range** of a positional neuron: the maximal runs of consecutive positions where
   fr_n(p) > fr_n, as inclusive ``[first, last]`` pairs. The *main* range is the run with the
   largest excess Σ_p (fr_n(p) − fr_n); a position-range indicator has one dominant run.
@@ -30,8 +37,10 @@ import numpy as np
 
 from neuronspec.analyses.ngram import relative_depth
 from neuronspec.capture.stats import NeuronStats
-from neuronspec.errors import CountTableError
+from neuronspec.capture.window_groups import GroupBootstrap
+from neuronspec.errors import CountTableError, NeuronSpecError
 from neuronspec.findings import Finding
+from neuronspec.uncertainty import NO_WINDOW_GROUPS, Estimate
 
 DEFAULT_MI_THRESHOLD = 0.05  # Voita et al.: positional if I(act; pos) > 0.05 nats
 DEFAULT_TOP_K = 10  # neurons whose firing curves a finding keeps for the positional plot
@@ -149,6 +158,11 @@ class PositionalLayerFinding(Finding):
     top_mutual_information: list[float]
     top_overall_rate: list[float]
     top_firing_by_position: dict[int, list[float]]  # neuron -> fr_n(p), p = 0..T-1
+    # bootstrap SEs over window groups (None when the pass kept no window groups)
+    n_positional_se: float | None = None
+    top_mutual_information_se: list[float] | None = None
+    uncertainty: str = ""
+    se_df: int | None = None
 
     @property
     def relative_depth(self) -> float:
@@ -163,8 +177,15 @@ class PositionalLayerFinding(Finding):
         return {
             "layer": self.layer,
             "n_positional": self.n_positional,
+            "n_positional_se": self.n_positional_se,
             "top": stable_ranking(self.top_neurons, self.top_mutual_information, 5),
         }
+
+    def estimate(self, name: str = "n_positional") -> Estimate:
+        """``n_positional`` with its bootstrap SE (Student-t, ``se_df``)."""
+        if self.n_positional_se is None:
+            raise NeuronSpecError(f"no standard error of {name!r}: {NO_WINDOW_GROUPS}")
+        return Estimate(getattr(self, name), self.n_positional_se, self.uncertainty, self.se_df)
 
 
 def analyse_positional_layer(
@@ -178,8 +199,11 @@ def analyse_positional_layer(
     n_windows: int | None = None,
     threshold: float = DEFAULT_MI_THRESHOLD,
     top_k: int = DEFAULT_TOP_K,
+    resampled: tuple[GroupBootstrap, np.ndarray] | None = None,
 ) -> PositionalLayerFinding:
-    """Positional neurons of one layer from ``fire_by_pos: int64[T, W]``, ``tokens_by_pos``."""
+    """Positional neurons of one layer from ``fire_by_pos: int64[T, W]``, ``tokens_by_pos``;
+    ``resampled`` (the window-group bootstrap and I of each neuron on its resamples,
+    ``(R, W)``) adds the standard errors."""
     if not 0 <= layer < n_layers:
         raise CountTableError(f"layer {layer} outside [0, {n_layers})")
     if top_k < 0:
@@ -200,7 +224,17 @@ def analyse_positional_layer(
     by_mi = np.argsort(-mi, kind="stable")  # (W,) descending I, ties by neuron id
     positional = by_mi[mi[by_mi] > threshold]
     top = by_mi[:top_k]
+    errors = {}
+    if resampled is not None:
+        bootstrap, resampled_mi = resampled  # (R, W)
+        errors = {
+            "n_positional_se": float(bootstrap.se((resampled_mi > threshold).sum(1))),
+            "top_mutual_information_se": bootstrap.se(resampled_mi[:, top]).tolist(),
+            "uncertainty": bootstrap.method,
+            "se_df": bootstrap.df,
+        }
     return PositionalLayerFinding(
+        **errors,
         model=model,
         layer=layer,
         n_layers=n_layers,
@@ -238,7 +272,12 @@ def positional_layer_from_stats(
 ) -> PositionalLayerFinding:
     """:func:`analyse_positional_layer` on the streamed statistics of one layer."""
     layer_stats = stats.layer(layer)
+    bootstrap = stats.group_bootstrap()
+    resampled = None
+    if bootstrap is not None:
+        resampled = (bootstrap, resampled_mutual_information(stats, layer, bootstrap))
     return analyse_positional_layer(
+        resampled=resampled,
         model=model,
         layer=layer,
         n_layers=stats.n_layers,
@@ -248,3 +287,22 @@ def positional_layer_from_stats(
         n_windows=stats.n_windows,
         **options,
     )
+
+
+RESAMPLE_CHUNK = 25  # resamples of fire_by_pos held at once: 25·T·W int64
+
+
+def resampled_mutual_information(
+    stats: NeuronStats, layer: int, bootstrap: GroupBootstrap
+) -> np.ndarray:
+    """``(R, W)``: I(act; pos) of every neuron on each resample of the window groups."""
+    out = []
+    for start in range(0, bootstrap.weights.shape[0], RESAMPLE_CHUNK):
+        fire, tokens = stats.fire_by_pos_resampled(
+            layer, bootstrap, slice(start, start + RESAMPLE_CHUNK)
+        )
+        out += [
+            positional_mutual_information(f, t)
+            for f, t in zip(fire.numpy(), tokens.numpy(), strict=True)
+        ]
+    return np.stack(out)

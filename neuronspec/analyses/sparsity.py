@@ -18,6 +18,12 @@ batches folded into ``abs_sketch`` and ``token_sparsity``, see
   not all zero (the count is reported).
 - optimal threshold: the τ at which threshold sparsity reaches a target (default 0.3),
   i.e. the target-quantile of m, from the sketch (same accuracy).
+
+Uncertainty: threshold sparsity, the three per-token means and the optimal threshold get
+a standard error by the bootstrap over the pass's window groups (each
+group's sketch and per-token sums, :mod:`neuronspec.capture.window_groups`), G − 1
+degrees of freedom (``se_df``). The SE is of the sampling of windows; the sketch's own
+relative accuracy is reported beside it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from neuronspec.capture.config import StatsConfig
 from neuronspec.capture.stats import NeuronStats
 from neuronspec.errors import NeuronSpecError
 from neuronspec.findings import Finding
+from neuronspec.uncertainty import NO_WINDOW_GROUPS, Estimate
 
 PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
 FAMILY_TAU = {"mamba": 0.01, "gpt2": 1e-5}  # METHODS §9
@@ -66,12 +73,30 @@ class SparsityLayerFinding(Finding):
     n_tokens_measured: int  # tokens whose |a| row is not all zero
     target_sparsity: float
     optimal_threshold: float
+    # bootstrap SEs over window groups (None when the pass kept no window groups)
+    threshold_sparsity_se: float | None = None
+    entropy_se: float | None = None
+    gini_se: float | None = None
+    hoyer_se: float | None = None
+    optimal_threshold_se: float | None = None
+    uncertainty: str = ""
+    se_df: int | None = None
+
+    def estimate(self, name: str) -> Estimate:
+        """``threshold_sparsity``, ``entropy``, ``gini``, ``hoyer`` or ``optimal_threshold``
+        with its bootstrap SE (Student-t, ``se_df``)."""
+        se = getattr(self, f"{name}_se", None)
+        if se is None:
+            raise NeuronSpecError(f"no standard error of {name!r}: {NO_WINDOW_GROUPS}")
+        return Estimate(getattr(self, name), se, self.uncertainty, self.se_df)
 
 
 def sketch_quantile(stats: NeuronStats, layer: int, q: float) -> float:
     """Nearest-rank ``q``-quantile (0 < q ≤ 1) of the layer's |a|, from the sketch."""
-    counts = stats.layer(layer).abs_sketch.numpy()
-    config = stats.config
+    return _sketch_quantile(stats.layer(layer).abs_sketch.numpy(), stats.config, q, layer)
+
+
+def _sketch_quantile(counts: np.ndarray, config: StatsConfig, q: float, layer: int) -> float:
     total = int(counts.sum())
     if total == 0:
         raise NeuronSpecError(f"layer {layer} has no activations in its sketch")
@@ -91,8 +116,11 @@ def sketch_quantile(stats: NeuronStats, layer: int, q: float) -> float:
 
 def threshold_sparsity(stats: NeuronStats, layer: int, tau: float) -> tuple[float, bool]:
     """Fraction of (token, neuron) with |a| < ``tau`` and whether it is exact (tau on an edge)."""
-    counts = stats.layer(layer).abs_sketch.numpy().astype(np.float64)
-    config = stats.config
+    return _threshold_sparsity(stats.layer(layer).abs_sketch.numpy(), stats.config, tau)
+
+
+def _threshold_sparsity(counts: np.ndarray, config: StatsConfig, tau: float) -> tuple[float, bool]:
+    counts = counts.astype(np.float64)
     total = counts.sum()
     if tau <= config.sketch_min or tau >= config.sketch_max:
         raise NeuronSpecError(
@@ -121,6 +149,7 @@ def sparsity_layer(
         raise NeuronSpecError(f"layer {layer}: every token's |a| row is zero; no sparsity")
     sparsity, exact = threshold_sparsity(stats, layer, tau)
     return SparsityLayerFinding(
+        **_bootstrap_errors(stats, layer, tau, target),
         layer=layer,
         relative_depth=layer / max(stats.n_layers - 1, 1),
         site="mlp",
@@ -138,6 +167,28 @@ def sparsity_layer(
         target_sparsity=target,
         optimal_threshold=sketch_quantile(stats, layer, target),
     )
+
+
+def _bootstrap_errors(stats: NeuronStats, layer: int, tau: float, target: float) -> dict:
+    bootstrap = stats.group_bootstrap()
+    if bootstrap is None:
+        return {}
+    layer_stats = stats.layer(layer)
+    sketches = bootstrap.resample(layer_stats.abs_sketch_groups).round().long().numpy()  # (R, S)
+    sums = bootstrap.resample(layer_stats.token_sparsity_groups)  # (R, 4)
+    means = (sums[:, 1:] / sums[:, :1]).numpy()  # (R, 3): entropy, Gini, Hoyer
+    sparsity = [_threshold_sparsity(c, stats.config, tau)[0] for c in sketches]
+    optimal = [_sketch_quantile(c, stats.config, target, layer) for c in sketches]
+    entropy_se, gini_se, hoyer_se = bootstrap.se(means).tolist()
+    return {
+        "threshold_sparsity_se": float(bootstrap.se(sparsity)),
+        "entropy_se": entropy_se,
+        "gini_se": gini_se,
+        "hoyer_se": hoyer_se,
+        "optimal_threshold_se": float(bootstrap.se(optimal)),
+        "uncertainty": bootstrap.method,
+        "se_df": bootstrap.df,
+    }
 
 
 def sparsity_all_layers(stats: NeuronStats, **options) -> list[SparsityLayerFinding]:

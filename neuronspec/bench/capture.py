@@ -16,7 +16,7 @@ pairs, so every pass is timed over ``SHORT`` and over ``LONG`` batches, and the 
 ratio (the extra batches of the long pass, statistics against forward) is the cost per
 batch once the pass is long. The one sorted (neuron, token) table per layer that analyses
 read is built on read, not in the pass; its cost for all layers after the short pass is
-reported too. The pass with its 64 Poisson-bootstrap replicates (the default) is timed
+reported too. The pass with its 20 window groups (the default: bootstrap SEs) is timed
 beside the pass without them, and so is the pass with its 16 top-activating contexts per
 neuron (the default) beside the pass without. 5 rounds; ratios are medians of per-round ratios (each round runs the compared
 passes back to back). ``quick``: 4 layers, 1 and 2 batches of 2×128 tokens, 2 rounds.
@@ -123,8 +123,8 @@ def run(quick: bool = False) -> list[dict]:
             {  # compared rows are neighbours: they run back to back in every round
                 "lm": lm_forward,
                 "stats": functools.partial(stats_pass, short),
-                "stats, no replicates": functools.partial(
-                    stats_pass_with, StatsConfig(replicates=0), short
+                "stats, no groups": functools.partial(
+                    stats_pass_with, StatsConfig(window_groups=0), short
                 ),
                 "stats, top contexts": functools.partial(
                     stats_pass_with, StatsConfig(top_contexts=REPORT_TOP_CONTEXTS), short
@@ -153,11 +153,11 @@ def run(quick: bool = False) -> list[dict]:
             _row(f"{name}: statistics pass, pending keys counted, {tokens}", final,
                  layers_row, t["layers"]),
             _row(whole, t["stats"], layers_row, t["layers"]),
-            _row(f"{name}: statistics pass without bootstrap replicates, whole, {tokens}",
-                 t["stats, no replicates"], layers_row, t["layers"]),
-            _row(f"{name}: statistics pass with the 64 replicates, whole, {tokens}", t["stats"],
-                 f"{name}: statistics pass without bootstrap replicates, whole, {tokens}",
-                 t["stats, no replicates"]),
+            _row(f"{name}: statistics pass without window groups, whole, {tokens}",
+                 t["stats, no groups"], layers_row, t["layers"]),
+            _row(f"{name}: statistics pass with the 20 window groups, whole, {tokens}", t["stats"],
+                 f"{name}: statistics pass without window groups, whole, {tokens}",
+                 t["stats, no groups"]),
             _row(f"{name}: statistics pass with {REPORT_TOP_CONTEXTS} top contexts (a report run),"
                  f" whole, {tokens}", t["stats, top contexts"], layers_row, t["layers"]),
             _row(f"{name}: statistics pass with {REPORT_TOP_CONTEXTS} top contexts, whole, {tokens}",

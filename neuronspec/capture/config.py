@@ -35,9 +35,11 @@ class StatsConfig:
     sketch_per_decade: int = 116
     sketch_min: float = 1e-12
     sketch_max: float = 1e6
-    # Poisson-bootstrap replicates of the firing counts over windows (capture/replicates.py):
-    # standard errors of firing frequencies and dead / rare fractions; 0 turns them off
-    replicates: int = 64
+    # window groups (capture/window_groups.py): per-group parts of the firing counts by
+    # position, the sparsity accumulators and the window-mean moments, for bootstrap
+    # standard errors of every corpus statistic; 0 turns them off. Memory: G·T·W int32
+    # per layer (20 groups, T = 64, W = 3072: 15.7 MB)
+    window_groups: int = 20
     # top-activating contexts per mlp neuron (capture/top_contexts.py) for the neuron cards;
     # 0 off. Off by default: keeping 16 costs 1.20x (GPT-2 shape) and 1.16x (Mamba shape)
     # the pass without them (python -m neuronspec.bench --only capture), over the 5% a
@@ -51,9 +53,9 @@ class StatsConfig:
                 f"need {FLOAT32_TINY:.4g} <= sketch_min < sketch_max <= {FLOAT32_MAX:.4g} "
                 f"(normal float32 numbers), got {self.sketch_min} and {self.sketch_max}"
             )
-        if self.replicates < 0 or self.replicates == 1:
+        if self.window_groups < 0 or self.window_groups == 1:
             raise NeuronSpecError(
-                f"replicates must be 0 (off) or at least 2, got {self.replicates}"
+                f"window_groups must be 0 (off) or at least 2, got {self.window_groups}"
             )
         if self.top_contexts < 0:
             raise NeuronSpecError(f"top_contexts must be 0 (off) or more, got {self.top_contexts}")

@@ -17,8 +17,11 @@ abs_sketch          (n_sketch + 2,) int64  |a| over all (token, neuron) in finer
                                            sketch_min / at or above sketch_max at the ends)
 token_sparsity      (4,) float64           over tokens whose |a| row is not all zero: count,
                                            Σ normalised entropy, Σ Gini, Σ Hoyer (METHODS §9)
-fire_replicates     (R, W) float64         firing counts with windows Poisson-weighted
-                                           (:mod:`neuronspec.capture.replicates`)
+*_groups           (G, ...)               fire_by_pos, abs_sketch and token_sparsity of
+                                           each window group: fire_by_pos_groups (G, T, W)
+                                           int32, abs_sketch_groups (G, n_sketch + 2),
+                                           token_sparsity_groups (G, 4)
+                                           (:mod:`neuronspec.capture.window_groups`)
 pair_dense_token    (D,) int64             unigram firings at counted positions (not window
 pair_dense_offset   (D,) int64             start, not BOS), for the corpus's tokens: row r
 pair_dense_bits     (D,) uint8             counts token pair_dense_token[r] (distinct, any
@@ -33,11 +36,13 @@ top_index           (k, W) int64           their corpus token index window·T + 
                                            (:mod:`neuronspec.capture.top_contexts`)
 {site}_wmean_sum    (W,) float64           Σ over windows of the window-mean of ``site``
 {site}_wmean_sumsq  (W,) float64           Σ of its square (METHODS §5; sites ``mlp``, ``dt``)
+{site}_wmean_group_ (G, W) float64         both sums per window group (``..._group_sum``,
+  sum/sumsq                                ``..._group_sumsq``)
 ==================  =====================  ==================================================
 
 Shared by all layers: ``tokens_by_pos (T,)`` (its entry 0 is the number of windows),
-``token_count (V,)`` (occurrences at counted positions), ``token_replicates (R,)`` (tokens,
-windows Poisson-weighted), ``tri_occ_key/count`` (trigram occurrences).
+``token_count (V,)`` (occurrences at counted positions), ``group_windows (G,)`` (windows
+in each window group), ``tri_occ_key/count`` (trigram occurrences).
 
 Every field merges by addition (``act_absmax`` by maximum, sparse tables by key union), so
 shards of a corpus give the same statistics as the whole.
@@ -55,8 +60,9 @@ from neuronspec.errors import NeuronSpecError
 # Part of the cache key: bump when an accumulator changes. v5: trigrams ending at window
 # position 2 count; v6: window-mean moments, sparsity sketch; v7: packed (neuron, token)
 # rows, no abs_hist (abs_sketch bins the same |a| finer); v8: Mamba dt window sums from
-# the scan, in float64; v9: Poisson-bootstrap firing replicates; v10: top-activating contexts.
-STATS_FORMAT = "neuronspec-stats-v10"
+# the scan, in float64; v9: Poisson-bootstrap firing replicates; v10: top-activating contexts; v11: window groups
+# (bootstrap over groups) in place of the Poisson replicates.
+STATS_FORMAT = "neuronspec-stats-v11"
 
 LAYER_FIELDS = (
     "fire_by_pos",
@@ -66,7 +72,9 @@ LAYER_FIELDS = (
     "pearson_abs_sum",
     "abs_sketch",
     "token_sparsity",
-    "fire_replicates",
+    "fire_by_pos_groups",
+    "abs_sketch_groups",
+    "token_sparsity_groups",
     "top_value",
     "top_index",
 )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -14,20 +15,30 @@ WINDOW_MEAN_SITES = ("mlp", "dt")
 @dataclass
 class WindowMeanMoments:
     """Σ over windows of the window-mean activation ``m_w = (1/T) Σ_t a_t`` and of ``m_w²``,
-    per channel ``(W,)`` float64; merges by addition (window count: ``tokens_by_pos[0]``)."""
+    per channel ``(W,)`` float64, and the same sums per window group ``(G, W)``
+    (:mod:`neuronspec.capture.window_groups`); merges by addition (window count:
+    ``tokens_by_pos[0]``, per group ``group_windows``)."""
 
     sum: torch.Tensor  # (W,)
     sumsq: torch.Tensor  # (W,)
+    group_sum: torch.Tensor  # (G, W)
+    group_sumsq: torch.Tensor  # (G, W)
 
     @classmethod
-    def empty(cls, width: int) -> WindowMeanMoments:
-        return cls(torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
+    def empty(cls, width: int, groups: int) -> WindowMeanMoments:
+        zeros = functools.partial(torch.zeros, dtype=torch.float64)
+        return cls(zeros(width), zeros(width), zeros(groups, width), zeros(groups, width))
 
-    def add_window_sums(self, sums: torch.Tensor, window: int) -> None:
-        """Add the windows' sums over their ``window`` positions, ``(B, W)`` float64."""
-        means = sums / window  # (B, W)
-        self.sum += means.sum(0).cpu()
-        self.sumsq += (means * means).sum(0).cpu()
+    def add_window_sums(self, sums: torch.Tensor, window: int, groups: torch.Tensor | None) -> None:
+        """Add the windows' sums over their ``window`` positions, ``(B, W)`` float64, of the
+        window groups ``groups (B,)`` (None: the pass keeps no groups)."""
+        means = (sums / window).cpu()  # (B, W)
+        squares = means * means
+        self.sum += means.sum(0)
+        self.sumsq += squares.sum(0)
+        if groups is not None:
+            self.group_sum.index_add_(0, groups, means)
+            self.group_sumsq.index_add_(0, groups, squares)
 
 
 PEARSON_CONSTANT_VARIANCE = 1e-6  # relative to the mean square: float32 noise level

@@ -99,7 +99,7 @@ def add_layer_native(pass_stats, stats, pre, act, input_ids, counted, wmeans):
         raise MemoryError("stats kernel: cannot allocate its scratch memory")
     refuse_non_finite(found)
     if wmeans is not None:
-        wmeans.add_window_sums(window_sums, window)
+        wmeans.add_window_sums(window_sums, window, pass_stats._groups)
     if tail_keys is not None:
         spans = [tail_keys[start : start + count] for start, count in tail_spans.tolist()]
         pairs.tail.add(*spans)  # copied: the work buffer is reused

@@ -19,19 +19,35 @@ def _sketch_scale(config: StatsConfig) -> tuple[float, float]:
     return per_log2, 1 - math.log2(config.sketch_min) * per_log2
 
 
-def add_token_sparsity(stats, act: torch.Tensor, config: StatsConfig, backend: str) -> None:
-    """Add one batch ``act (B, T, W)`` into ``abs_sketch`` and ``token_sparsity``: by
-    ``neuronspec/native/sparsity.c`` for float32 CPU activations where it builds, else by
-    :func:`token_sparsity_torch` (same definitions)."""
-    batch, window, width = act.shape
-    if width < 2:
+def add_token_sparsity(
+    stats, act: torch.Tensor, config: StatsConfig, backend: str, groups: torch.Tensor | None
+) -> None:
+    """Add one batch ``act (B, T, W)`` into ``abs_sketch`` and ``token_sparsity`` and, for
+    the window groups ``groups (B,)`` (None: the pass keeps none), into each window's
+    group part: by ``neuronspec/native/sparsity.c`` for float32 CPU activations where it
+    builds, else by :func:`token_sparsity_torch` (same definitions)."""
+    if act.shape[-1] < 2:
         raise NeuronSpecError("sparsity over neurons needs a site of at least 2 neurons")
     native = act.device.type == "cpu" and act.dtype == torch.float32 and use_native(backend)
-    if not native:
-        sketch, sums = token_sparsity_torch(act, config)
+    measure = _token_sparsity_native if native else token_sparsity_torch
+    if groups is None:
+        parts = [(None, act)]
+    else:  # one window at a time: its counts go to its group too
+        parts = [(group, act[b : b + 1]) for b, group in enumerate(groups.tolist())]
+    for group, part in parts:
+        sketch, sums = measure(part, config)
         stats.abs_sketch += sketch
         stats.token_sparsity += sums
-        return
+        if group is not None:
+            stats.abs_sketch_groups[group] += sketch
+            stats.token_sparsity_groups[group] += sums
+
+
+def _token_sparsity_native(
+    act: torch.Tensor, config: StatsConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_sparsity_torch` by the native kernel (float32 CPU ``act``)."""
+    batch, window, width = act.shape
     act = unit_channel_stride(act)
     threads = torch.get_num_threads()
     sketch = torch.zeros(threads, config.sketch_bins + 2, dtype=torch.long)
@@ -44,8 +60,7 @@ def add_token_sparsity(stats, act: torch.Tensor, config: StatsConfig, backend: s
     )  # fmt: skip
     if status != 0:
         raise MemoryError("sparsity kernel: cannot allocate its scratch memory")
-    stats.abs_sketch += sketch.sum(0)
-    stats.token_sparsity += sums.sum(0)
+    return sketch.sum(0), sums.sum(0)
 
 
 def token_sparsity_torch(

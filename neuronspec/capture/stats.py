@@ -6,7 +6,7 @@ after them: what to collect (:mod:`~neuronspec.capture.config`), the packed (neu
 rows (:mod:`~neuronspec.capture.packed_rows`), sparse count tables
 (:mod:`~neuronspec.capture.sparse_counts`), n-gram keys (:mod:`~neuronspec.capture.ngram_keys`),
 window moments (:mod:`~neuronspec.capture.moments`), the sparsity sketch
-(:mod:`~neuronspec.capture.sketch`), bootstrap weights (:mod:`~neuronspec.capture.replicates`)
+(:mod:`~neuronspec.capture.sketch`), window groups (:mod:`~neuronspec.capture.window_groups`)
 and the native kernels (:mod:`~neuronspec.capture.native_stats`).
 
 Every field merges by addition (``act_absmax`` by maximum, sparse tables by key union),
@@ -43,10 +43,10 @@ from neuronspec.capture.native_stats import (
 )
 from neuronspec.capture.ngram_keys import counted_positions, trigram_keys
 from neuronspec.capture.packed_rows import UnigramCounter, packed_tokens
-from neuronspec.capture.replicates import poisson_weights
 from neuronspec.capture.sketch import add_token_sparsity
 from neuronspec.capture.sparse_counts import SparseCounter
 from neuronspec.capture.top_contexts import batch_top, empty_top, merge_top
+from neuronspec.capture.window_groups import GroupBootstrap, window_groups
 from neuronspec.errors import LayerOutOfRangeError, NeuronSpecError, TooFewTokensError
 
 
@@ -61,7 +61,9 @@ class LayerStats:
     pearson_abs_sum: torch.Tensor
     abs_sketch: torch.Tensor
     token_sparsity: torch.Tensor
-    fire_replicates: torch.Tensor  # (R, W) float64: firing counts, windows Poisson-weighted
+    fire_by_pos_groups: torch.Tensor  # (G, T, W) int32: fire_by_pos of each window group
+    abs_sketch_groups: torch.Tensor  # (G, n_sketch + 2) int64: abs_sketch of each group
+    token_sparsity_groups: torch.Tensor  # (G, 4) float64: token_sparsity of each group
     top_value: torch.Tensor  # (k, W) float32: largest mlp activations (top_contexts.py)
     top_index: torch.Tensor  # (k, W) int64: their corpus token index window·T + position
     pairs: UnigramCounter
@@ -87,7 +89,11 @@ class LayerStats:
             pearson_abs_sum=torch.zeros(width, dtype=torch.float64),
             abs_sketch=torch.zeros(config.sketch_bins + 2, dtype=torch.long),
             token_sparsity=torch.zeros(4, dtype=torch.float64),
-            fire_replicates=torch.zeros(config.replicates, width, dtype=torch.float64),
+            fire_by_pos_groups=torch.zeros(config.window_groups, window, width, dtype=torch.int32),
+            abs_sketch_groups=torch.zeros(
+                config.window_groups, config.sketch_bins + 2, dtype=torch.long
+            ),
+            token_sparsity_groups=torch.zeros(config.window_groups, 4, dtype=torch.float64),
             top_value=top_value,
             top_index=top_index,
             pairs=UnigramCounter(width, vocab_size, dense_tokens, native, token_frequency),
@@ -114,7 +120,7 @@ class NeuronStats:
     layers: list[LayerStats]
     tokens_by_pos: torch.Tensor  # (T,) int64
     token_count: torch.Tensor  # (V,) int64, counted positions only
-    token_replicates: torch.Tensor  # (R,) float64: tokens, windows Poisson-weighted
+    group_windows: torch.Tensor  # (G,) int64: windows in each window group
     tri_occurrences: SparseCounter
     # per-batch work buffers, reused across layers and batches (fresh 10 MB tensors per op
     # cost more in allocation and cache misses than the arithmetic); not statistics
@@ -123,8 +129,8 @@ class NeuronStats:
     backend: str = dataclasses.field(default="auto", repr=False, compare=False)
     # the BOS id of the batch add_tokens accounted last (trigram validity in add_layer)
     _bos_id: int | None = dataclasses.field(default=None, repr=False, compare=False)
-    # (R, B) Poisson weights of the windows add_tokens accounted last (add_layer uses them)
-    _weights: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
+    # (B,) window groups of the windows add_tokens accounted last (add_layer uses them)
+    _groups: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
     # corpus index of this statistics' first window (a shard's offset): top-context indices
     window_offset: int = dataclasses.field(default=0, repr=False, compare=False)
     # corpus token index of the batch add_tokens accounted last
@@ -173,12 +179,12 @@ class NeuronStats:
             ],
             tokens_by_pos=torch.zeros(window, dtype=torch.long),
             token_count=torch.zeros(vocab_size, dtype=torch.long),
-            token_replicates=torch.zeros(config.replicates, dtype=torch.float64),
+            group_windows=torch.zeros(config.window_groups, dtype=torch.long),
             tri_occurrences=SparseCounter(),
             backend=backend,
             window_offset=window_offset,
             window_means={
-                (site, layer): WindowMeanMoments.empty(width)
+                (site, layer): WindowMeanMoments.empty(width, config.window_groups)
                 for site in window_mean_sites
                 for layer, width in enumerate(widths)
             },
@@ -228,9 +234,9 @@ class NeuronStats:
         self._first_token = (self.window_offset + self.n_windows) * window
         self.tokens_by_pos += batch
         self._bos_id = bos_id
-        if self.config.replicates:
-            self._weights = poisson_weights(input_ids, self.config.replicates)  # (R, B)
-            self.token_replicates += self._weights.sum(1) * window
+        if self.config.window_groups:
+            self._groups = window_groups(input_ids, self.config.window_groups)  # (B,)
+            self.group_windows += torch.bincount(self._groups, minlength=self.config.window_groups)
         counted = counted_positions(input_ids, bos_id)  # (B, T)
         self.token_count += torch.bincount(input_ids[counted].cpu(), minlength=self.vocab_size)
         if self.config.trigrams:
@@ -259,14 +265,14 @@ class NeuronStats:
             fires = add_layer_native(self, stats, pre, act, input_ids, counted, wmeans)
         else:
             fires = self._add_layer_torch(stats, pre, act, input_ids, counted, wmeans)
-        add_token_sparsity(stats, act, self.config, self.backend)
-        if self.config.replicates:
+        add_token_sparsity(stats, act, self.config, self.backend, self._groups)
+        if self.config.window_groups:
             if fires is None:  # the native kernel counted without materialising them
                 fires = torch.gt(
                     pre, self.config.fire_threshold, out=self.buffer("fires", pre, torch.bool)
                 )
-            per_window = fires.sum(1, dtype=torch.int32).double().cpu()  # (B, W)
-            stats.fire_replicates += self._weights @ per_window  # (R, W)
+            for window_fires, group in zip(fires.cpu(), self._groups.tolist(), strict=True):
+                stats.fire_by_pos_groups[group] += window_fires  # (T, W)
         if self.config.trigrams:
             keys, valid = trigram_keys(input_ids, counted, self.vocab_size, self._bos_id)
             b, t, n = torch.nonzero(fires & valid[:, :, None], as_tuple=True)
@@ -295,7 +301,7 @@ class NeuronStats:
         stats.act_sum += window_sum.sum(0).cpu()
         stats.act_sumsq += window_sumsq.sum(0).cpu()
         if wmeans is not None:
-            wmeans.add_window_sums(window_sum, act32.shape[1])
+            wmeans.add_window_sums(window_sum, act32.shape[1], self._groups)
         absact = torch.abs(act32, out=work)  # (B, T, W)
         torch.maximum(stats.act_absmax, absact.amax((0, 1)).double().cpu(), out=stats.act_absmax)
         stats.pearson_abs_sum += abs_pearson_with_position(
@@ -320,11 +326,37 @@ class NeuronStats:
             buffer = self._buffers[name] = torch.empty(size, dtype=dtype)
         return buffer[:size]
 
+    # -- window groups: bootstrap SEs (capture/window_groups.py) ---------------------------
+    def group_bootstrap(self) -> GroupBootstrap | None:
+        """The resamples of the window groups; None when the pass kept no groups or fewer
+        than 2 of them hold windows."""
+        if not self.config.window_groups:
+            return None
+        return GroupBootstrap.of(self.group_windows)
+
+    def fire_count_resampled(
+        self, layer: int, bootstrap: GroupBootstrap
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Firing counts and token counts of each resample: ``(R, W)`` and ``(R,)`` float64."""
+        per_group = self.layer(layer).fire_by_pos_groups.sum(1, dtype=torch.long)  # (G, W)
+        tokens = bootstrap.resample(self.group_windows) * self.window
+        return bootstrap.resample(per_group), tokens
+
+    def fire_by_pos_resampled(
+        self, layer: int, bootstrap: GroupBootstrap, rows: slice
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fire_by_pos`` and ``tokens_by_pos`` of the resamples ``rows``: ``(r, T, W)`` and
+        ``(r, T)`` int64 (every window adds 1 at each position)."""
+        weights = bootstrap.weights[rows]  # (r, G)
+        fire = torch.tensordot(weights, self.layer(layer).fire_by_pos_groups.double(), dims=1)
+        tokens = (weights @ self.group_windows.double())[:, None].expand(-1, self.window)
+        return fire.round().long(), tokens.round().long()  # integer weights: exact counts
+
     # -- window-mean moments (METHODS §5) --------------------------------------------------------
     def add_window_sums(self, site: str, layer: int, sums: torch.Tensor, window: int) -> None:
         """Accumulate one batch of ``site`` at ``layer``: ``sums`` ``(B, W)`` float64, each
         window's sum over its ``window`` positions."""
-        self._window_moments(site, layer).add_window_sums(sums, window)
+        self._window_moments(site, layer).add_window_sums(sums, window, self._groups)
 
     def window_mean_variance(self, site: str, layer: int) -> torch.Tensor:
         """(W,) float64: variance across windows of the window-mean activation (population
@@ -333,6 +365,18 @@ class NeuronStats:
         n = self._windows_for_moments()
         mean = moments.sum / n
         return (moments.sumsq / n - mean * mean).clamp_min(0.0)
+
+    def window_mean_variance_resampled(
+        self, site: str, layer: int, bootstrap: GroupBootstrap
+    ) -> torch.Tensor:
+        """``(R, W)`` float64: :meth:`window_mean_variance` on each resample of the window
+        groups (:mod:`neuronspec.capture.window_groups`)."""
+        moments = self._window_moments(site, layer)
+        self._windows_for_moments()
+        n = bootstrap.resample(self.group_windows)[:, None]  # (R, 1)
+        mean = bootstrap.resample(moments.group_sum) / n  # (R, W)
+        square = bootstrap.resample(moments.group_sumsq) / n
+        return (square - mean * mean).clamp_min(0.0)
 
     def site_mean(self, site: str, layer: int) -> torch.Tensor:
         """(W,) float64: corpus mean of ``site`` (mean of the equal-length windows' means)."""
@@ -400,7 +444,7 @@ class NeuronStats:
         tensors = {
             "tokens_by_pos": self.tokens_by_pos,
             "token_count": self.token_count,
-            "token_replicates": self.token_replicates,
+            "group_windows": self.group_windows,
             "tri_occ_key": self.tri_occurrences.keys,
             "tri_occ_count": self.tri_occurrences.counts,
         }
@@ -420,6 +464,8 @@ class NeuronStats:
         for (site, index), moments in self.window_means.items():
             tensors[f"layer{index}.{site}_wmean_sum"] = moments.sum
             tensors[f"layer{index}.{site}_wmean_sumsq"] = moments.sumsq
+            tensors[f"layer{index}.{site}_wmean_group_sum"] = moments.group_sum
+            tensors[f"layer{index}.{site}_wmean_group_sumsq"] = moments.group_sumsq
         return {name: tensor.contiguous() for name, tensor in tensors.items()}
 
     @classmethod
@@ -454,12 +500,14 @@ class NeuronStats:
             layers=layers,
             tokens_by_pos=tensors["tokens_by_pos"],
             token_count=tensors["token_count"],
-            token_replicates=tensors["token_replicates"],
+            group_windows=tensors["group_windows"],
             tri_occurrences=SparseCounter(tensors["tri_occ_key"], tensors["tri_occ_count"]),
             window_means={
                 (site, index): WindowMeanMoments(
                     tensors[f"layer{index}.{site}_wmean_sum"],
                     tensors[f"layer{index}.{site}_wmean_sumsq"],
+                    tensors[f"layer{index}.{site}_wmean_group_sum"],
+                    tensors[f"layer{index}.{site}_wmean_group_sumsq"],
                 )
                 for site in meta.get("window_mean_sites", ())
                 for index in range(len(meta["widths"]))

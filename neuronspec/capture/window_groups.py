@@ -1,0 +1,102 @@
+"""Window groups of the streamed pass: intervals on corpus statistics by a bootstrap over
+groups of windows.
+
+Each analysis window belongs to one of G groups (``StatsConfig.window_groups``, default 20),
+chosen by a splitmix64 hash of its token ids, so a window's group is the same whatever the
+batch, shard or rank that streams it. The pass keeps, beside each corpus-wide accumulator,
+its G per-group parts (firing counts by position, the sparsity sketch and per-token sums,
+the window-mean moments); they merge across shards by addition, exactly.
+
+A statistic's standard error comes from :class:`GroupBootstrap`: R = 200 resamples of the
+G' non-empty groups with replacement (multinomial weights, seeded: the same every run), the
+statistic recomputed on each resample's weighted sums of the group parts, and
+
+    SE = sd over resamples · √(G' / (G' − 1)),
+
+the factor undoing the bootstrap's (G' − 1)/G' shrinkage of a variance over G' units
+(Davison & Hinkley 1997, §3.8), with G' − 1 degrees of freedom for Student-t intervals.
+The window is the resampled unit, so the correlation of the tokens within a window is
+kept. Why a bootstrap and not the delete-a-group jackknife of the same groups: most
+findings are counts over a threshold (dead neurons, positional neurons), which the
+jackknife gets wrong (their leave-outs mostly agree, so the SE is often 0); measured on
+planted neurons, the jackknife's 95% intervals of the positional count held the truth in
+77% of 100 corpora, the group bootstrap's in 93% (tests/test_window_groups.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_MASK_62 = (1 << 62) - 1
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (wrapping arithmetic), elementwise."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * -4658895280553007687  # 0xbf58476d1ce4e5b9 as a signed int64
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * -7723592293110705685  # 0x94d049bb133111eb
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def window_hash(input_ids: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` token ids → ``(B,)`` int64, a hash of each window's ids in order."""
+    h = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    for column in input_ids.long().unbind(1):  # T steps over (B,) vectors
+        h = _mix(h + column + 0x632BE59BD9B4E019)
+    return h
+
+
+def window_groups(input_ids: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(B,)`` int64 group in ``0..groups-1`` of each window ``(B, T)``."""
+    return (_mix(window_hash(input_ids.cpu())) & _MASK_62) % groups
+
+
+GROUP_RESAMPLES = 200
+GROUP_BOOTSTRAP_SEED = 0
+
+
+@dataclass(frozen=True)
+class GroupBootstrap:
+    """Resamples of the non-empty window groups: ``weights (R, G)`` float64 (each row
+    draws G' of the G' non-empty groups with replacement; empty groups weigh 0)."""
+
+    weights: torch.Tensor  # (R, G)
+    groups: int  # G', the non-empty groups
+
+    @classmethod
+    def of(cls, group_windows: torch.Tensor) -> GroupBootstrap | None:
+        """The resamples for groups holding ``group_windows (G,)`` windows; None when
+        fewer than 2 groups hold windows (no standard error is possible)."""
+        present = torch.nonzero(group_windows, as_tuple=True)[0]
+        if len(present) < 2:
+            return None
+        rng = np.random.default_rng(GROUP_BOOTSTRAP_SEED)
+        draws = rng.multinomial(len(present), np.full(len(present), 1 / len(present)),
+                                size=GROUP_RESAMPLES)  # fmt: skip
+        weights = torch.zeros(GROUP_RESAMPLES, len(group_windows), dtype=torch.float64)
+        weights[:, present] = torch.from_numpy(draws).double()
+        return cls(weights, len(present))
+
+    @property
+    def df(self) -> int:
+        return self.groups - 1
+
+    @property
+    def method(self) -> str:
+        return (
+            f"bootstrap over {self.groups} window groups of the one pass, "
+            f"{GROUP_RESAMPLES} resamples; Student-t intervals with {self.df} df"
+        )
+
+    def resample(self, parts: torch.Tensor) -> torch.Tensor:
+        """``(R, ...)``: the weighted sums of group parts ``(G, ...)`` in each resample."""
+        return torch.tensordot(self.weights, parts.double(), dims=1)
+
+    def se(self, values: np.ndarray) -> np.ndarray:
+        """SE of a statistic from its values on the resamples ``(R, ...)``."""
+        return np.asarray(values).std(axis=0, ddof=1) * math.sqrt(self.groups / (self.groups - 1))
