@@ -40,7 +40,7 @@ class NeuronCard(Finding):
     n_tokens: int
     firing_frequency: float
     firing_frequency_se: float | None
-    firing_frequency_interval: tuple[float, float] | None  # 95%, window bootstrap
+    firing_frequency_interval: tuple[float, float] | None  # 95%, window-group bootstrap
     firing_by_position: list[float]  # fr_n(p), p = 0 .. T-1
     token_coverage: list[dict[str, Any]]  # token, count, share_of_firings, share_of_occurrences
     contexts: list[dict[str, Any]]  # value, window, position, context_tokens, at

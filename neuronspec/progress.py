@@ -11,16 +11,23 @@ interleave with other workers' and pytest's); ``NEURONSPEC_PROGRESS=1`` / ``=0``
 or off. Under pytest the plugin points the bars at the terminal with pytest's output
 capture suspended for each write (:func:`set_stream`); elsewhere they go to ``sys.stderr``.
 Bars are cleared when done (``leave=False``), so finished work leaves no lines behind.
+
+Work that will take long says so near its start, bar or no bar: after the first step
+(and at least :data:`ESTIMATE_AFTER_SECONDS`), a loop whose estimated total exceeds
+:data:`LONG_RUN_SECONDS` (ten minutes) writes one line with the estimate to the stream.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any, TextIO
 
 _stream: TextIO | None = None  # set by the pytest plugin; None: sys.stderr
+LONG_RUN_SECONDS = 600.0
+ESTIMATE_AFTER_SECONDS = 5.0
 
 
 def set_stream(stream: TextIO | None) -> None:
@@ -54,6 +61,8 @@ def progress(
     from tqdm import tqdm
 
     stream = _stream or sys.stderr
+    if iterable is not None and total:
+        iterable = announce_long_runs(iterable, total, desc, unit, stream)
     return tqdm(
         iterable,
         total=total,
@@ -64,3 +73,26 @@ def progress(
         dynamic_ncols=True,
         disable=not progress_enabled(stream),
     )
+
+
+def announce_long_runs(
+    iterable: Iterable[Any], total: int, desc: str, unit: str, stream: TextIO, clock=time.monotonic
+) -> Iterable[Any]:
+    """``iterable`` unchanged; once the steps done so far took ``ESTIMATE_AFTER_SECONDS``
+    (checked after each step until the first estimate), writes "``desc``: about N min for
+    ``total`` ``unit``s" to ``stream`` when the estimated total exceeds ``LONG_RUN_SECONDS``."""
+    start = clock()
+    estimated = False
+    for done, item in enumerate(iterable, start=1):
+        yield item
+        elapsed = clock() - start
+        if estimated or (elapsed < ESTIMATE_AFTER_SECONDS and done < total):
+            continue
+        estimated = True
+        estimate = elapsed * total / done
+        if estimate > LONG_RUN_SECONDS:
+            stream.write(
+                f"neuronspec: {desc or 'this step'} will take about {estimate / 60:.0f} min "
+                f"({done} of {total} {unit}s in {elapsed:.0f} s)\n"
+            )
+            stream.flush()

@@ -11,6 +11,7 @@ from transformers import MambaConfig, MambaForCausalLM
 
 from neuronspec.analyses.attention_neurons import mlp_gradients
 from neuronspec.analyses.hidden_attention import (
+    POSITION_BLOCK,
     alpha_gradient,
     channel_chunk,
     channel_mean_attention,
@@ -127,13 +128,59 @@ def test_brute_force_abar_product():
             torch.testing.assert_close(fast[b, k], _brute_force(s, b, c), rtol=0, atol=1e-12)
 
 
+def _row_recurrence(s, channels):
+    """The reference: α̃ by the exact recurrence over query positions i on the state
+    M_i[c, j, n] = Π_{t=j+1..i} Ā_t[c, n] · Δ_j[c] B_j[n] (every factor Ā_t ≤ 1),
+    α̃_c[i, j] = Σ_n C_i[n] M_i[c, j, n]: ``(B, k, L, L)``."""
+    b, length, _, n = s.shape
+    delta = s.delta[:, :, channels].transpose(1, 2)  # (B, k, L)
+    decay = (delta[..., None] * s.A[channels][None, :, None, :]).exp()  # (B, k, L, N)
+    u = delta[..., None] * s.B[:, None, :, :]  # (B, k, L, N)
+    state = torch.zeros_like(u)
+    alpha = u.new_zeros(b, len(channels), length, length)
+    for i in range(length):
+        if i:
+            state[:, :, :i] *= decay[:, :, i, None, :]
+        state[:, :, i] = u[:, :, i]
+        alpha[:, :, i, : i + 1] = (state[:, :, : i + 1] @ s.C[:, None, i, :, None]).squeeze(-1)
+    return alpha
+
+
+@pytest.mark.parametrize("length", [1, 7, 16, 37, 70])
+@pytest.mark.parametrize("shape", CONFIGS, ids=lambda c: "h{}-N{}-R{}-K{}-L{}".format(*c))
+def test_blocks_equal_the_row_recurrence(shape, length):
+    """α̃ by blocks of query positions (factors relative to the block start) equals the
+    exact row recurrence to 1e-10 in float64, for windows shorter than, equal to and not a
+    multiple of the block; so does the channel mean by one contraction per block."""
+    s = capture_scan_inputs(_mamba(*shape), _ids(length=length), [0])[0]
+    channels = torch.arange(s.shape[2])
+    reference = _row_recurrence(s, channels)
+    torch.testing.assert_close(hidden_attention(s), reference, rtol=0, atol=1e-10)
+    torch.testing.assert_close(channel_mean_attention(s), reference.mean(1), rtol=0, atol=1e-10)
+
+
+def test_blocks_do_not_overflow_where_the_decay_spans_thousands_of_nats():
+    """With Δ scaled up 200×, exp(−A·(S_j − S_s)) would overflow float64 within a block;
+    every factor here has a non-positive exponent, so α̃ stays finite and exact."""
+    import dataclasses
+
+    s = capture_scan_inputs(_mamba(*CONFIGS[2]), _ids(length=40), [1])[1]
+    s = dataclasses.replace(s, delta=s.delta * 200)
+    assert float((s.delta.sum(1)[:, :, None] * -s.A[None]).max()) > 2000  # nats spanned
+    channels = torch.arange(s.shape[2])
+    alpha = hidden_attention(s)
+    assert torch.isfinite(alpha).all()
+    torch.testing.assert_close(alpha, _row_recurrence(s, channels), rtol=0, atol=1e-10)
+
+
 def test_chunking_changes_nothing_and_respects_the_bound():
     model = _mamba(*CONFIGS[0])
     s = capture_scan_inputs(model, _ids(), [0])[0]
     b, length, d, n = s.shape
     one = channel_chunk(b, length, n, 8, memory_bytes=1)
     assert one == 1
-    budget = 3 * b * length * (length + 3 * n) * 8
+    block = min(POSITION_BLOCK, length)
+    budget = 3 * b * (length * (length + 3 * n) + 2 * block * block * n) * 8
     assert channel_chunk(b, length, n, 8, budget) == 3
     chunks = list(iter_hidden_attention(s, memory_bytes=budget))
     assert [c.numel() for c, _ in chunks] == [3] * (d // 3) + ([d % 3] if d % 3 else [])

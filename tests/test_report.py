@@ -340,3 +340,25 @@ def test_import_neuronspec_is_cheap_and_exposes_the_api():
         "assert set(neuronspec.__all__) <= set(dir(neuronspec))\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_a_long_loop_says_so_near_its_start():
+    """After the first steps, a loop whose estimate exceeds ten minutes writes one line
+    with the estimate; a short one writes nothing."""
+    import io
+
+    from neuronspec.progress import announce_long_runs
+
+    times = iter([0.0, 10.0, 20.0, 30.0, 40.0])  # the start, then 10 s per step
+    out = io.StringIO()
+    items = list(
+        announce_long_runs(range(4), 100, "causal sweep", "forward", out, lambda: next(times))
+    )
+    assert items == [0, 1, 2, 3]
+    assert out.getvalue() == (
+        "neuronspec: causal sweep will take about 17 min (1 of 100 forwards in 10 s)\n"
+    )
+    quick = iter([0.0, 10.0, 20.0])
+    out = io.StringIO()
+    list(announce_long_runs(range(2), 2, "ig", "fact", out, lambda: next(quick)))
+    assert out.getvalue() == ""

@@ -4,16 +4,20 @@ For each measure family (sparsity §9, dead §2, positional §4, token detectors
 table: a row per (model, layer) with the relative depth l/(L−1) and the family's measures,
 so layers of models of different depth line up by relative depth. Efficiency (§11) is one
 row per model. The numbers are the findings of the per-model analyses, unchanged; this
-module only lines them up (and the plots draw one figure per family).
+module only lines them up (and the plots draw one figure per family), with each measure's
+standard error where the finding has one (``x_se``, ``se_df``: the window-group bootstrap),
+so that a spec compares two models or two layers at a stated level (:func:`mean_estimate`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from neuronspec.errors import NeuronSpecError
 from neuronspec.findings import Finding
+from neuronspec.uncertainty import NO_WINDOW_GROUPS, Estimate
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     "sparsity": (
@@ -29,6 +33,15 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "positional": ("positional_fraction",),
     "token_detectors": ("token_detector_fraction", "n_detected_tokens"),
 }
+"""The measures of each family (the figures' panels)."""
+ERRORS: dict[str, tuple[str, ...]] = {
+    "sparsity": ("threshold_sparsity_se", "entropy_se", "gini_se", "hoyer_se", "se_df"),
+    "dead": ("dead_fraction_se", "rare_fraction_se", "mean_alive_frequency_se", "se_df"),
+    "positional": (),
+    "token_detectors": (),
+}
+"""The standard errors each family's table carries beside its measures (None where the
+statistics kept no window groups), and their degrees of freedom."""
 
 
 @dataclass(frozen=True)
@@ -53,10 +66,12 @@ def _layer_rows(per_layer: Mapping[str, Sequence[dict]]) -> dict[int, dict]:
             row = rows.setdefault(finding["layer"], {"layer": finding["layer"]})
             if analysis == "sparsity":
                 row.update({k: finding[k] for k in FAMILIES["sparsity"] if k != "P50"})
+                row.update({k: finding.get(k) for k in ERRORS["sparsity"]})
                 row["P50"] = finding["percentiles"]["P50"]
                 row["relative_depth"] = finding["relative_depth"]
             elif analysis == "dead":
                 row.update({k: finding[k] for k in FAMILIES["dead"]})
+                row.update({k: finding.get(k) for k in ERRORS["dead"]})
                 row["relative_depth"] = finding["relative_depth"]
             elif analysis == "positional":
                 row["positional_fraction"] = finding["n_positional"] / finding["n_neurons"]
@@ -80,7 +95,7 @@ def compare_models(
     per_model = {model: _layer_rows(findings[model]) for model in models}
     tables = {}
     for family, measures in FAMILIES.items():
-        columns = ("model", "layer", "relative_depth", *measures)
+        columns = ("model", "layer", "relative_depth", *measures, *ERRORS[family])
         rows = tuple(
             (model, *(row[column] for column in columns[1:]))
             for model in models
@@ -98,6 +113,22 @@ def compare_models(
         models=models,
         tables=tables,
         efficiency=ComparisonTable(family="efficiency", columns=eff_columns, rows=eff_rows),
+    )
+
+
+def mean_estimate(rows: Sequence[dict], measure: str) -> Estimate:
+    """The mean of ``measure`` over ``rows`` (layers of one model) with its SE, the layers'
+    SEs combined as independent (conservative where layers correlate positively)."""
+    if not rows:
+        raise NeuronSpecError(f"no rows to average {measure!r} over")
+    if any(row.get(f"{measure}_se") is None for row in rows):
+        raise NeuronSpecError(f"no standard error of {measure!r}: {NO_WINDOW_GROUPS}")
+    n = len(rows)
+    return Estimate(
+        sum(row[measure] for row in rows) / n,
+        math.sqrt(sum(row[f"{measure}_se"] ** 2 for row in rows)) / n,
+        f"mean over {n} layers; SEs combined as independent",
+        min(row["se_df"] for row in rows),
     )
 
 

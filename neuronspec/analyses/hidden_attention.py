@@ -9,15 +9,26 @@ so that the scan output before the D skip and the gate is ``y_i[c] = Σ_j α̃_c
 and the mixer's output is ``out_proj(((α̃x) + D ⊙ x) ⊙ SiLU(z))`` (both exact; the tests check
 them in float64 to 1e-10). Shapes: per layer α̃ is ``(B, d_inner, L, L)``.
 
-**Computation** (:func:`iter_hidden_attention`). ``exp(A(S_i − S_j)) = Π_{t=j+1..i} Ā_t`` with
-``Ā_t = exp(Δ_t A)``, so the rows are built by a recurrence over the query position i on a
-state ``M_i[c, j, n] = Π_{t=j+1..i} Ā_t[c, n] · Δ_j[c] B_j[n]`` (``M_i = Ā_i ⊙ M_{i−1}`` on
-the columns j < i, ``M_i[:, i] = Δ_i B_i``), and ``α̃_c[i, j] = Σ_n C_i[n] M_i[c, j, n]``: no
-``exp`` beyond the L·d·N decays, every factor ≤ 1 (nothing overflows), and the whole Ā
-product (the official code's row shortcut misses one Ā factor; not copied). Channels are
-processed in chunks of k so that one chunk's rows ``(B, k, L, L)`` and its ``(B, k, L, N)``
-state, decays and inputs stay within ``memory_bytes`` (:func:`channel_chunk`; default :data:`DEFAULT_MEMORY_BYTES`);
-the naive ``[B, d, L, L, N]`` temporary is never formed.
+**Computation** (:func:`iter_hidden_attention`), by blocks of Q = :data:`POSITION_BLOCK`
+query positions, as chunked SSM scans do (Dao & Gu 2024, "Transformers are SSMs", §6). With
+``S = cumsum(Δ_c)`` in float64 and s the block's first position, for i in the block:
+
+- *earlier columns* j < s: ``exp(A(S_i − S_j)) = exp(A(S_i − S_s)) · exp(A(S_s − S_j))``,
+  so the block's rows are one product ``L @ R`` of ``L[i, n] = C_i[n]·exp(A[c, n](S_i − S_s))``
+  ``(Q, N)`` and ``R[n, j] = exp(A[c, n](S_s − S_j))·Δ_j B_j[n]`` ``(N, s)``. Both exponents
+  are ≤ 0 (Δ ≥ 0, A < 0), so no factor overflows, however long the window. ``R`` is carried
+  from block to block: multiplied by ``exp(A(S_s − S_{s'}))`` (s' the previous block's start)
+  and extended by the previous block's columns.
+- *the block itself* j ∈ [s, i]: ``Σ_n C_i[n]·exp(A[c, n](S_i − S_j))·Δ_j B_j[n]`` from the
+  pairwise differences, ``(Q, Q, N)`` per channel.
+
+The channel mean (:func:`channel_mean_attention`) contracts channels and states together:
+one ``(Q, k·N) @ (k·N, s)`` product per block. Channels are processed in chunks of k so that
+one chunk's rows ``(B, k, L, L)``, ``R`` and the block terms stay within ``memory_bytes``
+(:func:`channel_chunk`; default :data:`DEFAULT_MEMORY_BYTES`); the naive ``[B, d, L, L, N]``
+temporary is never formed. The exact row recurrence over i (``M_i = Ā_i ⊙ M_{i−1}``, every
+factor Ā_t = exp(Δ_t A) ≤ 1) is the tests' reference; the official code's row shortcut misses
+one Ā factor (not copied).
 
 **Rollout** (Abnar & Zuidema 2020): ``Â_l = row-normalise(I + U(A_l))``, ``R = Â_{L-1} ⋯ Â_0``;
 the last row of R is the relevance of each input token for the last position. ``U`` scales
@@ -58,16 +69,19 @@ from neuronspec.models.mamba_internals import ScanInputs
 from neuronspec.options import AGGREGATES
 
 DEFAULT_MEMORY_BYTES = 256 * 2**20
-"""Bound on one channel chunk's working set (state ``M`` and rows α̃): 256 MiB."""
+"""Bound on one channel chunk's working set (rows α̃, the factors and block terms): 256 MiB."""
+POSITION_BLOCK = 16
+"""Query positions per block of the chunked computation (module docstring)."""
 
 
 def channel_chunk(
     batch: int, length: int, n_state: int, itemsize: int, memory_bytes: int = DEFAULT_MEMORY_BYTES
 ) -> int:
-    """Channels per chunk: one channel costs ``B·L·(L + 3N)`` numbers (rows α̃; state M,
-    decays Ā and inputs ΔB, each ``(B, L, N)``)."""
-    per_channel = batch * length * (length + 3 * n_state) * itemsize
-    return max(1, memory_bytes // per_channel)
+    """Channels per chunk: one channel costs ``B·(L·(L + 3N) + 2·Q²·N)`` numbers (rows α̃;
+    ``R``, ``Δ·B`` and exponents, each ``(B, L, N)``; the block's pairwise terms)."""
+    block = min(POSITION_BLOCK, length)
+    per_channel = batch * (length * (length + 3 * n_state) + 2 * block * block * n_state)
+    return max(1, memory_bytes // (per_channel * itemsize))
 
 
 def iter_hidden_attention(
@@ -77,30 +91,66 @@ def iter_hidden_attention(
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(channel ids (k,), α̃ (B, k, L, L))`` chunk by chunk over ``channels`` (all)."""
+    for chunk in _channel_chunks(inputs, channels, memory_bytes):
+        yield chunk, _alpha_chunk(inputs, chunk.to(inputs.x.device))
+
+
+def _channel_chunks(
+    inputs: ScanInputs, channels: Sequence[int] | torch.Tensor | None, memory_bytes: int
+) -> list[torch.Tensor]:
     b, length, d, n = inputs.shape
     index = torch.arange(d) if channels is None else torch.as_tensor(channels, dtype=torch.long)
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= d):
         raise NeuronSpecError(f"channel index out of range for d_inner = {d}")
     k = channel_chunk(b, length, n, inputs.x.element_size(), memory_bytes)
-    for start in range(0, index.numel(), k):
-        chunk = index[start : start + k]
-        yield chunk, _alpha_chunk(inputs, chunk.to(inputs.x.device))
+    return [index[start : start + k] for start in range(0, index.numel(), k)]
+
+
+def _blocks(
+    inputs: ScanInputs, chunk: torch.Tensor
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per block of query positions [s, e): ``(s, e, L (B, k, Q, N), R (B, k, N, s),
+    block terms (B, k, Q, Q))`` of the channels ``chunk`` (module docstring)."""
+    b, length, _, n = inputs.shape
+    dtype = inputs.x.dtype
+    delta = inputs.delta[:, :, chunk].transpose(1, 2)  # (B, k, L)
+    cumulative = delta.double().cumsum(-1)  # (B, k, L): S
+    A = inputs.A[chunk].double()[None, :, None, :]  # (1, k, 1, N)
+    u = delta[..., None] * inputs.B[:, None, :, :]  # (B, k, L, N): Δ_j B_j
+    C = inputs.C[:, None, :, :]  # (B, 1, L, N)
+    right = u.new_zeros(b, chunk.numel(), n, length)  # (B, k, N, L): R, columns < s filled
+    previous = 0
+    for start in range(0, length, POSITION_BLOCK):
+        stop = min(start + POSITION_BLOCK, length)
+        here = cumulative[:, :, start, None, None]  # (B, k, 1, 1): S_s
+        if start:
+            carry = ((here - cumulative[:, :, previous, None, None]) * A).exp().to(dtype)
+            right[..., :previous] *= carry.transpose(-1, -2)  # (B, k, N, 1)
+            gap = (here - cumulative[:, :, previous:start, None]) * A  # (B, k, s - s', N)
+            right[..., previous:start] = (gap.exp().to(dtype) * u[:, :, previous:start]).transpose(
+                -1, -2
+            )
+        rows = cumulative[:, :, start:stop, None]  # (B, k, Q, 1)
+        left = ((rows - here) * A).exp().to(dtype) * C[:, :, start:stop]  # (B, k, Q, N)
+        pairwise = (rows[:, :, :, None] - cumulative[:, :, None, start:stop, None]) * A[:, :, None]
+        causal = torch.ones(stop - start, stop - start, dtype=torch.bool).tril()[..., None]
+        decay = pairwise.clamp_max(0.0).exp().to(dtype) * causal.to(
+            pairwise.device
+        )  # (B, k, Q, Q, N)
+        block = torch.einsum(
+            "bkin,bkijn,bkjn->bkij", C[:, :, start:stop].expand_as(left), decay, u[:, :, start:stop]
+        )
+        yield start, stop, left, right[..., :start], block
+        previous = start
 
 
 def _alpha_chunk(inputs: ScanInputs, chunk: torch.Tensor) -> torch.Tensor:
-    """α̃ of the channels ``chunk`` (k,): ``(B, k, L, L)``, by the row recurrence."""
-    b, length, _, n = inputs.shape
-    delta = inputs.delta[:, :, chunk].transpose(1, 2)  # (B, k, L)
-    decay = (delta[..., None] * inputs.A[chunk][None, :, None, :]).exp_()  # (B, k, L, N)
-    u = delta[..., None] * inputs.B[:, None, :, :]  # (B, k, L, N): Δ_j B_j
-    C = inputs.C[:, None, :, :, None]  # (B, 1, L, N, 1)
-    state = torch.zeros_like(u)  # (B, k, L, N): M_i
-    alpha = u.new_zeros(b, chunk.numel(), length, length)  # (B, k, L, L)
-    for i in range(length):
-        if i:
-            state[:, :, :i] *= decay[:, :, i, None, :]  # (B, k, i, N)
-        state[:, :, i] = u[:, :, i]  # (B, k, N)
-        alpha[:, :, i, : i + 1] = torch.matmul(state[:, :, : i + 1], C[:, :, i]).squeeze(-1)
+    """α̃ of the channels ``chunk`` (k,): ``(B, k, L, L)``, by blocks of query positions."""
+    b, length, _, _ = inputs.shape
+    alpha = inputs.x.new_zeros(b, chunk.numel(), length, length)  # (B, k, L, L)
+    for start, stop, left, right, block in _blocks(inputs, chunk):
+        alpha[:, :, start:stop, :start] = left @ right
+        alpha[:, :, start:stop, start:stop] = block
     return alpha
 
 
@@ -114,11 +164,21 @@ def hidden_attention(
 def channel_mean_attention(
     inputs: ScanInputs, *, absolute: bool = False, memory_bytes: int = DEFAULT_MEMORY_BYTES
 ) -> torch.Tensor:
-    """Mean over channels of α̃ (or of |α̃|), ``(B, L, L)``, chunked within ``memory_bytes``."""
-    b, length, d, _ = inputs.shape
+    """Mean over channels of α̃ (or of |α̃|), ``(B, L, L)``, chunked within ``memory_bytes``.
+    The signed mean contracts channels and states in one product per block (no per-channel
+    rows); |α̃| needs each channel's rows."""
+    b, length, d, n = inputs.shape
     total = inputs.x.new_zeros(b, length, length)  # (B, L, L)
-    for _, alpha in iter_hidden_attention(inputs, memory_bytes=memory_bytes):
-        total += (alpha.abs_() if absolute else alpha).sum(1)
+    if absolute:
+        for _, alpha in iter_hidden_attention(inputs, memory_bytes=memory_bytes):
+            total += alpha.abs_().sum(1)
+        return total / d
+    for chunk in _channel_chunks(inputs, None, memory_bytes):
+        for start, stop, left, right, block in _blocks(inputs, chunk.to(inputs.x.device)):
+            k = chunk.numel()
+            rows = left.permute(0, 2, 1, 3).reshape(b, stop - start, k * n)  # (B, Q, k·N)
+            total[:, start:stop, :start] += rows @ right.reshape(b, k * n, start)
+            total[:, start:stop, start:stop] += block.sum(1)
     return total / d
 
 

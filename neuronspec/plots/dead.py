@@ -1,25 +1,17 @@
 """Voita et al. (2023) Figure 1: (a) fraction of dead neurons and (b) mean firing frequency of
 alive neurons, against relative depth l/(L-1), one line per model; error bars are 95%
-intervals (1.96 SE of the window bootstrap) where the findings carry SEs."""
+intervals (the window-group bootstrap, Student-t) where the findings carry SEs."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from neuronspec.plots.figure import new_figure, save_figure
+from neuronspec.plots.figure import interval_half_widths, new_figure, save_figure
 
 
 def _as_dict(finding) -> dict:
     return finding.to_json() if hasattr(finding, "to_json") else dict(finding)
-
-
-def _half_widths(rows: list[dict], name: str, scale: float = 1.0) -> list[float] | None:
-    """95% half-widths of ``name`` per row (1.96 SE), or None when a row has no SE."""
-    errors = [row.get(f"{name}_se") for row in rows]
-    if any(error is None for error in errors):
-        return None
-    return [1.959964 * scale * error for error in errors]
 
 
 def plot_dead_neurons(findings_by_model: Mapping[str, Sequence], path: str | Path) -> Path:
@@ -32,11 +24,11 @@ def plot_dead_neurons(findings_by_model: Mapping[str, Sequence], path: str | Pat
         dead = [100 * row["dead_fraction"] for row in rows]
         freq = [row["mean_alive_frequency"] for row in rows]
         dead_axis.errorbar(
-            depth, dead, yerr=_half_widths(rows, "dead_fraction", 100), fmt="o-", capsize=3,
+            depth, dead, yerr=interval_half_widths(rows, "dead_fraction", 100), fmt="o-", capsize=3,
             label=model_id,
         )  # fmt: skip
         freq_axis.errorbar(
-            depth, freq, yerr=_half_widths(rows, "mean_alive_frequency"), fmt="o-", capsize=3,
+            depth, freq, yerr=interval_half_widths(rows, "mean_alive_frequency"), fmt="o-", capsize=3,
             label=model_id,
         )  # fmt: skip
     tokens = sorted({_as_dict(f)["n_tokens"] for fs in findings_by_model.values() for f in fs})
@@ -50,6 +42,6 @@ def plot_dead_neurons(findings_by_model: Mapping[str, Sequence], path: str | Pat
         axis.legend(title="model")
         axis.grid(alpha=0.3)
     figure.suptitle(
-        f"Dead neurons (Voita et al. 2023, Fig. 1); tokens: {tokens}; bars: 95% (window bootstrap)"
+        f"Dead neurons (Voita et al. 2023, Fig. 1); tokens: {tokens}; bars: 95% (window-group bootstrap)"
     )
     return save_figure(figure, path)

@@ -32,6 +32,19 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
     return path
 
 
+def interval_half_widths(rows: list[dict], name: str, scale: float = 1.0) -> list[float] | None:
+    """95% half-widths of ``name`` per row (``name_se`` times the t quantile of the row's
+    ``se_df``, normal without it), or None when a row has no SE: error bars."""
+    from neuronspec.uncertainty import t_quantile
+
+    errors = [row.get(f"{name}_se") for row in rows]
+    if any(error is None for error in errors):
+        return None
+    return [
+        t_quantile(0.975, row.get("se_df")) * scale * e for row, e in zip(rows, errors, strict=True)
+    ]
+
+
 def plot_path(plots_dir: Path, figure_name: str, model_id: str) -> Path:
     """``plots_dir/<figure_name>_<model>.png`` with the model id made safe for a file name
     (a checkpoint path becomes its last component)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from neuronspec.plots.figure import new_figure, plot_path, save_figure
+from neuronspec.plots.figure import interval_half_widths, new_figure, plot_path, save_figure
 
 LOG_SCALE = ("tau", "P50", "optimal_threshold")  # values of |a| spanning decades
 
@@ -22,14 +22,16 @@ def plot_measures_vs_depth(
     path: str | Path,
     title: str,
 ) -> Path:
-    """One panel per measure (a key of each row), one line per model, x = relative depth."""
+    """One panel per measure (a key of each row), one line per model, x = relative depth;
+    95% error bars where the rows carry the measure's SE."""
     figure = new_figure(3.6 * len(measures), 3.4)
     axes = figure.subplots(1, len(measures), squeeze=False)[0]
     for axis, measure in zip(axes, measures, strict=True):
         for model_id, rows in sorted(rows_by_model.items()):
             rows = _rows(rows)
-            axis.plot([r["relative_depth"] for r in rows], [r[measure] for r in rows], "o-",
-                      label=model_id)  # fmt: skip
+            axis.errorbar([r["relative_depth"] for r in rows], [r[measure] for r in rows],
+                          yerr=interval_half_widths(rows, measure), fmt="o-", capsize=3,
+                          label=model_id)  # fmt: skip
         axis.set(title=measure, xlabel="relative depth l/(L-1)")
         if measure in LOG_SCALE:
             axis.set_yscale("log")

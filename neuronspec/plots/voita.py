@@ -235,8 +235,12 @@ def plot_positional(
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     fig.legend(fontsize="x-small", title="dotted: overall rate", loc="outside right upper")
+    count = f"{finding.n_positional}"
+    if finding.n_positional_se is not None:
+        interval = finding.estimate().interval(0.95)
+        count += f" (95%: {interval.low:.1f}–{interval.high:.1f})"
     ax.set_title(
-        f"{finding.model} layer {finding.layer}: {finding.n_positional} positional neurons "
+        f"{finding.model} layer {finding.layer}: {count} positional neurons "
         f"(I > {finding.threshold:g})"
     )
     return save_figure(fig, path)

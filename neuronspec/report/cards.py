@@ -130,7 +130,7 @@ def card_section(
         f'<section class="card" id="{card_anchor(model_id, layer, neuron)}">',
         f"<h4>{escape(model_id)}, layer {layer}, neuron {neuron}</h4>",
         f"<p>named by: {', '.join(back) or '—'}. Firing frequency {frequency} over "
-        f"{card['n_tokens']} tokens (window bootstrap).</p>",
+        f"{card['n_tokens']} tokens (window-group bootstrap).</p>",
         f"<p>firing by window position (fr_n(p), p = 0…{len(card['firing_by_position']) - 1}, "
         f"max {number(max(card['firing_by_position'], default=0.0))}): "
         f"{_sparkline(card['firing_by_position'])}</p>",

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from neuronspec.report.results import layer_sort_key
+from neuronspec.uncertainty import t_quantile
 
 TokenText = Callable[[int], str]
 Headline = Callable[[dict[str, Any], TokenText], str]
@@ -43,6 +44,16 @@ def _by_layer(values: list[int]) -> str:
     return "/".join(str(v) for v in values)
 
 
+def _plus_minus(finding: dict[str, Any], name: str, digits: int, scale: float = 1.0) -> str:
+    """``value ± half-width`` of the 95% interval (Student-t with the finding's ``se_df``),
+    or the value alone when the finding has no SE of ``name``."""
+    value = f"{scale * finding[name]:.{digits}f}"
+    se = finding.get(f"{name}_se")
+    if se is None:
+        return value
+    return f"{value} ± {scale * t_quantile(0.975, finding.get('se_df')) * se:.{digits}f}"
+
+
 def _percent(part: float, whole: float) -> str:
     return f"{100 * part / whole:.2f}%" if whole else "n/a"
 
@@ -57,15 +68,14 @@ def _dead(layers: dict[str, Any], tokens: TokenText) -> str:
         f"{n_dead} of {n_neurons} neurons dead ({_percent(n_dead, n_neurons)}), "
         f"rarely firing {_percent(rare, n_neurons)}; dead by layer {_by_layer([f['n_dead'] for f in found])}"
     )
-    if all(f.get("rare_fraction_se") is not None for f in found):
-        errors = ", ".join(f"{100 * 1.96 * f['rare_fraction_se']:.2f}" for f in found)
-        text += f"; rarely firing 95% half-widths by layer (pp) [{errors}] (window bootstrap)"
-    if all(f.get("mean_alive_frequency_se") is not None for f in found):
-        alive = ", ".join(
-            f"{f['mean_alive_frequency']:.4f} ± {1.96 * f['mean_alive_frequency_se']:.4f}"
-            for f in found
+    if all(f.get("dead_fraction_se") is not None for f in found):
+        dead = ", ".join(_plus_minus(f, "dead_fraction", 2, 100) for f in found)
+        rare = ", ".join(_plus_minus(f, "rare_fraction", 2, 100) for f in found)
+        alive = ", ".join(_plus_minus(f, "mean_alive_frequency", 4) for f in found)
+        text += (
+            f"; by layer, with 95% intervals (window-group bootstrap): dead % [{dead}], "
+            f"rarely firing % [{rare}], mean alive firing frequency [{alive}]"
         )
-        text += f"; mean alive firing frequency by layer (95%) [{alive}]"
     return text
 
 
@@ -101,6 +111,9 @@ def _positional(layers: dict[str, Any], tokens: TokenText) -> str:
     text = (
         f"{sum(counts)} positional neurons (I > {threshold:g} nats), by layer {_by_layer(counts)}"
     )
+    if found and all(f.get("n_positional_se") is not None for f in found):
+        with_errors = ", ".join(_plus_minus(f, "n_positional", 1) for f in found)
+        text += f" (95% [{with_errors}])"
     if busiest is not None and busiest["n_positional"]:
         text += f"; most in layer {busiest['layer']}"
     return text
@@ -241,9 +254,13 @@ def _sparsity(layers: dict[str, Any], tokens: TokenText) -> str:
     found = _per_layer(layers)
     if not found:
         return "no layers"
-    gini = "/".join(f"{f['gini']:.3f}" for f in found)
-    hoyer = "/".join(f"{f['hoyer']:.3f}" for f in found)
-    return f"Gini by layer {gini}; Hoyer {hoyer} (τ = {found[0]['tau']:g})"
+    sparsity = ", ".join(_plus_minus(f, "threshold_sparsity", 3) for f in found)
+    gini = ", ".join(_plus_minus(f, "gini", 3) for f in found)
+    hoyer = ", ".join(_plus_minus(f, "hoyer", 3) for f in found)
+    return (
+        f"threshold sparsity by layer [{sparsity}] (τ = {found[0]['tau']:g}); Gini [{gini}]; "
+        f"Hoyer [{hoyer}] (95% where shown)"
+    )
 
 
 @headline("efficiency")
