@@ -50,6 +50,11 @@ def _assert_same(native: NeuronStats, torch_stats: NeuronStats) -> None:
     for layer in range(2):
         a, b = native.layers[layer], torch_stats.layers[layer]
         assert torch.equal(a.fire_by_pos, b.fire_by_pos)
+        assert torch.equal(a.fire_by_pos_groups, b.fire_by_pos_groups)  # counted in the kernel
+        assert a.fire_by_pos_groups.sum() == a.fire_by_pos.sum() > 0
+        torch.testing.assert_close(
+            a.token_sparsity_groups, b.token_sparsity_groups, rtol=2e-6, atol=1e-9
+        )
         for name in ("act_sum", "act_sumsq", "act_absmax", "pearson_abs_sum"):
             torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=2e-6, atol=1e-9)
         total = int(a.abs_sketch.sum())
@@ -88,6 +93,7 @@ def test_native_result_does_not_depend_on_thread_count():
         for layer in range(2):
             a, b = results[0].layers[layer], other.layers[layer]
             assert torch.equal(a.fire_by_pos, b.fire_by_pos)
+            assert torch.equal(a.fire_by_pos_groups, b.fire_by_pos_groups)
             assert torch.equal(a.abs_sketch, b.abs_sketch)
             assert torch.equal(a.act_sum, b.act_sum)  # column sums do not depend on the split
             assert torch.equal(a.pearson_abs_sum, b.pearson_abs_sum)

@@ -50,8 +50,8 @@ def add_layer_native(pass_stats, stats, pre, act, input_ids, counted, wmeans):
     """:meth:`NeuronStats.add_layer` of ``pass_stats`` into its layer's ``stats``
     (:class:`LayerStats`) through ``stats.c``: every accumulator in one pass, the sparse
     (neuron, token) tail keys included (int32 key spaces; else the tail is left to
-    torch), and the window sums for ``wmeans`` (the ``mlp`` window-mean moments, or
-    None). Returns ``fires`` ``(B, T, W)`` when trigrams need it, else None."""
+    torch), the firing counts by position of each window's group, and the window sums for
+    ``wmeans`` (the ``mlp`` window-mean moments, or None). Returns ``fires`` ``(B, T, W)`` when trigrams need it, else None."""
     batch, window, width = pre.shape
     pre, act = unit_channel_stride(pre), unit_channel_stride(act)
     pairs = stats.pairs if pass_stats.config.unigrams else None
@@ -83,12 +83,14 @@ def add_layer_native(pass_stats, stats, pre, act, input_ids, counted, wmeans):
     config = pass_stats.config
     zpos = position_basis(window, pre.device)[1].contiguous()  # (T,)
     window_sums = None if wmeans is None else torch.empty(batch, width, dtype=torch.float64)
+    groups = pass_stats._groups  # (B,) int64 window groups, or None
     found = load_library().neuronspec_layer_stats_f32(
         threads, batch, window, width,
         pre.data_ptr(), pre.stride(0), pre.stride(1),
         act.data_ptr(), act.stride(0), act.stride(1),
         config.fire_threshold, zpos.data_ptr(), row_offset.data_ptr(), row_bits.data_ptr(),
         arena.data_ptr(), _data_ptr(fires), stats.fire_by_pos.data_ptr(),
+        _data_ptr(groups), _data_ptr(None if groups is None else stats.fire_by_pos_groups),
         tail_tokens.data_ptr(), pass_stats.vocab_size, n_tail, _data_ptr(tail_keys),
         _data_ptr(tail_spans),
         stats.act_sum.data_ptr(), stats.act_sumsq.data_ptr(),

@@ -266,13 +266,6 @@ class NeuronStats:
         else:
             fires = self._add_layer_torch(stats, pre, act, input_ids, counted, wmeans)
         add_token_sparsity(stats, act, self.config, self.backend, self._groups)
-        if self.config.window_groups:
-            if fires is None:  # the native kernel counted without materialising them
-                fires = torch.gt(
-                    pre, self.config.fire_threshold, out=self.buffer("fires", pre, torch.bool)
-                )
-            for window_fires, group in zip(fires.cpu(), self._groups.tolist(), strict=True):
-                stats.fire_by_pos_groups[group] += window_fires  # (T, W)
         if self.config.trigrams:
             keys, valid = trigram_keys(input_ids, counted, self.vocab_size, self._bos_id)
             b, t, n = torch.nonzero(fires & valid[:, :, None], as_tuple=True)
@@ -290,6 +283,9 @@ class NeuronStats:
         # summing bytes in uint8 (exact while B < 256) avoids an int64 copy of the batch
         count_dtype = torch.uint8 if fires.shape[0] < 256 else torch.int32
         stats.fire_by_pos += fires.view(torch.uint8).sum(0, dtype=count_dtype).cpu()
+        if self.config.window_groups:
+            for window_fires, group in zip(fires.cpu(), self._groups.tolist(), strict=True):
+                stats.fire_by_pos_groups[group] += window_fires  # (T, W)
         act32 = act.float()  # (B, T, W); per-window sums in float32, totals in float64
         basis = position_basis(act32.shape[1], act32.device)  # (2, T)
         moments = torch.matmul(basis, act32).double()  # (B, 2, W): Σ_t a, Σ_t pos_t·a

@@ -44,7 +44,7 @@ __all__ = ["KernelUnavailableError", "kernels_available", "load_library"]
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("scan.c", "stats.c", "sparsity.c"))
 HEADERS = (Path(__file__).with_name("fastmath.h"),)  # included by the sources: in the build key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fopenmp")
-ABI_VERSIONS = {"neuronspec_scan_abi": 4, "neuronspec_stats_abi": 11, "neuronspec_sparsity_abi": 1}
+ABI_VERSIONS = {"neuronspec_scan_abi": 4, "neuronspec_stats_abi": 12, "neuronspec_sparsity_abi": 1}
 
 _i64, _ptr, _f32, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
 _SCAN_ARGS = (
@@ -63,6 +63,7 @@ _STATS_ARGS = (
     + [_ptr, _i64, _i64] * 2  # pre, act (+ batch and time strides)
     + [_f32, _ptr, _ptr, _ptr]  # threshold, zpos, row_offset, row_bits
     + [_ptr] * 3  # arena, fires, fire_by_pos
+    + [_ptr] * 2  # window_group, fire_by_pos_groups
     + [_ptr, _i64, _i64, _ptr, _ptr]  # tail_tokens, V, n_tail, tail_keys, tail_spans
     + [_ptr] * 5  # act_sum, act_sumsq, act_absmax, pearson_abs_sum, window_sums
     + [_f64]  # constant_variance
