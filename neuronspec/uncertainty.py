@@ -125,11 +125,6 @@ def t_quantile(p: float, df: int | None) -> float:
     return t
 
 
-def replicate_se(replicates: np.ndarray) -> float | np.ndarray:
-    """Bootstrap standard error: the sample std (ddof 1) over the first axis."""
-    return replicates.std(axis=0, ddof=1)
-
-
 NO_WINDOW_GROUPS = (
     "the statistics hold fewer than 2 non-empty window groups (collected with "
     "StatsConfig.window_groups = 0, or from fewer than 2 windows)"

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from neuronspec.uncertainty import bootstrap_weights
+
 _MASK_62 = (1 << 62) - 1
 
 
@@ -75,11 +77,9 @@ class GroupBootstrap:
         present = torch.nonzero(group_windows, as_tuple=True)[0]
         if len(present) < 2:
             return None
-        rng = np.random.default_rng(GROUP_BOOTSTRAP_SEED)
-        draws = rng.multinomial(len(present), np.full(len(present), 1 / len(present)),
-                                size=GROUP_RESAMPLES)  # fmt: skip
+        draws = bootstrap_weights(len(present), GROUP_RESAMPLES, GROUP_BOOTSTRAP_SEED)
         weights = torch.zeros(GROUP_RESAMPLES, len(group_windows), dtype=torch.float64)
-        weights[:, present] = torch.from_numpy(draws).double()
+        weights[:, present] = torch.from_numpy(draws)
         return cls(weights, len(present))
 
     @property
