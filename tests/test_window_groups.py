@@ -217,3 +217,47 @@ def test_sparsity_and_delta_variance_carry_standard_errors():
         assert 0.3 < ratio < 0.75, (name, ratio)
         assert large.estimate(name).interval(0.95).low < getattr(large, name)
     assert 0.3 < np.median(large_var / small_var) < 0.75
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_group_counts_stay_exact_past_255_windows_of_a_group(backend):
+    """The pass counts each group in uint8 and folds it into int32 before it could pass 255
+    windows (GroupFires): over 1,100 windows in 2 groups, in batches of 50 and one batch of
+    600 (over 255 windows of one group at once), the counts equal the firings of each
+    group's windows counted directly, and their sum is fire_by_pos."""
+    config = StatsConfig(unigrams=False, window_groups=2)
+    batches, width, window = _planted(torch.full((4, 8), 0.9), 1100, seed=3, batch=50)
+    big_ids = torch.cat([ids for ids, _ in batches[:12]])
+    big_pre = torch.cat([pre for _, pre in batches[:12]])
+    batches = [(big_ids, big_pre)] + batches[12:]
+    stats = NeuronStats.empty([width], window, 1000, config, backend=backend)
+    expected = torch.zeros(2, window, width, dtype=torch.long)
+    for ids, pre in batches:
+        counted = stats.add_tokens(ids, bos_id=None)
+        stats.add_layer(0, pre, pre.clamp_min(0), ids, counted)
+        expected.index_add_(0, window_groups(ids, 2), (pre > 0).long())
+    assert int(stats.group_windows.min()) > 255 * 2  # both groups folded more than once
+    counts = stats.layer(0).fire_by_pos_groups
+    assert counts.dtype == torch.int32 and torch.equal(counts.long(), expected)
+    assert torch.equal(counts.sum(0), stats.layer(0).fire_by_pos)
+    stored = NeuronStats.from_tensors(stats.to_tensors(), stats.meta())
+    assert torch.equal(stored.layer(0).fire_by_pos_groups.long(), expected)
+
+
+def test_group_counts_are_stored_in_uint8_while_every_group_fits():
+    """The stored dtype is uint8 while every group holds at most 255 windows, else int32,
+    the same for one pass and for merged shards (merges sum in int32)."""
+    batches, width, window = _planted(torch.linspace(0.05, 0.5, 8), 64, seed=7)
+    whole = _stream(batches, width, window)
+    counts = whole.layer(0).fire_by_pos_groups
+    assert counts.dtype == torch.uint8
+    stored = NeuronStats.from_tensors(whole.to_tensors(), whole.meta())
+    twice = stored.merge(stored)
+    assert twice.layer(0).fire_by_pos_groups.dtype == torch.uint8
+    assert torch.equal(twice.layer(0).fire_by_pos_groups.int(), 2 * counts.int())
+    many = twice
+    for _ in range(5):  # 64 windows in 20 groups (at most 7 in one): 64 times that passes 255
+        many = many.merge(many)
+    assert int(many.group_windows.max()) > 255
+    assert many.layer(0).fire_by_pos_groups.dtype == torch.int32
+    assert torch.equal(many.layer(0).fire_by_pos_groups, 64 * counts.int())

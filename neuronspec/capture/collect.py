@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from neuronspec.capture.cache import TensorCache
-from neuronspec.capture.format import merge_rules
+from neuronspec.capture.format import merge_rules, narrow_group_counts, summable
 from neuronspec.capture.packed_rows import packed_layout, packed_regions
 from neuronspec.capture.runner import collect_stats, computation_path, stats_cache_key
 from neuronspec.capture.sparse_counts import merge_sparse
@@ -97,7 +97,7 @@ def merge_across_ranks(stats: NeuronStats, group: Group) -> dict[str, torch.Tens
     for name, rule in rules.items():
         if rule in ("sum", "max"):
             op = dist.ReduceOp.SUM if rule == "sum" else dist.ReduceOp.MAX
-            merged[name] = _all_reduce(tensors[name], op, group)
+            merged[name] = _all_reduce(summable(tensors[name]), op, group)
         elif rule == "layout":  # the same on every rank
             merged[name] = tensors[name]
         elif rule == "packed":
@@ -121,7 +121,7 @@ def merge_across_ranks(stats: NeuronStats, group: Group) -> dict[str, torch.Tens
             counts = _gather(tensors[name], group)
             if group.rank == 0:
                 merged[key], merged[name] = _merge_tables(keys, counts)
-    return merged if group.rank == 0 else None
+    return narrow_group_counts(merged) if group.rank == 0 else None
 
 
 def _all_reduce_packed(

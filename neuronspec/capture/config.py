@@ -37,8 +37,9 @@ class StatsConfig:
     sketch_max: float = 1e6
     # window groups (capture/window_groups.py): per-group parts of the firing counts by
     # position, the sparsity accumulators and the window-mean moments, for bootstrap
-    # standard errors of every corpus statistic; 0 turns them off. Memory: G·T·W int32
-    # per layer (20 groups, T = 64, W = 3072: 15.7 MB)
+    # standard errors of every corpus statistic; 0 turns them off. Memory: G·T·W uint8
+    # per layer (20 groups, T = 64, W = 3072: 3.9 MB), and as much int32 once a group
+    # passes 255 windows (window_groups.GroupFires)
     window_groups: int = 20
     # top-activating contexts per mlp neuron (capture/top_contexts.py) for the neuron cards;
     # 0 off. Off by default: keeping 16 costs 1.20x (GPT-2 shape) and 1.16x (Mamba shape)

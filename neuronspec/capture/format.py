@@ -19,7 +19,9 @@ token_sparsity      (4,) float64           over tokens whose |a| row is not all 
                                            Σ normalised entropy, Σ Gini, Σ Hoyer (METHODS §9)
 *_groups           (G, ...)               fire_by_pos, abs_sketch and token_sparsity of
                                            each window group: fire_by_pos_groups (G, T, W)
-                                           int32, abs_sketch_groups (G, n_sketch + 2),
+                                           uint8 while every group holds at most 255
+                                           windows, else int32 (merged sums widen to
+                                           int32), abs_sketch_groups (G, n_sketch + 2),
                                            token_sparsity_groups (G, 4)
                                            (:mod:`neuronspec.capture.window_groups`)
 pair_dense_token    (D,) int64             unigram firings at counted positions (not window
@@ -61,8 +63,9 @@ from neuronspec.errors import NeuronSpecError
 # position 2 count; v6: window-mean moments, sparsity sketch; v7: packed (neuron, token)
 # rows, no abs_hist (abs_sketch bins the same |a| finer); v8: Mamba dt window sums from
 # the scan, in float64; v9: Poisson-bootstrap firing replicates; v10: top-activating contexts; v11: window groups
-# (bootstrap over groups) in place of the Poisson replicates.
-STATS_FORMAT = "neuronspec-stats-v11"
+# (bootstrap over groups) in place of the Poisson replicates; v12: fire_by_pos_groups in
+# uint8 while every group has at most 255 windows, else int32.
+STATS_FORMAT = "neuronspec-stats-v12"
 
 LAYER_FIELDS = (
     "fire_by_pos",
@@ -123,6 +126,23 @@ def merge_rules(names: list[str]) -> dict[str, str]:
     return rules
 
 
+def summable(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in a dtype whose sums across shards cannot overflow: uint8 counts (the
+    window groups' firing counts) widen to int32."""
+    return tensor.to(torch.int32) if tensor.dtype == torch.uint8 else tensor
+
+
+def narrow_group_counts(merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``merged`` with each ``fire_by_pos_groups`` in its stored dtype: uint8 while every
+    group holds at most 255 windows, as a single pass stores it, else int32."""
+    windows = merged["group_windows"]  # (G,)
+    if windows.numel() == 0 or int(windows.max()) <= 255:
+        for name in merged:
+            if name.endswith("fire_by_pos_groups"):
+                merged[name] = merged[name].to(torch.uint8)
+    return merged
+
+
 def merge_tensor_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
     merged: dict[str, torch.Tensor] = {}
     for name, rule in merge_rules(list(a)).items():
@@ -150,5 +170,5 @@ def merge_tensor_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
             parts = [(a[name], a[index]), (b[name], b[index])]
             merged[name], merged[index] = merge_top(parts, a[name].shape[0])
         else:
-            merged[name] = a[name] + b[name]
-    return merged
+            merged[name] = summable(a[name]) + summable(b[name])
+    return narrow_group_counts(merged)

@@ -84,13 +84,18 @@ def add_layer_native(pass_stats, stats, pre, act, input_ids, counted, wmeans):
     zpos = position_basis(window, pre.device)[1].contiguous()  # (T,)
     window_sums = None if wmeans is None else torch.empty(batch, width, dtype=torch.float64)
     groups = pass_stats._groups  # (B,) int64 window groups, or None
+    group_counts = None  # (G, T, W) uint8, the kernel adds each window into its group
+    if groups is not None and stats.group_fires.fits_live(groups):
+        group_counts = stats.group_fires.make_room(groups)
+    elif groups is not None:  # over 255 windows of one group in this batch: torch adds them
+        fires = pass_stats.buffer("fires", pre, torch.bool)
     found = load_library().neuronspec_layer_stats_f32(
         threads, batch, window, width,
         pre.data_ptr(), pre.stride(0), pre.stride(1),
         act.data_ptr(), act.stride(0), act.stride(1),
         config.fire_threshold, zpos.data_ptr(), row_offset.data_ptr(), row_bits.data_ptr(),
         arena.data_ptr(), _data_ptr(fires), stats.fire_by_pos.data_ptr(),
-        _data_ptr(groups), _data_ptr(None if groups is None else stats.fire_by_pos_groups),
+        _data_ptr(None if group_counts is None else groups), _data_ptr(group_counts),
         tail_tokens.data_ptr(), pass_stats.vocab_size, n_tail, _data_ptr(tail_keys),
         _data_ptr(tail_spans),
         stats.act_sum.data_ptr(), stats.act_sumsq.data_ptr(),
@@ -100,6 +105,8 @@ def add_layer_native(pass_stats, stats, pre, act, input_ids, counted, wmeans):
     if found < 0:
         raise MemoryError("stats kernel: cannot allocate its scratch memory")
     refuse_non_finite(found)
+    if groups is not None and group_counts is None:
+        stats.group_fires.add(fires, groups)
     if wmeans is not None:
         wmeans.add_window_sums(window_sums, window, pass_stats._groups)
     if tail_keys is not None:

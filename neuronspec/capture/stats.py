@@ -46,7 +46,7 @@ from neuronspec.capture.packed_rows import UnigramCounter, packed_tokens
 from neuronspec.capture.sketch import add_token_sparsity
 from neuronspec.capture.sparse_counts import SparseCounter
 from neuronspec.capture.top_contexts import batch_top, empty_top, merge_top
-from neuronspec.capture.window_groups import GroupBootstrap, window_groups
+from neuronspec.capture.window_groups import GroupBootstrap, GroupFires, window_groups
 from neuronspec.errors import LayerOutOfRangeError, NeuronSpecError, TooFewTokensError
 
 
@@ -61,7 +61,7 @@ class LayerStats:
     pearson_abs_sum: torch.Tensor
     abs_sketch: torch.Tensor
     token_sparsity: torch.Tensor
-    fire_by_pos_groups: torch.Tensor  # (G, T, W) int32: fire_by_pos of each window group
+    group_fires: GroupFires  # (G, T, W): fire_by_pos of each window group
     abs_sketch_groups: torch.Tensor  # (G, n_sketch + 2) int64: abs_sketch of each group
     token_sparsity_groups: torch.Tensor  # (G, 4) float64: token_sparsity of each group
     top_value: torch.Tensor  # (k, W) float32: largest mlp activations (top_contexts.py)
@@ -89,7 +89,7 @@ class LayerStats:
             pearson_abs_sum=torch.zeros(width, dtype=torch.float64),
             abs_sketch=torch.zeros(config.sketch_bins + 2, dtype=torch.long),
             token_sparsity=torch.zeros(4, dtype=torch.float64),
-            fire_by_pos_groups=torch.zeros(config.window_groups, window, width, dtype=torch.int32),
+            group_fires=GroupFires((config.window_groups, window, width)),
             abs_sketch_groups=torch.zeros(
                 config.window_groups, config.sketch_bins + 2, dtype=torch.long
             ),
@@ -108,6 +108,11 @@ class LayerStats:
     def fire_count(self) -> torch.Tensor:
         """(W,) int64: firings of each neuron over all positions."""
         return self.fire_by_pos.sum(0)
+
+    @property
+    def fire_by_pos_groups(self) -> torch.Tensor:
+        """``(G, T, W)`` uint8 or int32: ``fire_by_pos`` of each window group."""
+        return self.group_fires.total()
 
 
 @dataclass
@@ -284,8 +289,7 @@ class NeuronStats:
         count_dtype = torch.uint8 if fires.shape[0] < 256 else torch.int32
         stats.fire_by_pos += fires.view(torch.uint8).sum(0, dtype=count_dtype).cpu()
         if self.config.window_groups:
-            for window_fires, group in zip(fires.cpu(), self._groups.tolist(), strict=True):
-                stats.fire_by_pos_groups[group] += window_fires  # (T, W)
+            stats.group_fires.add(fires, self._groups)
         act32 = act.float()  # (B, T, W); per-window sums in float32, totals in float64
         basis = position_basis(act32.shape[1], act32.device)  # (2, T)
         moments = torch.matmul(basis, act32).double()  # (B, 2, W): Σ_t a, Σ_t pos_t·a
@@ -482,9 +486,14 @@ class NeuronStats:
                 get("pair_count"),
                 native,
             )
+            fields = {name: get(name) for name in LAYER_FIELDS if name != "fire_by_pos_groups"}
+            group_counts = get("fire_by_pos_groups")
             layers.append(
                 LayerStats(
-                    **{name: get(name) for name in LAYER_FIELDS},
+                    **fields,
+                    group_fires=GroupFires(
+                        tuple(group_counts.shape), group_counts, tensors["group_windows"]
+                    ),
                     pairs=pairs,
                     trigrams=SparseCounter(get("tri_key"), get("tri_count")),
                 )

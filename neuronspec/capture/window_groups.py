@@ -58,6 +58,78 @@ def window_groups(input_ids: torch.Tensor, groups: int) -> torch.Tensor:
     return (_mix(window_hash(input_ids.cpu())) & _MASK_62) % groups
 
 
+LIVE_LIMIT = 255  # windows a group's uint8 counts take before they are folded
+
+
+class GroupFires:
+    """``fire_by_pos`` of each window group, ``(G, T, W)``, as the pass counts it.
+
+    Each window adds its ``(T, W)`` firing pattern to its group's counts: per window as much
+    memory traffic as reading its activations, so the counts are kept in uint8 (``live``, a
+    quarter of int32's traffic and first-touch memory) and added into int32 (``folded``,
+    allocated at the first fold) before a group's uint8 counts could pass 255
+    (:meth:`make_room`, called for every batch). Measured on the GPT-2 shape (B = 4,
+    T = 256, W = 3072), the kernel's group counting took 7 ms per layer and batch in int32.
+    :meth:`total` is what the cache stores: uint8 while nothing was folded, else int32."""
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        counts: torch.Tensor | None = None,
+        group_windows: torch.Tensor | None = None,
+    ):
+        """Empty counts of ``shape`` (G, T, W), or the stored ``counts`` (:meth:`total`) of
+        groups holding ``group_windows (G,)`` windows."""
+        self.shape = shape
+        self.live: torch.Tensor | None = None  # (G, T, W) uint8
+        self.folded: torch.Tensor | None = None  # (G, T, W) int32
+        self.live_windows = torch.zeros(shape[0], dtype=torch.long)  # (G,) in ``live``
+        if counts is not None and counts.dtype == torch.uint8:
+            self.live = counts
+            self.live_windows = group_windows.clone()
+        elif counts is not None:
+            self.folded = counts.to(torch.int32)
+
+    def fits_live(self, groups: torch.Tensor) -> bool:
+        """Whether no group has more than 255 windows in this batch ``groups (B,)``."""
+        return int(torch.bincount(groups.cpu()).max()) <= LIVE_LIMIT
+
+    def make_room(self, groups: torch.Tensor) -> torch.Tensor:
+        """Fold the groups of this batch's windows ``groups (B,)`` whose uint8 counts could
+        pass 255 with it; returns the live ``(G, T, W)`` uint8 counts to add the batch into
+        (the batch must :meth:`fits_live`)."""
+        batch = torch.bincount(groups.cpu(), minlength=self.shape[0])  # (G,)
+        if self.live is None:
+            self.live = torch.zeros(self.shape, dtype=torch.uint8)
+        full = torch.nonzero(self.live_windows + batch > LIVE_LIMIT, as_tuple=True)[0]
+        if len(full):
+            if self.folded is None:
+                self.folded = torch.zeros(self.shape, dtype=torch.int32)
+            self.folded[full] += self.live[full]
+            self.live[full] = 0
+            self.live_windows[full] = 0
+        self.live_windows += batch
+        return self.live
+
+    def add(self, fires: torch.Tensor, groups: torch.Tensor) -> None:
+        """Add a batch's firing patterns ``fires (B, T, W)`` bool of windows ``groups (B,)``."""
+        fires, groups = fires.cpu(), groups.cpu()
+        if self.fits_live(groups):
+            self.make_room(groups).index_add_(0, groups, fires.view(torch.uint8))
+            return
+        if self.folded is None:
+            self.folded = torch.zeros(self.shape, dtype=torch.int32)
+        self.folded.index_add_(0, groups, fires.to(torch.int32))
+
+    def total(self) -> torch.Tensor:
+        """``(G, T, W)`` counts: uint8 while nothing was folded (no copy), else int32."""
+        if self.folded is None:
+            return (
+                self.live if self.live is not None else torch.zeros(self.shape, dtype=torch.uint8)
+            )
+        return self.folded if self.live is None else self.folded + self.live
+
+
 GROUP_RESAMPLES = 200
 GROUP_BOOTSTRAP_SEED = 0
 

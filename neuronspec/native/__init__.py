@@ -44,7 +44,7 @@ __all__ = ["KernelUnavailableError", "kernels_available", "load_library"]
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("scan.c", "stats.c", "sparsity.c"))
 HEADERS = (Path(__file__).with_name("fastmath.h"),)  # included by the sources: in the build key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fopenmp")
-ABI_VERSIONS = {"neuronspec_scan_abi": 4, "neuronspec_stats_abi": 12, "neuronspec_sparsity_abi": 1}
+ABI_VERSIONS = {"neuronspec_scan_abi": 4, "neuronspec_stats_abi": 13, "neuronspec_sparsity_abi": 1}
 
 _i64, _ptr, _f32, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
 _SCAN_ARGS = (

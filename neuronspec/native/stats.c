@@ -5,7 +5,8 @@
  * and activations (B, T, W) once and updates, for the columns [w0, w1) of this call,
  *
  *   fire_by_pos (T, W) int32   += [pre > threshold]
- *   fire_by_pos_groups (G, T, W) int32  += the same, at the window's group
+ *   fire_by_pos_groups (G, T, W) uint8  += the same, at the window's group (the caller
+ *                              folds a group's counts before they could pass 255)
  *                              window_group[b] (NULL: no window groups)
  *   arena       packed rows    += [pre > threshold] at positions p with row_offset[p] >= 0:
  *                              the row at byte row_offset[p] of `arena`, fields of
@@ -98,7 +99,7 @@ static i64 layer_columns(
     const float *act, i64 act_sb, i64 act_st,
     float threshold, const float *zpos, const i64 *row_offset, const i64 *row_bits,
     uint8_t *arena, uint8_t *fires, int32_t *fire_by_pos,
-    const i64 *window_group, int32_t *fire_by_pos_groups,
+    const i64 *window_group, uint8_t *fire_by_pos_groups,
     const i64 *tail_tokens, i64 V, int32_t *tail_keys, i64 *tail_found,
     double *act_sum, double *act_sumsq, double *act_absmax, double *pearson_abs_sum,
     double *window_sums, double constant_variance) {
@@ -140,7 +141,7 @@ static i64 layer_columns(
             for (i64 w = 0; w < n; w++) f[w] = p[w] > threshold;
             for (i64 w = 0; w < n; w++) fp[w] += f[w];
             if (fire_by_pos_groups) {
-                int32_t *gp = fire_by_pos_groups + (window_group[b] * T + t) * W + w0;
+                uint8_t *gp = fire_by_pos_groups + (window_group[b] * T + t) * W + w0;
                 for (i64 w = 0; w < n; w++) gp[w] += f[w];
             }
             if (row >= 0) add_packed(arena + row, row_bits[b * T + t], w0, n, f);
@@ -193,7 +194,7 @@ i64 neuronspec_layer_stats_f32(
     const float *act, i64 act_sb, i64 act_st,
     float threshold, const float *zpos, const i64 *row_offset, const i64 *row_bits,
     uint8_t *arena, uint8_t *fires, int32_t *fire_by_pos,
-    const i64 *window_group, int32_t *fire_by_pos_groups,
+    const i64 *window_group, uint8_t *fire_by_pos_groups,
     const i64 *tail_tokens, i64 V, i64 n_tail, int32_t *tail_keys, i64 *tail_spans,
     double *act_sum, double *act_sumsq, double *act_absmax, double *pearson_abs_sum,
     double *window_sums, double constant_variance) {
@@ -340,4 +341,4 @@ int neuronspec_unigram_table(
 }
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int neuronspec_stats_abi(void) { return 12; }
+int neuronspec_stats_abi(void) { return 13; }
