@@ -421,18 +421,19 @@ def pruning(
 
 @pytest.fixture(scope="session")
 def causal(neuronspec_session, model_id, loaded_model, corpus, neuron_stats):
-    """METHODS §6 causal sweep of the ``--top-k`` candidates of each layer on the first
-    held-out windows; records the set ``causal``."""
-    from neuronspec.analyses.causal import DEFAULT_N_PROMPTS, causal_neurons
+    """METHODS §6 causal sweep: every neuron screened, the ``--top-k`` candidates of each
+    layer measured exactly on the first held-out windows; records the set ``causal``."""
+    from neuronspec.analyses.causal import DEFAULT_N_PROMPTS, causal_neurons, causal_prompts
 
     config = neuronspec_session.config
+    prompts, screen_prompts = causal_prompts(corpus.heldout, DEFAULT_N_PROMPTS)
     finding = causal_neurons(
         loaded_model,
-        corpus.heldout[:DEFAULT_N_PROMPTS],
+        prompts,
         neuron_stats,
         layers=config.layers_of(neuron_stats.n_layers, model=model_id),
         top_k=config.top_k,
-        n_controls=config.control_seeds,
+        screen_prompts=screen_prompts,
     )
     neuronspec_session.record(model_id, "causal", finding)
     for layer in finding.layers:
@@ -452,15 +453,16 @@ def causal_delta_sensitive(
     neuronspec_session, model_id, loaded_model, corpus, neuron_stats, delta_sensitive_sets
 ):
     """The causal sweep of the Δ (or high-variance) channels at their own site."""
-    from neuronspec.analyses.causal import DEFAULT_N_PROMPTS, causal_neurons
+    from neuronspec.analyses.causal import DEFAULT_N_PROMPTS, causal_neurons, causal_prompts
 
+    prompts, screen_prompts = causal_prompts(corpus.heldout, DEFAULT_N_PROMPTS)
     finding = causal_neurons(
         loaded_model,
-        corpus.heldout[:DEFAULT_N_PROMPTS],
+        prompts,
         neuron_stats,
         top_k=neuronspec_session.config.top_k,
         neuron_sets=delta_sensitive_sets,
-        n_controls=neuronspec_session.config.control_seeds,
+        screen_prompts=screen_prompts,
     )
     neuronspec_session.record(model_id, "causal_delta_sensitive", finding)
     for layer in finding.layers:  # joins the neuron-type overlap, within its site

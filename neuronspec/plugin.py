@@ -311,6 +311,21 @@ def findings_snapshot(snapshot, request: pytest.FixtureRequest):
         request.node.user_properties.append((DRIFT, json.dumps(drift)))
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request: pytest.FixtureRequest):
+    """The cost of each session fixture's own setup, when NEURONSPEC_FIXTURE_COSTS names a
+    file (:mod:`neuronspec.fixture_costs`)."""
+    if fixturedef.scope != "session" or not is_active(request.config):
+        return (yield)
+    from neuronspec.fixture_costs import measured
+
+    item = getattr(request, "_pyfuncitem", None)  # the test whose setup needs the fixture
+    callspec = getattr(item, "callspec", None)
+    model = callspec.params.get("model_id") if callspec is not None else None
+    with measured(fixturedef.argname, model):
+        return (yield)
+
+
 # -- reporting ----------------------------------------------------------------------------------
 
 

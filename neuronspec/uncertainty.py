@@ -158,6 +158,29 @@ def empirical_p_value(observed: float, control: list[float], *, alternative: str
     return (1 + int(hits.sum())) / (1 + values.size)
 
 
+def _mid_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """1-based ranks of ``values`` (n,), ties given their average rank; and the tie group sizes."""
+    order = np.argsort(values, kind="stable")
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    ranks = np.empty(values.size)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    return ranks, counts
+
+
+def rank_correlation(x: list[float], y: list[float]) -> float | None:
+    """Spearman's ρ of paired values: Pearson's r of their mid-ranks; None for fewer than
+    2 pairs or when one side is constant."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.size != b.size:
+        raise NeuronSpecError(f"rank correlation of {a.size} and {b.size} values: pair them")
+    if a.size < 2:
+        return None
+    ra, rb = _mid_ranks(a)[0], _mid_ranks(b)[0]
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    norm = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return None if norm == 0.0 else float((ra * rb).sum() / norm)
+
+
 def rank_sum_p_value(values: list[float], control: list[float]) -> float:
     """One-sided Mann–Whitney U p-value that ``values`` tend to exceed ``control``: normal
     approximation with tie correction and continuity correction (as
@@ -166,13 +189,7 @@ def rank_sum_p_value(values: list[float], control: list[float]) -> float:
     n, m = x.size, y.size
     if n == 0 or m == 0:
         raise NeuronSpecError("a rank-sum test needs values and controls, got an empty side")
-    pooled = np.concatenate([x, y])
-    order = np.argsort(pooled, kind="stable")
-    ranks = np.empty(pooled.size)
-    sorted_values = pooled[order]
-    _, first, counts = np.unique(sorted_values, return_index=True, return_counts=True)
-    mid_ranks = first + (counts + 1) / 2.0  # 1-based average rank of each tie group
-    ranks[order] = np.repeat(mid_ranks, counts)
+    ranks, counts = _mid_ranks(np.concatenate([x, y]))
     u = ranks[:n].sum() - n * (n + 1) / 2.0
     total = n + m
     tie_term = float((counts**3 - counts).sum()) / (total * (total - 1))

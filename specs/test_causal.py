@@ -1,8 +1,10 @@
-"""Causal neurons (METHODS.md §6): single-neuron zero interventions on the ``top_k``
-candidates of each layer (``--top-k``, ``--layers``), KL impact next to
-``--control-seeds`` random neurons (empirical p-values, rank-sum test), and the cross-layer matrix on 8 held-out windows. The same for the delta-sensitive Δ
-channels (Mamba, ``dt`` site) or high-variance ``mlp`` neurons (GPT-2) of METHODS §5,
-recorded under ``causal_delta_sensitive``."""
+"""Causal neurons (METHODS.md §6): every neuron screened by a second-order KL estimate, the
+``top_k`` candidates of each layer (``--top-k``, ``--layers``) measured exactly by single-
+neuron zero interventions on 8 held-out windows (the screen ran on 8 others), their KL
+against the screen's values of the layer's other neurons (empirical p-values) and against
+random neurons measured exactly (rank-sum test), and the cross-layer matrix. The same for
+the delta-sensitive Δ channels (Mamba, ``dt`` site) or high-variance ``mlp`` neurons
+(GPT-2) of METHODS §5, recorded under ``causal_delta_sensitive``."""
 
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ ALPHA = 0.01
 
 
 def test_candidates_are_more_causal_than_random(model_id, layer, causal):
-    """The layer's candidates (by E[a^2], chosen before any KL is measured) have larger KL
-    impact than random neurons of the same layer: one-sided rank-sum test at α = 0.01."""
+    """The layer's candidates (the KL screen's top, chosen on other windows than their KL is
+    measured on) have larger KL impact than random neurons of the same layer: one-sided
+    rank-sum test at α = 0.01."""
     found = causal.of_layer(layer)
     assert found.candidates_exceed(alpha=ALPHA), found
 

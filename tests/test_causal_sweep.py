@@ -11,10 +11,16 @@ import torch
 import torch.nn.functional as F
 from builders import VOCAB, make_gpt2, make_mamba, wrap
 
-from neuronspec.analyses.causal import causal_neurons, single_neuron_sweep, upstream_leaks
+from neuronspec.analyses.causal import (
+    CONTROLS_MEASURED,
+    causal_neurons,
+    single_neuron_sweep,
+    upstream_leaks,
+)
 from neuronspec.analyses.delta_sensitive import NeuronSets
 from neuronspec.capture.runner import collect_stats
 from neuronspec.interventions.ablation import AblationEngine, AblationError
+from neuronspec.interventions.kl_screen import kl_screen
 from neuronspec.models.adapters import adapter_for
 from neuronspec.models.scan import use_fast_scan
 
@@ -91,12 +97,28 @@ def test_cross_layer_matrix_is_exactly_zero_upstream(finding, three_layers):
         (c.kl for c in layer0.candidates), reverse=True
     )
     assert set(layer0.control_neurons).isdisjoint(c.neuron for c in layer0.candidates)
-    for layer in finding.layers:  # every neuron not a candidate is a control (width < 99)
-        assert len(layer.control_neurons) == min(99, three_layers.adapter.width("mlp") - 3)
+    width = three_layers.adapter.width("mlp")
+    screened = kl_screen(three_layers, _windows(3), [0, 1, 2])  # the same draws (seed 0)
+    for layer in finding.layers:
+        estimate = screened.kl[layer.layer]  # (W,)
+        # the candidates are the top 3 by κ̂ and by residual share, each with its κ̂
+        by_kl = torch.argsort(-estimate, stable=True)[:3].tolist()
+        by_share = torch.argsort(-screened.residual_share[layer.layer], stable=True)[:3]
+        assert {c.neuron for c in layer.candidates} == set(by_kl) | set(by_share.tolist())
+        assert all(c.screen_kl == float(estimate[c.neuron]) for c in layer.candidates)
+        n_candidates = len(layer.candidates)
+        assert 3 <= n_candidates <= 6
+        assert len(layer.control_neurons) == CONTROLS_MEASURED
+        assert layer.screened == width - n_candidates
+        calibration = sum(layer.control_kl) / float(estimate[layer.control_neurons].sum())
+        assert layer.screen_calibration == pytest.approx(calibration, rel=1e-12)
+        others = [n for n in range(width) if n not in {c.neuron for c in layer.candidates}]
+        null = calibration * estimate[others]  # the control distribution: W - 3 values
         for candidate in layer.candidates:
-            beaten = sum(kl >= candidate.kl for kl in layer.control_kl)
-            assert candidate.p_value == (1 + beaten) / (1 + len(layer.control_kl))
+            beaten = int((null >= candidate.kl).sum())
+            assert candidate.p_value == pytest.approx((1 + beaten) / (1 + len(others)))
         assert layer.causal_neurons == [c.neuron for c in layer.candidates if c.p_value <= 0.01]
+        assert -1.0 <= layer.screen_rank_correlation <= 1.0
 
 
 def test_a_leak_upstream_is_caught(three_layers, monkeypatch):

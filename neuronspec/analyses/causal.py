@@ -17,21 +17,31 @@ For one neuron (l, n) at the site it was identified on (``mlp`` by default), set
   read with the intervention in place: the diagonal is the relative size of the
   intervention itself.
 
-Where METHODS is silent: the **candidates** of a layer are its ``top_k`` neurons by
-intervention size E[(a − v)²] (:func:`neuronspec.analyses.ablation.intervention_size`,
-from the cached statistics of the analysis windows); they are then ranked by KL. Given a
-set of identified neurons instead (``neuron_sets``, e.g. the delta-sensitive Δ channels of
-the ``dt`` site, METHODS §5, or GPT-2's high-variance ``mlp`` neurons), those are the
-candidates, intervened on at their own site, and the inter-layer impact is read there too. The
-**random control**: ``n_controls`` other neurons of the same layer (not candidates;
-``--control-seeds``, default 99, at most the layer's other neurons), drawn with
-``torch.Generator(seed)``, measured the same way (KL and the control matrix). Each
-candidate gets the empirical p-value of its KL among the controls' (:mod:`neuronspec.uncertainty`);
-it is recorded as a *causal neuron* when p ≤ ``CAUSAL_ALPHA`` = 0.01 (per neuron,
-uncorrected). A layer's candidates as a set are tested against its controls by a one-sided
-Mann–Whitney rank-sum test (``candidates_exceed(alpha)``): the candidates are chosen from
-the statistics before any KL is measured, so the test is not biased by the selection.
-Prompts are held-out windows (default 8, P·T = 512 positions at T = 64).
+Where METHODS is silent: the **candidates** of a layer are its ``top_k`` neurons by a
+second-order **screen** of every neuron's KL impact (:mod:`neuronspec.interventions.kl_screen`:
+κ̂ = ½·E_y[(Σ_t g_t δ_t)²] per position, from ``SCREEN_SAMPLES`` target draws, one backward
+each for every neuron of every layer) and its ``top_k`` by residual share ρ (the largest
+fraction of the residual stream's energy the intervention moves at a position: where the
+second order is blind, massive activations), at most 2·``top_k``, measured exactly and
+ranked by KL. Given a set of
+identified neurons instead (``neuron_sets``, e.g. the delta-sensitive Δ channels of the
+``dt`` site, METHODS §5, or GPT-2's high-variance ``mlp`` neurons), those are the
+candidates, intervened on at their own site, and the inter-layer impact is read there too.
+
+The **random control** of a layer is the screen's distribution over its other neurons
+(all W − k of them), scaled by the calibration c = Σ exact KL / Σ κ̂ over ``n_controls``
+of them drawn at random (``torch.Generator(seed + layer)``) and measured exactly. A
+candidate's p-value is the empirical p-value of its exact KL among the W − k scaled screen
+values (:func:`neuronspec.uncertainty.empirical_p_value`); it is recorded as a *causal
+neuron* when p ≤ ``CAUSAL_ALPHA`` = 0.01 (per neuron, uncorrected; a layer of fewer than 99
+other neurons cannot reach it). A layer's candidates as a set are tested against the
+exactly measured controls by a one-sided Mann–Whitney rank-sum test
+(``candidates_exceed(alpha)``). The screen's quality is reported per layer: Spearman's ρ
+between κ̂ and the exact KL over the measured neurons (candidates and controls), and c.
+Prompts are held-out windows (default 8, P·T = 512 positions at T = 64). The screen runs on
+other held-out windows (the fixtures: the next 8), so that the candidates are chosen
+independently of the noise of the KL measured on them, and the rank-sum test and the
+p-values are not biased by the selection.
 
 Batching: one forward holds the baseline group and up to ``max_rows // P − 1`` single-
 neuron interventions, one group of P rows each (:class:`AblationEngine`).
@@ -48,7 +58,7 @@ import torch
 from neuronspec.analyses.ablation import intervention_size
 from neuronspec.analyses.delta_sensitive import NeuronSets
 from neuronspec.capture.stats import NeuronStats
-from neuronspec.errors import NeuronSpecError
+from neuronspec.errors import NeuronSpecError, TooFewTokensError
 from neuronspec.findings import Finding
 from neuronspec.interventions.ablation import (
     DEFAULT_MAX_ROWS,
@@ -57,14 +67,16 @@ from neuronspec.interventions.ablation import (
     Condition,
     baseline_condition,
 )
+from neuronspec.interventions.kl_screen import SCREEN_SAMPLES, kl_screen
 from neuronspec.models.registry import LoadedModel
 from neuronspec.options import default
 from neuronspec.progress import progress
-from neuronspec.uncertainty import empirical_p_value, rank_sum_p_value
+from neuronspec.uncertainty import empirical_p_value, rank_correlation, rank_sum_p_value
 
 DEFAULT_METHOD = "zero"  # METHODS §6: "zero (or mean) it at all positions"
 DEFAULT_N_PROMPTS = 8  # held-out windows: 512 positions at T = 64
 CAUSAL_ALPHA = 0.01  # per-candidate level of the recorded causal neurons
+CONTROLS_MEASURED = 5  # random other neurons per layer measured exactly (screen calibration)
 
 
 @dataclass(frozen=True)
@@ -74,19 +86,23 @@ class CausalNeuron(Finding):
     kl: float  # mean KL(p_base ‖ p_mod) per position, nats
     intervention_size: float | None  # E[(a − v)²] on the analysis windows (mlp site only)
     downstream: dict[int, float]  # later layer t → ‖a'_t − a_t‖ / ‖a_t‖
-    p_value: float  # empirical, of its KL among the layer's random controls
+    p_value: float  # empirical, of its KL among the layer's scaled screen values
+    screen_kl: float  # κ̂, the second-order screen's estimate of its KL (nats)
 
 
 @dataclass(frozen=True)
 class CausalLayerFinding(Finding):
     layer: int
     candidates: list[CausalNeuron]  # ranked by descending KL
-    control_neurons: list[int]
+    control_neurons: list[int]  # random other neurons measured exactly
     control_kl: list[float]
     control_kl_mean: float
     control_kl_std: float
     causal_neurons: list[int]  # candidates with p_value <= CAUSAL_ALPHA
     rank_sum_p_value: float  # one-sided Mann–Whitney: candidates' KL > controls'
+    screened: int  # neurons whose scaled screen values are the control distribution
+    screen_calibration: float  # c = Σ exact KL / Σ κ̂ over the measured controls
+    screen_rank_correlation: float | None  # Spearman ρ(κ̂, exact KL), measured neurons
 
     def candidates_exceed(self, *, alpha: float = 0.01) -> bool:
         """The layer's candidates have larger KL than its random neurons at level ``alpha``
@@ -100,10 +116,15 @@ class CausalLayerFinding(Finding):
 
     def evidence(self) -> dict[int, dict[str, float | None]]:
         """Per causal neuron: its KL impact (nats), its p-value among the layer's random
-        controls and its intervention size (the numbers a neuron card shows)."""
+        controls, the screen's estimate and its intervention size (a neuron card's numbers)."""
         causal = set(self.causal_neurons)
         return {
-            c.neuron: {"kl": c.kl, "p_value": c.p_value, "intervention_size": c.intervention_size}
+            c.neuron: {
+                "kl": c.kl,
+                "p_value": c.p_value,
+                "screen_kl": c.screen_kl,
+                "intervention_size": c.intervention_size,
+            }
             for c in self.candidates
             if c.neuron in causal
         }
@@ -113,7 +134,7 @@ class CausalLayerFinding(Finding):
 class CausalFinding(Finding):
     model: str
     site: str
-    candidates_by: str  # "intervention_size", or the kind of the given neuron sets
+    candidates_by: str  # "kl_screen", or the kind of the given neuron sets
     method: str
     n_prompts: int
     n_positions: int
@@ -142,17 +163,33 @@ class CausalFinding(Finding):
                 "p_value": [c.p_value for c in layer.candidates[:5]],
                 "n_causal": len(layer.causal_neurons),
                 "rank_sum_p_value": layer.rank_sum_p_value,
+                "screen_rank_correlation": layer.screen_rank_correlation,
             }
             for layer in self.layers
         ]
         return {"site": self.site, "top": top, "cross_layer": self.cross_layer}
 
 
-def causal_candidates(stats: NeuronStats, layer: int, *, method: str, top_k: int) -> list[int]:
-    """The ``top_k`` neurons of ``layer`` with the largest intervention size."""
-    size = intervention_size(stats, layer, method)  # (W,)
-    order = torch.argsort(-size, stable=True)
-    return [int(n) for n in order[:top_k]]
+def causal_prompts(heldout: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sweep's held-out windows ``(n, T)`` each: the first ``n`` measured exactly, the next
+    ``n`` screened (the candidates are chosen on other windows than they are measured on)."""
+    if len(heldout) < 2 * n:
+        raise TooFewTokensError(
+            f"the causal sweep needs {2 * n} held-out windows ({n} measured, {n} screened), "
+            f"the corpus has {len(heldout)}; raise --max-tokens or --text-limit"
+        )
+    return heldout[:n], heldout[n : 2 * n]
+
+
+def _screened_candidates(screened, layer: int, top_k: int) -> list[int]:
+    """The ``top_k`` of ``layer`` by κ̂ and, where the site writes into the stream, the
+    ``top_k`` by residual share ρ not already among them
+    (:mod:`~neuronspec.interventions.kl_screen`)."""
+    chosen = [int(n) for n in torch.argsort(-screened.kl[layer], stable=True)[:top_k]]
+    if screened.residual_share is not None:
+        by_share = torch.argsort(-screened.residual_share[layer], stable=True)[:top_k]
+        chosen += [int(n) for n in by_share if int(n) not in set(chosen)]
+    return chosen
 
 
 def _control_neurons(width: int, exclude: Sequence[int], k: int, seed: int) -> list[int]:
@@ -230,17 +267,23 @@ def causal_neurons(
     seed: int = 0,
     max_rows: int = DEFAULT_MAX_ROWS,
     neuron_sets: NeuronSets | None = None,
-    n_controls: int = default("control_seeds"),
+    n_controls: int = CONTROLS_MEASURED,
+    screen_prompts: torch.Tensor | None = None,
+    screen_samples: int = SCREEN_SAMPLES,
 ) -> CausalFinding:
-    """Candidates and random controls of each layer, swept on ``prompts`` (module docstring).
-    ``neuron_sets``: the candidates and their site, per layer (default: by intervention size
-    at the ``mlp`` site); ``layers`` then defaults to the layers of the sets."""
+    """Screen every neuron of each layer on ``screen_prompts`` (default: ``prompts``), measure
+    the candidates and ``n_controls`` random neurons exactly on ``prompts`` (module
+    docstring). ``neuron_sets``: the candidates and their site, per layer (default: the
+    screen's top ``top_k`` at the ``mlp`` site); ``layers`` then defaults to the layers of
+    the sets."""
     if method not in ("zero", "mean"):
         raise AblationError(
             f"causal interventions are 'zero' or 'mean' (METHODS §6), got {method!r}"
         )
     if top_k < 1:
         raise AblationError(f"top_k must be at least 1, got {top_k}")
+    if n_controls < 2:
+        raise AblationError(f"the screen's calibration needs n_controls >= 2, got {n_controls}")
     site = "mlp" if neuron_sets is None else neuron_sets.site
     engine = AblationEngine(loaded, method=method, means=means, max_rows=max_rows)
     n_layers = loaded.adapter.n_layers
@@ -251,11 +294,25 @@ def causal_neurons(
     if neuron_sets is not None and set(layers) - set(neuron_sets.by_layer):
         missing = sorted(set(layers) - set(neuron_sets.by_layer))
         raise AblationError(f"the {neuron_sets.kind} sets have no neurons for layers {missing}")
+    for layer in layers:
+        loaded.adapter.check(site, layer)
+    engine.check([Condition(f"L{layer}", site, {layer: (0,)}) for layer in layers])
+    screened = kl_screen(
+        loaded,
+        prompts if screen_prompts is None else screen_prompts,
+        layers,
+        site=site,
+        method=method,
+        means=means,
+        samples=screen_samples,
+        seed=seed,
+    )
+    screen = screened.kl
     plan: list[tuple[int, int]] = []
     chosen: dict[int, tuple[list[int], list[int]]] = {}
     for layer in layers:
         if neuron_sets is None:
-            candidates = causal_candidates(stats, layer, method=method, top_k=top_k)
+            candidates = _screened_candidates(screened, layer, top_k)
         else:
             candidates = [int(n) for n in neuron_sets.by_layer[layer][:top_k]]
         control = _control_neurons(
@@ -271,6 +328,12 @@ def causal_neurons(
         candidates, control = chosen[layer]
         size = intervention_size(stats, layer, method) if site == "mlp" else None
         control_kl = [result[(layer, n)][0] for n in control]
+        others = torch.ones(width, dtype=torch.bool)
+        others[candidates] = False
+        estimate = screen[layer]  # (W,)
+        screened_control = float(estimate[control].sum())
+        calibration = sum(control_kl) / screened_control if screened_control > 0 else 1.0
+        null = (calibration * estimate[others]).tolist()  # (W - k,) the control distribution
         measured = [
             CausalNeuron(
                 layer=layer,
@@ -278,13 +341,15 @@ def causal_neurons(
                 kl=result[(layer, n)][0],
                 intervention_size=None if size is None else float(size[n]),
                 downstream={t: result[(layer, n)][1][t] for t in range(layer + 1, n_layers)},
-                p_value=empirical_p_value(result[(layer, n)][0], control_kl, alternative="greater"),
+                p_value=empirical_p_value(result[(layer, n)][0], null, alternative="greater"),
+                screen_kl=float(estimate[n]),
             )
             for n in candidates
         ]
         measured.sort(key=lambda c: (-c.kl, c.neuron))
         mean = statistics.fmean(control_kl) if control_kl else 0.0
         std = statistics.stdev(control_kl) if len(control_kl) > 1 else 0.0
+        both = candidates + control
         findings.append(
             CausalLayerFinding(
                 layer=layer,
@@ -295,6 +360,11 @@ def causal_neurons(
                 control_kl_std=std,
                 causal_neurons=[c.neuron for c in measured if c.p_value <= CAUSAL_ALPHA],
                 rank_sum_p_value=rank_sum_p_value([c.kl for c in measured], control_kl),
+                screened=len(null),
+                screen_calibration=calibration,
+                screen_rank_correlation=rank_correlation(
+                    [float(estimate[n]) for n in both], [result[(layer, n)][0] for n in both]
+                ),
             )
         )
         matrix.append(_mean_rows([result[(layer, n)][1] for n in candidates], n_layers))
@@ -302,7 +372,7 @@ def causal_neurons(
     return CausalFinding(
         model=loaded.model_id,
         site=site,
-        candidates_by="intervention_size" if neuron_sets is None else neuron_sets.kind,
+        candidates_by="kl_screen" if neuron_sets is None else neuron_sets.kind,
         method=method,
         n_prompts=prompts.shape[0],
         n_positions=prompts.numel(),

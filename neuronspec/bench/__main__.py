@@ -9,7 +9,7 @@ import os
 from neuronspec.bench import print_table
 from neuronspec.heap import keep_malloc_heap
 
-SECTIONS = ["scan", "capture", "suite", "attention", "ablation", "ig", "scale"]
+SECTIONS = ["scan", "capture", "suite", "attention", "ablation", "ig", "scale", "suite-real"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     kept = args.keep_malloc_heap and keep_malloc_heap()
     print(f"malloc heap kept between forwards (neuronspec.heap): {'yes' if kept else 'no'}")
     for name in [args.only] if args.only else SECTIONS:
-        section = importlib.import_module(f"neuronspec.bench.{name}")
+        section = importlib.import_module(f"neuronspec.bench.{name.replace('-', '_')}")
         print(f"== {name}{' (quick)' if args.quick else ''}")
         print_table(section.run(quick=args.quick))
 

@@ -105,6 +105,13 @@ class SiteAdapter:
     def _hook(self, site: str, layer: int) -> _Hook:
         raise NotImplementedError
 
+    def write_weights(self, site: str, layer: int) -> torch.Tensor | None:
+        """``(W, d)``: what one unit of each neuron of ``site`` adds to the residual stream at
+        the block's output (the site feeds a linear map whose output the block adds to
+        the stream); None where the site does not (Mamba's Δ)."""
+        self.check(site, layer)
+        return None
+
     # -- reading and patching ---------------------------------------------------------------
     @contextmanager
     def read(self, targets: Iterable[tuple[str, int]], callback: ReadCallback) -> Iterator[None]:
@@ -237,6 +244,12 @@ class GPT2Adapter(SiteAdapter):
         finally:
             self.model.set_attn_implementation(previous)
 
+    def write_weights(self, site: str, layer: int) -> torch.Tensor | None:
+        self.check(site, layer)
+        if site != "mlp":
+            return None
+        return self.model.transformer.h[layer].mlp.c_proj.weight.detach()  # Conv1D: (W, d)
+
     def _hook(self, site: str, layer: int) -> _Hook:
         block = self.model.transformer.h[layer]
         identity = lambda value: value  # noqa: E731
@@ -309,6 +322,12 @@ class MambaAdapter(SiteAdapter):
         finally:
             for mixer, reader in readers:
                 getattr(mixer, DT_SUM_READERS).remove(reader)
+
+    def write_weights(self, site: str, layer: int) -> torch.Tensor | None:
+        self.check(site, layer)
+        if site != "mlp":
+            return None
+        return self.model.backbone.layers[layer].mixer.out_proj.weight.detach().T  # (W, d)
 
     def _hook(self, site: str, layer: int) -> _Hook:
         block = self.model.backbone.layers[layer]

@@ -216,9 +216,17 @@ def _causal(layers: dict[str, Any], tokens: TokenText) -> str:
     counts = [len(layer["causal_neurons"]) for layer in found["layers"]]
     p_values = ", ".join(f"{layer['rank_sum_p_value']:.2g}" for layer in found["layers"])
     n_controls = len(found["layers"][0]["control_neurons"]) if found["layers"] else 0
+    rho = ", ".join(
+        "n/a"
+        if layer["screen_rank_correlation"] is None
+        else f"{layer['screen_rank_correlation']:.2f}"
+        for layer in found["layers"]
+    )
     return (
-        f"causal neurons (p <= 0.01 each) by layer {_by_layer(counts)} (top-{found['top_k']} "
-        f"candidates vs {n_controls} random neurons, rank-sum p by layer {p_values}; "
+        f"causal neurons (p <= 0.01 each, among the screen's values of the layer's other "
+        f"neurons) by layer {_by_layer(counts)} (top-{found['top_k']} candidates by the KL "
+        f"screen; vs {n_controls} random neurons measured exactly, rank-sum p by layer "
+        f"{p_values}; screen vs exact Spearman rho by layer {rho}; "
         f"{found['method']} intervention on {found['site']})"
     )
 
