@@ -433,6 +433,7 @@ def causal(neuronspec_session, model_id, loaded_model, corpus, neuron_stats):
         neuron_stats,
         layers=config.layers_of(neuron_stats.n_layers, model=model_id),
         top_k=config.top_k,
+        n_controls=config.control_seeds,
         screen_prompts=screen_prompts,
     )
     neuronspec_session.record(model_id, "causal", finding)
@@ -462,6 +463,7 @@ def causal_delta_sensitive(
         neuron_stats,
         top_k=neuronspec_session.config.top_k,
         neuron_sets=delta_sensitive_sets,
+        n_controls=neuronspec_session.config.control_seeds,
         screen_prompts=screen_prompts,
     )
     neuronspec_session.record(model_id, "causal_delta_sensitive", finding)

@@ -267,8 +267,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--control-seeds",
         99,
-        "random controls: seeds per ablation or pruning condition; a test at level α needs "
-        "at least 1/α − 1 (99: α = 0.01)",
+        "random controls: seeds per ablation or pruning condition, random neurons per causal "
+        "layer; a test at level α needs at least 1/α − 1 (99: α = 0.01)",
         "§10",
         "control_seeds",
         int,

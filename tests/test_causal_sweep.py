@@ -11,12 +11,7 @@ import torch
 import torch.nn.functional as F
 from builders import VOCAB, make_gpt2, make_mamba, wrap
 
-from neuronspec.analyses.causal import (
-    CONTROLS_MEASURED,
-    causal_neurons,
-    single_neuron_sweep,
-    upstream_leaks,
-)
+from neuronspec.analyses.causal import causal_neurons, single_neuron_sweep, upstream_leaks
 from neuronspec.analyses.delta_sensitive import NeuronSets
 from neuronspec.capture.runner import collect_stats
 from neuronspec.interventions.ablation import AblationEngine, AblationError
@@ -108,15 +103,11 @@ def test_cross_layer_matrix_is_exactly_zero_upstream(finding, three_layers):
         assert all(c.screen_kl == float(estimate[c.neuron]) for c in layer.candidates)
         n_candidates = len(layer.candidates)
         assert 3 <= n_candidates <= 6
-        assert len(layer.control_neurons) == CONTROLS_MEASURED
-        assert layer.screened == width - n_candidates
-        calibration = sum(layer.control_kl) / float(estimate[layer.control_neurons].sum())
-        assert layer.screen_calibration == pytest.approx(calibration, rel=1e-12)
-        others = [n for n in range(width) if n not in {c.neuron for c in layer.candidates}]
-        null = calibration * estimate[others]  # the control distribution: W - 3 values
+        # every other neuron is a control (width < 99), measured exactly
+        assert len(layer.control_neurons) == min(99, width - n_candidates)
         for candidate in layer.candidates:
-            beaten = int((null >= candidate.kl).sum())
-            assert candidate.p_value == pytest.approx((1 + beaten) / (1 + len(others)))
+            beaten = sum(kl >= candidate.kl for kl in layer.control_kl)
+            assert candidate.p_value == (1 + beaten) / (1 + len(layer.control_kl))
         assert layer.causal_neurons == [c.neuron for c in layer.candidates if c.p_value <= 0.01]
         assert -1.0 <= layer.screen_rank_correlation <= 1.0
 

@@ -28,16 +28,19 @@ identified neurons instead (``neuron_sets``, e.g. the delta-sensitive Δ channel
 ``dt`` site, METHODS §5, or GPT-2's high-variance ``mlp`` neurons), those are the
 candidates, intervened on at their own site, and the inter-layer impact is read there too.
 
-The **random control** of a layer is the screen's distribution over its other neurons
-(all W − k of them), scaled by the calibration c = Σ exact KL / Σ κ̂ over ``n_controls``
-of them drawn at random (``torch.Generator(seed + layer)``) and measured exactly. A
-candidate's p-value is the empirical p-value of its exact KL among the W − k scaled screen
-values (:func:`neuronspec.uncertainty.empirical_p_value`); it is recorded as a *causal
-neuron* when p ≤ ``CAUSAL_ALPHA`` = 0.01 (per neuron, uncorrected; a layer of fewer than 99
-other neurons cannot reach it). A layer's candidates as a set are tested against the
-exactly measured controls by a one-sided Mann–Whitney rank-sum test
-(``candidates_exceed(alpha)``). The screen's quality is reported per layer: Spearman's ρ
-between κ̂ and the exact KL over the measured neurons (candidates and controls), and c.
+The **random control**: ``n_controls`` other neurons of the same layer (not candidates;
+``--control-seeds``, default 99, at most the layer's other neurons), drawn with
+``torch.Generator(seed + layer)``, measured exactly the same way (KL and the control
+matrix). Each candidate gets the empirical p-value of its KL among the controls'
+(:mod:`neuronspec.uncertainty`); it is recorded as a *causal neuron* when p ≤
+``CAUSAL_ALPHA`` = 0.01 (per neuron, uncorrected). A layer's candidates as a set are tested
+against its controls by a one-sided Mann–Whitney rank-sum test (``candidates_exceed(alpha)``).
+The screen's quality is reported per layer: Spearman's ρ between κ̂ and the exact KL over
+the measured neurons (the candidates and the random controls). Why the controls are
+measured and not taken from the screen's distribution over all other neurons: κ̂ misses
+the massive-activation neurons (above), so a screen-based null, however scaled, is wrong
+for exactly the neurons that matter; scaling it by the measured controls' Σ KL / Σ κ̂ was
+tried and made one such control decide every p-value of its layer.
 Prompts are held-out windows (default 8, P·T = 512 positions at T = 64). The screen runs on
 other held-out windows (the fixtures: the next 8), so that the candidates are chosen
 independently of the noise of the KL measured on them, and the rank-sum test and the
@@ -76,7 +79,6 @@ from neuronspec.uncertainty import empirical_p_value, rank_correlation, rank_sum
 DEFAULT_METHOD = "zero"  # METHODS §6: "zero (or mean) it at all positions"
 DEFAULT_N_PROMPTS = 8  # held-out windows: 512 positions at T = 64
 CAUSAL_ALPHA = 0.01  # per-candidate level of the recorded causal neurons
-CONTROLS_MEASURED = 5  # random other neurons per layer measured exactly (screen calibration)
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class CausalNeuron(Finding):
     kl: float  # mean KL(p_base ‖ p_mod) per position, nats
     intervention_size: float | None  # E[(a − v)²] on the analysis windows (mlp site only)
     downstream: dict[int, float]  # later layer t → ‖a'_t − a_t‖ / ‖a_t‖
-    p_value: float  # empirical, of its KL among the layer's scaled screen values
+    p_value: float  # empirical, of its KL among the layer's random controls
     screen_kl: float  # κ̂, the second-order screen's estimate of its KL (nats)
 
 
@@ -94,14 +96,12 @@ class CausalNeuron(Finding):
 class CausalLayerFinding(Finding):
     layer: int
     candidates: list[CausalNeuron]  # ranked by descending KL
-    control_neurons: list[int]  # random other neurons measured exactly
+    control_neurons: list[int]
     control_kl: list[float]
     control_kl_mean: float
     control_kl_std: float
     causal_neurons: list[int]  # candidates with p_value <= CAUSAL_ALPHA
     rank_sum_p_value: float  # one-sided Mann–Whitney: candidates' KL > controls'
-    screened: int  # neurons whose scaled screen values are the control distribution
-    screen_calibration: float  # c = Σ exact KL / Σ κ̂ over the measured controls
     screen_rank_correlation: float | None  # Spearman ρ(κ̂, exact KL), measured neurons
 
     def candidates_exceed(self, *, alpha: float = 0.01) -> bool:
@@ -267,7 +267,7 @@ def causal_neurons(
     seed: int = 0,
     max_rows: int = DEFAULT_MAX_ROWS,
     neuron_sets: NeuronSets | None = None,
-    n_controls: int = CONTROLS_MEASURED,
+    n_controls: int = default("control_seeds"),
     screen_prompts: torch.Tensor | None = None,
     screen_samples: int = SCREEN_SAMPLES,
 ) -> CausalFinding:
@@ -282,8 +282,6 @@ def causal_neurons(
         )
     if top_k < 1:
         raise AblationError(f"top_k must be at least 1, got {top_k}")
-    if n_controls < 2:
-        raise AblationError(f"the screen's calibration needs n_controls >= 2, got {n_controls}")
     site = "mlp" if neuron_sets is None else neuron_sets.site
     engine = AblationEngine(loaded, method=method, means=means, max_rows=max_rows)
     n_layers = loaded.adapter.n_layers
@@ -328,12 +326,7 @@ def causal_neurons(
         candidates, control = chosen[layer]
         size = intervention_size(stats, layer, method) if site == "mlp" else None
         control_kl = [result[(layer, n)][0] for n in control]
-        others = torch.ones(width, dtype=torch.bool)
-        others[candidates] = False
         estimate = screen[layer]  # (W,)
-        screened_control = float(estimate[control].sum())
-        calibration = sum(control_kl) / screened_control if screened_control > 0 else 1.0
-        null = (calibration * estimate[others]).tolist()  # (W - k,) the control distribution
         measured = [
             CausalNeuron(
                 layer=layer,
@@ -341,7 +334,7 @@ def causal_neurons(
                 kl=result[(layer, n)][0],
                 intervention_size=None if size is None else float(size[n]),
                 downstream={t: result[(layer, n)][1][t] for t in range(layer + 1, n_layers)},
-                p_value=empirical_p_value(result[(layer, n)][0], null, alternative="greater"),
+                p_value=empirical_p_value(result[(layer, n)][0], control_kl, alternative="greater"),
                 screen_kl=float(estimate[n]),
             )
             for n in candidates
@@ -360,8 +353,6 @@ def causal_neurons(
                 control_kl_std=std,
                 causal_neurons=[c.neuron for c in measured if c.p_value <= CAUSAL_ALPHA],
                 rank_sum_p_value=rank_sum_p_value([c.kl for c in measured], control_kl),
-                screened=len(null),
-                screen_calibration=calibration,
                 screen_rank_correlation=rank_correlation(
                     [float(estimate[n]) for n in both], [result[(layer, n)][0] for n in both]
                 ),

@@ -223,10 +223,10 @@ def _causal(layers: dict[str, Any], tokens: TokenText) -> str:
         for layer in found["layers"]
     )
     return (
-        f"causal neurons (p <= 0.01 each, among the screen's values of the layer's other "
-        f"neurons) by layer {_by_layer(counts)} (top-{found['top_k']} candidates by the KL "
-        f"screen; vs {n_controls} random neurons measured exactly, rank-sum p by layer "
-        f"{p_values}; screen vs exact Spearman rho by layer {rho}; "
+        f"causal neurons (p <= 0.01 each) by layer {_by_layer(counts)} (candidates: the KL "
+        f"screen's top-{found['top_k']} by KL and by residual share, vs {n_controls} random "
+        f"neurons, rank-sum p by layer {p_values}; screen vs exact Spearman rho by layer "
+        f"{rho}; "
         f"{found['method']} intervention on {found['site']})"
     )
 
