@@ -16,7 +16,7 @@ import pytest
 from neuronspec.bench import Timing, row, time_side_by_side
 
 
-@pytest.mark.parametrize("section", ["scan", "capture"])
+@pytest.mark.parametrize("section", ["scan", "capture", "causal"])
 def test_quick_benchmark_rows_are_consistent(section):
     rows = importlib.import_module(f"neuronspec.bench.{section}").run(quick=True)
     rounds = {}

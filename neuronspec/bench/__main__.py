@@ -9,7 +9,17 @@ import os
 from neuronspec.bench import print_table
 from neuronspec.heap import keep_malloc_heap
 
-SECTIONS = ["scan", "capture", "suite", "attention", "ablation", "ig", "scale", "suite-real"]
+SECTIONS = [
+    "scan",
+    "capture",
+    "suite",
+    "attention",
+    "ablation",
+    "ig",
+    "scale",
+    "causal",
+    "suite-real",
+]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,81 @@
+"""Cost of the causal sweep on real model shapes, against the statistics pass of the same run.
+
+Random-weight models of the shipped gpt2 and mamba-130m configs
+(:func:`neuronspec.models.shapes.random_model`), a Zipf token stream
+(:func:`neuronspec.bench.capture._zipf_tokens`) in windows of 64. Timed, each once:
+the statistics pass over ``TOKENS`` tokens (batches of 16 windows, the plugin's default);
+the KL screen of every neuron of every layer on 8 windows (8 target draws: 64 rows,
+forward and backward); one forward of the exact sweep (the baseline group and
+``DEFAULT_MAX_ROWS // 8 − 1`` single-neuron interventions of 8 windows each). The full
+exact sweep is projected from that forward: per layer up to 2·top_k candidates (κ̂'s and
+ρ's top 10) and 99 random controls (the defaults), or the 10 candidates alone. ``quick``:
+2 layers, 4,096 tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from neuronspec.analyses.causal import DEFAULT_N_PROMPTS, single_neuron_sweep
+from neuronspec.bench import Timing, row
+from neuronspec.bench.capture import _zipf_tokens
+from neuronspec.capture.config import StatsConfig
+from neuronspec.capture.runner import collect_stats
+from neuronspec.interventions.ablation import DEFAULT_MAX_ROWS, AblationEngine
+from neuronspec.interventions.kl_screen import kl_screen
+from neuronspec.models.adapters import adapter_for
+from neuronspec.models.registry import LoadedModel
+from neuronspec.models.shapes import random_model
+
+TOKENS, QUICK_TOKENS = 32768, 4096
+WINDOW, BATCH = 64, 16
+TOP_K, CONTROLS = 10, 99
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run(quick: bool = False) -> list[dict]:
+    tokens, layers = (QUICK_TOKENS, 2) if quick else (TOKENS, None)
+    rows = []
+    for model_id in ("gpt2", "mamba130m"):
+        model = random_model(model_id, n_layers=layers)
+        loaded = LoadedModel(model_id, model, None, adapter_for(model), model_id, "bench")
+        vocab = model.config.vocab_size
+        ids = _zipf_tokens(tokens // WINDOW, WINDOW, vocab, seed=1)  # (n, T)
+        prompts = _zipf_tokens(2 * DEFAULT_N_PROMPTS, WINDOW, vocab, seed=2)
+        n_layers = loaded.adapter.n_layers
+        stats = _seconds(
+            lambda: collect_stats(loaded, ids, bos_id=None, config=StatsConfig(), batch_size=BATCH)
+        )
+        screen = _seconds(
+            lambda: kl_screen(loaded, prompts[DEFAULT_N_PROMPTS:], list(range(n_layers)))
+        )
+        per_forward = DEFAULT_MAX_ROWS // DEFAULT_N_PROMPTS - 1
+        engine = AblationEngine(loaded, method="zero")
+        plan = [(n_layers - 1, n) for n in range(per_forward)]
+        forward = _seconds(lambda: single_neuron_sweep(engine, prompts[:DEFAULT_N_PROMPTS], plan))
+        name = f"{model_id}-shape ({n_layers} layers)"
+        stats_row = f"{name}: statistics pass, {tokens} tokens"
+        s = Timing((stats,))
+        rows += [
+            row(stats_row, s),
+            row(f"{name}: KL screen, all neurons of all layers", Timing((screen,)), stats_row, s),
+            row(f"{name}: one exact forward ({per_forward} interventions)", Timing((forward,)),
+                stats_row, s),
+        ]  # fmt: skip
+        for label, per_layer in (
+            (f"up to {2 * TOP_K} candidates + {CONTROLS} controls", 2 * TOP_K + CONTROLS),
+            (f"{TOP_K} candidates alone", TOP_K),
+        ):
+            forwards = math.ceil(n_layers * per_layer / per_forward)
+            projected = Timing((screen + forwards * forward,))
+            rows.append(row(f"{name}: screen + exact sweep of {label} per layer (projected: "
+                            f"{forwards} forwards)", projected, stats_row, s))  # fmt: skip
+    return rows
