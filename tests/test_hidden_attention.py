@@ -3,12 +3,15 @@ product, the memory bound, rollout and the gradient against finite differences."
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from builders import VOCAB, wrap
 from transformers import MambaConfig, MambaForCausalLM
 
+from neuronspec.analyses import hidden_attention as hidden_attention_module
 from neuronspec.analyses.attention_neurons import mlp_gradients
 from neuronspec.analyses.hidden_attention import (
     POSITION_BLOCK,
@@ -146,12 +149,16 @@ def _row_recurrence(s, channels):
     return alpha
 
 
+@pytest.mark.parametrize("path", ["product", "pairwise"])
 @pytest.mark.parametrize("length", [1, 7, 16, 37, 70])
 @pytest.mark.parametrize("shape", CONFIGS, ids=lambda c: "h{}-N{}-R{}-K{}-L{}".format(*c))
-def test_blocks_equal_the_row_recurrence(shape, length):
+def test_blocks_equal_the_row_recurrence(shape, length, path, monkeypatch):
     """α̃ by blocks of query positions (factors relative to the block start) equals the
     exact row recurrence to 1e-10 in float64, for windows shorter than, equal to and not a
-    multiple of the block; so does the channel mean by one contraction per block."""
+    multiple of the block, with each block's own columns as a product and from pairwise
+    differences; so does the channel mean by one contraction per block."""
+    limit = math.inf if path == "product" else -math.inf
+    monkeypatch.setattr(hidden_attention_module, "block_product_limit", lambda dtype: limit)
     s = capture_scan_inputs(_mamba(*shape), _ids(length=length), [0])[0]
     channels = torch.arange(s.shape[2])
     reference = _row_recurrence(s, channels)
@@ -171,6 +178,10 @@ def test_blocks_do_not_overflow_where_the_decay_spans_thousands_of_nats():
     alpha = hidden_attention(s)
     assert torch.isfinite(alpha).all()
     torch.testing.assert_close(alpha, _row_recurrence(s, channels), rtol=0, atol=1e-10)
+    # the span guard is what keeps it so: forced, the product form overflows here
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hidden_attention_module, "block_product_limit", lambda dtype: math.inf)
+        assert not torch.isfinite(hidden_attention(s)).all()
 
 
 def test_chunking_changes_nothing_and_respects_the_bound():

@@ -19,8 +19,10 @@ query positions, as chunked SSM scans do (Dao & Gu 2024, "Transformers are SSMs"
   are ≤ 0 (Δ ≥ 0, A < 0), so no factor overflows, however long the window. ``R`` is carried
   from block to block: multiplied by ``exp(A(S_s − S_{s'}))`` (s' the previous block's start)
   and extended by the previous block's columns.
-- *the block itself* j ∈ [s, i]: ``Σ_n C_i[n]·exp(A[c, n](S_i − S_j))·Δ_j B_j[n]`` from the
-  pairwise differences, ``(Q, Q, N)`` per channel.
+- *the block itself* j ∈ [s, i]: where the block's span |A|·(S_{e−1} − S_s) ≤ ½·ln(max of
+  the dtype) (44 in float32), also one product, of ``L`` and ``exp(A(S_s − S_j))·Δ_j B_j``
+  (factors ≤ e^span), masked to j ≤ i; else from the pairwise differences, ``(Q, Q, N)``
+  per channel, every exponent ≤ 0 (the tests take both paths).
 
 The channel mean (:func:`channel_mean_attention`) contracts channels and states together:
 one ``(Q, k·N) @ (k·N, s)`` product per block. Channels are processed in chunks of k so that
@@ -57,6 +59,7 @@ was the identity. The target is the model's top-1 prediction at the last positio
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -106,6 +109,12 @@ def _channel_chunks(
     return [index[start : start + k] for start in range(0, index.numel(), k)]
 
 
+def block_product_limit(dtype: torch.dtype) -> float:
+    """Largest span |A|·(S_{e−1} − S_s) of a block computed as a product: ½·ln(max of
+    ``dtype``), so a factor e^span leaves √max for the others (44 in float32)."""
+    return 0.5 * math.log(torch.finfo(dtype).max)
+
+
 def _blocks(
     inputs: ScanInputs, chunk: torch.Tensor
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -118,6 +127,8 @@ def _blocks(
     A = inputs.A[chunk].double()[None, :, None, :]  # (1, k, 1, N)
     u = delta[..., None] * inputs.B[:, None, :, :]  # (B, k, L, N): Δ_j B_j
     C = inputs.C[:, None, :, :]  # (B, 1, L, N)
+    rate = float(-inputs.A[chunk].double().amin())  # max_n |A[c, n]| over the chunk
+    limit = block_product_limit(dtype)
     right = u.new_zeros(b, chunk.numel(), n, length)  # (B, k, N, L): R, columns < s filled
     previous = 0
     for start in range(0, length, POSITION_BLOCK):
@@ -132,14 +143,23 @@ def _blocks(
             )
         rows = cumulative[:, :, start:stop, None]  # (B, k, Q, 1)
         left = ((rows - here) * A).exp().to(dtype) * C[:, :, start:stop]  # (B, k, Q, N)
-        pairwise = (rows[:, :, :, None] - cumulative[:, :, None, start:stop, None]) * A[:, :, None]
-        causal = torch.ones(stop - start, stop - start, dtype=torch.bool).tril()[..., None]
-        decay = pairwise.clamp_max(0.0).exp().to(dtype) * causal.to(
-            pairwise.device
-        )  # (B, k, Q, Q, N)
-        block = torch.einsum(
-            "bkin,bkijn,bkjn->bkij", C[:, :, start:stop].expand_as(left), decay, u[:, :, start:stop]
-        )
+        causal = torch.ones(stop - start, stop - start, dtype=torch.bool, device=left.device)
+        causal = causal.tril()  # (Q, Q): j <= i
+        span = float((cumulative[:, :, stop - 1] - cumulative[:, :, start]).amax()) * rate
+        if span <= limit:  # the block as one product: exp(A(S_s − S_j)) ≤ e^span stays finite
+            grow = ((here - rows) * A).exp().to(dtype) * u[:, :, start:stop]  # (B, k, Q, N)
+            block = (left @ grow.transpose(-1, -2)) * causal  # (B, k, Q, Q)
+        else:  # pairwise differences: every exponent ≤ 0
+            pairwise = (rows[:, :, :, None] - cumulative[:, :, None, start:stop, None]) * A[
+                :, :, None
+            ]  # (B, k, Q, Q, N)
+            decay = pairwise.clamp_max(0.0).exp().to(dtype) * causal[..., None]
+            block = torch.einsum(
+                "bkin,bkijn,bkjn->bkij",
+                C[:, :, start:stop].expand_as(left),
+                decay,
+                u[:, :, start:stop],
+            )
         yield start, stop, left, right[..., :start], block
         previous = start
 

@@ -14,10 +14,9 @@ exact sweep is projected from that forward: per layer up to 2·top_k candidates 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-
-import torch
 
 from neuronspec.analyses.causal import DEFAULT_N_PROMPTS, single_neuron_sweep
 from neuronspec.bench import Timing, row
@@ -52,15 +51,20 @@ def run(quick: bool = False) -> list[dict]:
         prompts = _zipf_tokens(2 * DEFAULT_N_PROMPTS, WINDOW, vocab, seed=2)
         n_layers = loaded.adapter.n_layers
         stats = _seconds(
-            lambda: collect_stats(loaded, ids, bos_id=None, config=StatsConfig(), batch_size=BATCH)
+            functools.partial(
+                collect_stats, loaded, ids, bos_id=None, config=StatsConfig(), batch_size=BATCH
+            )
         )
+        layers_all = list(range(n_layers))
         screen = _seconds(
-            lambda: kl_screen(loaded, prompts[DEFAULT_N_PROMPTS:], list(range(n_layers)))
+            functools.partial(kl_screen, loaded, prompts[DEFAULT_N_PROMPTS:], layers_all)
         )
         per_forward = DEFAULT_MAX_ROWS // DEFAULT_N_PROMPTS - 1
         engine = AblationEngine(loaded, method="zero")
         plan = [(n_layers - 1, n) for n in range(per_forward)]
-        forward = _seconds(lambda: single_neuron_sweep(engine, prompts[:DEFAULT_N_PROMPTS], plan))
+        forward = _seconds(
+            functools.partial(single_neuron_sweep, engine, prompts[:DEFAULT_N_PROMPTS], plan)
+        )
         name = f"{model_id}-shape ({n_layers} layers)"
         stats_row = f"{name}: statistics pass, {tokens} tokens"
         s = Timing((stats,))
