@@ -9,7 +9,7 @@ forward and backward); one forward of the exact sweep (the baseline group and
 ``DEFAULT_MAX_ROWS // 8 − 1`` single-neuron interventions of 8 windows each). The full
 exact sweep is projected from that forward: per layer up to 2·top_k candidates (κ̂'s and
 ρ's top 10) and 99 random controls (the defaults), or the 10 candidates alone. ``quick``:
-2 layers, 4,096 tokens.
+2 layers, 4,096 tokens, forwards of 3 interventions.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def run(quick: bool = False) -> list[dict]:
         screen = _seconds(
             functools.partial(kl_screen, loaded, prompts[DEFAULT_N_PROMPTS:], layers_all)
         )
-        per_forward = DEFAULT_MAX_ROWS // DEFAULT_N_PROMPTS - 1
-        engine = AblationEngine(loaded, method="zero")
+        max_rows = 4 * DEFAULT_N_PROMPTS if quick else DEFAULT_MAX_ROWS
+        per_forward = max_rows // DEFAULT_N_PROMPTS - 1
+        engine = AblationEngine(loaded, method="zero", max_rows=max_rows)
         plan = [(n_layers - 1, n) for n in range(per_forward)]
         forward = _seconds(
             functools.partial(single_neuron_sweep, engine, prompts[:DEFAULT_N_PROMPTS], plan)
