@@ -70,6 +70,7 @@ from neuronspec.interventions.ablation import (
     Condition,
     baseline_condition,
 )
+from neuronspec.interventions.kl import kl_divergence
 from neuronspec.interventions.kl_screen import SCREEN_SAMPLES, kl_screen
 from neuronspec.models.registry import LoadedModel
 from neuronspec.options import default
@@ -246,9 +247,7 @@ def single_neuron_sweep(
             read=[(site, t) for t in range(n_layers)],
             on_read=on_read,
         )  # (G, P, T, V)
-        log_probs = torch.log_softmax(logits.double(), dim=-1)  # (G, P, T, V)
-        base = log_probs[0]  # (P, T, V)
-        kl = (base.exp() * (base - log_probs[1:])).sum(-1).mean((1, 2))  # (G-1,)
+        kl = kl_divergence(logits[0], logits[1:]).mean((1, 2))  # (G-1,)
         kls += [float(v) for v in kl]
         relative = (diff_sq[1:] / base_sq).sqrt()  # (G-1, L)
         changes += relative.tolist()
