@@ -113,8 +113,10 @@ def test_cross_layer_matrix_is_exactly_zero_upstream(finding, three_layers):
 
 
 def test_a_leak_upstream_is_caught(three_layers, monkeypatch):
-    """Plant a leak: the adapter patches one layer too early. The matrix then has non-zero
-    entries upstream of the source, and upstream_leaks reports them."""
+    """Plant a leak: the adapter patches one layer too early. Sweeping every layer in every
+    group, the matrix has non-zero entries upstream of the source and upstream_leaks
+    reports them; with the upstream layers shared (the sweep's default) the early patch
+    meets the unrepeated rows and raises."""
     adapter = three_layers.adapter
     patch = adapter.patch
 
@@ -124,9 +126,27 @@ def test_a_leak_upstream_is_caught(three_layers, monkeypatch):
             yield
 
     monkeypatch.setattr(adapter, "patch", early)
-    stats = collect_stats(three_layers, _windows(8, seed=9), bos_id=None, batch_size=8)
-    leaky = causal_neurons(three_layers, _windows(3), stats, top_k=2, max_rows=32)
-    assert {(s, t) for s, t, _ in upstream_leaks(leaky)} >= {(1, 0), (2, 1)}
+    engine = AblationEngine(three_layers, max_rows=32)
+    plan = [(layer, n) for layer in (1, 2) for n in (3, 5)]
+    _, changes = single_neuron_sweep(engine, _windows(3), plan, share_upstream=False)
+    for (layer, _), change in zip(plan, changes, strict=True):
+        assert change[layer - 1] > 0.0  # the layer before the source moved: a leak
+    with pytest.raises(AblationError, match="upstream of the layers intervened on"):
+        single_neuron_sweep(engine, _windows(3), plan)
+
+
+@pytest.mark.parametrize("site", ["mlp", "resid"])
+def test_shared_upstream_layers_change_nothing(three_layers, site):
+    """The layers below a forward's lowest intervened layer run once: KL and every change
+    equal the sweep that runs all layers in every group (the layers below read 0 either way)."""
+    engine = AblationEngine(three_layers, max_rows=32)
+    plan = [(1, 2), (1, 7), (2, 0), (2, 4), (2, 9)]
+    shared = single_neuron_sweep(engine, _windows(3), plan, site=site)
+    full = single_neuron_sweep(engine, _windows(3), plan, site=site, share_upstream=False)
+    for a, b in zip(shared[0], full[0], strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-12)
+    for a, b in zip(shared[1], full[1], strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-9)
 
 
 def test_delta_channel_sets_match_a_weight_edited_peer():

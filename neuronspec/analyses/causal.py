@@ -205,9 +205,13 @@ def single_neuron_sweep(
     neurons: Sequence[tuple[int, int]],
     *,
     site: str = "mlp",
+    share_upstream: bool = True,
 ) -> tuple[list[float], list[list[float]]]:
     """KL impact and relative change at every layer for each single-neuron intervention
-    ``(layer, neuron)`` on ``prompts`` ``(P, T)``: ``(kl[i], change[i][t])``."""
+    ``(layer, neuron)`` on ``prompts`` ``(P, T)``: ``(kl[i], change[i][t])``. The
+    interventions run in plan order, several per forward; ``share_upstream``: the layers
+    below a forward's lowest intervened layer run once (:meth:`AblationEngine.forward`),
+    where their change is 0 by construction, not measured."""
     n_prompts = prompts.shape[0]
     per_forward = engine.max_rows // n_prompts - 1  # interventions besides the baseline group
     if per_forward < 1:
@@ -236,6 +240,10 @@ def single_neuron_sweep(
             diff_sq: torch.Tensor = diff_sq,
             base_sq: torch.Tensor = base_sq,
         ) -> None:
+            if value.shape[0] == n_prompts:  # below every intervened layer: run once, shared
+                base_sq[layer] = value.double().square().sum()
+                diff_sq[:, layer] = 0.0
+                return
             value = value.double().view(groups, n_prompts, *value.shape[1:])  # (G, P, T, W)
             base = value[0]  # (P, T, W)
             base_sq[layer] = base.square().sum()
@@ -246,6 +254,7 @@ def single_neuron_sweep(
             conditions,
             read=[(site, t) for t in range(n_layers)],
             on_read=on_read,
+            share_upstream=share_upstream,
         )  # (G, P, T, V)
         kl = kl_divergence(logits[0], logits[1:]).mean((1, 2))  # (G-1,)
         kls += [float(v) for v in kl]

@@ -6,8 +6,9 @@ Random-weight models of the shipped gpt2 and mamba-130m configs
 the statistics pass over ``TOKENS`` tokens (batches of 16 windows, the plugin's default);
 the KL screen of every neuron of every layer on 8 windows (8 target draws: 64 rows,
 forward and backward); one forward of the exact sweep (the baseline group and
-``DEFAULT_MAX_ROWS // 8 − 1`` single-neuron interventions of 8 windows each). The full
-exact sweep is projected from that forward: per layer up to 2·top_k candidates (κ̂'s and
+``DEFAULT_MAX_ROWS // 8 − 1`` single-neuron interventions of 8 windows each) at the first
+and at the last layer (the layers below the intervened one run once, so a forward costs less
+with depth). The full exact sweep is projected from those two, linear in the layer: per layer up to 2·top_k candidates (κ̂'s and
 ρ's top 10) and 99 random controls (the defaults), or the 10 candidates alone. ``quick``:
 2 layers, 4,096 tokens, forwards of 3 interventions.
 """
@@ -62,25 +63,36 @@ def run(quick: bool = False) -> list[dict]:
         max_rows = 4 * DEFAULT_N_PROMPTS if quick else DEFAULT_MAX_ROWS
         per_forward = max_rows // DEFAULT_N_PROMPTS - 1
         engine = AblationEngine(loaded, method="zero", max_rows=max_rows)
-        plan = [(n_layers - 1, n) for n in range(per_forward)]
-        forward = _seconds(
-            functools.partial(single_neuron_sweep, engine, prompts[:DEFAULT_N_PROMPTS], plan)
-        )
+        measured = {}  # the layers below the intervened one run once: cost falls with depth
+        for layer in (0, n_layers - 1):
+            plan = [(layer, n) for n in range(per_forward)]
+            measured[layer] = _seconds(
+                functools.partial(single_neuron_sweep, engine, prompts[:DEFAULT_N_PROMPTS], plan)
+            )
+        first, last = measured[0], measured[n_layers - 1]
         name = f"{model_id}-shape ({n_layers} layers)"
         stats_row = f"{name}: statistics pass, {tokens} tokens"
         s = Timing((stats,))
         rows += [
             row(stats_row, s),
             row(f"{name}: KL screen, all neurons of all layers", Timing((screen,)), stats_row, s),
-            row(f"{name}: one exact forward ({per_forward} interventions)", Timing((forward,)),
+            row(f"{name}: one exact forward at layer 0 ({per_forward} interventions)",
+                Timing((first,)), stats_row, s),
+            row(f"{name}: one exact forward at layer {n_layers - 1}", Timing((last,)),
                 stats_row, s),
         ]  # fmt: skip
+        # a forward at layer l costs about first + (last - first)·l/(L - 1) (linear in the
+        # layers run for every group)
+        per_layer_cost = [
+            first + (last - first) * layer / max(n_layers - 1, 1) for layer in range(n_layers)
+        ]
         for label, per_layer in (
             (f"up to {2 * TOP_K} candidates + {CONTROLS} controls", 2 * TOP_K + CONTROLS),
             (f"{TOP_K} candidates alone", TOP_K),
         ):
-            forwards = math.ceil(n_layers * per_layer / per_forward)
-            projected = Timing((screen + forwards * forward,))
+            forwards = per_layer / per_forward  # per layer, as the sweep packs them
+            projected = Timing((screen + sum(forwards * cost for cost in per_layer_cost),))
             rows.append(row(f"{name}: screen + exact sweep of {label} per layer (projected: "
-                            f"{forwards} forwards)", projected, stats_row, s))  # fmt: skip
+                            f"{math.ceil(forwards * n_layers)} forwards)", projected, stats_row,
+                            s))  # fmt: skip
     return rows

@@ -33,8 +33,8 @@ Shapes: windows ``(n, T)`` int64; a forward of C conditions has ``C·n`` rows; l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -160,6 +160,29 @@ def derangement(n: int, seed: int) -> torch.Tensor:
     return torch.tensor(perm, dtype=torch.long)
 
 
+@contextmanager
+def _repeat_rows_at(block: torch.nn.Module, n: int, copies: int) -> Iterator[None]:
+    """Repeat the ``(n, T, ...)`` tensor arguments of ``block`` (the stream ``(n, T, d)``, a
+    mask ``(n, 1, T, T)``; not position vectors) ``copies`` times along the rows."""
+
+    def repeat(value):
+        if isinstance(value, torch.Tensor) and value.dim() >= 3 and value.shape[0] == n:
+            return value.repeat(copies, *([1] * (value.dim() - 1)))
+        return value
+
+    handle = block.register_forward_pre_hook(
+        lambda module, args, kwargs: (
+            tuple(repeat(a) for a in args),
+            {key: repeat(v) for key, v in kwargs.items()},
+        ),
+        with_kwargs=True,
+    )
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class AblationEngine:
     """Forwards of one model with conditions applied per group of batch rows.
 
@@ -232,9 +255,15 @@ class AblationEngine:
         donors: Mapping[SiteLayer, torch.Tensor] | None = None,
         read: Sequence[SiteLayer] = (),
         on_read: Callable[[str, int, torch.Tensor], None] | None = None,
+        share_upstream: bool = False,
     ) -> torch.Tensor:
         """One forward of ``windows`` ``(n, T)`` under every condition; returns logits
         ``(C, n, T, V)`` (C = ``len(conditions)``; group c = rows ``c·n .. c·n + n - 1``).
+
+        ``share_upstream``: the layers below the lowest intervened layer l₀ are the same in
+        every group, so they run once on the ``n`` windows and the stream is repeated C
+        times at block l₀'s input (a read of such a layer gets ``(n, T, W)``). Exact; a
+        patch that runs before l₀ then sees n rows and raises.
 
         ``donors``: for ``resample``, the clean site values ``{(site, layer): (n, T, W)}``
         of each window's donor (row j of the donors replaces row j of every group).
@@ -251,9 +280,15 @@ class AblationEngine:
                 f"{self.max_rows}; split the windows or the conditions"
             )
         device = self.loaded.device
-        batch = windows.to(device).repeat(n_conditions, 1)  # (C·n, T)
+        sites = self.sites_of(conditions)
+        first = min((layer for _, layer in sites), default=0) if share_upstream else 0
+        repeat_at = first if first > 0 and n_conditions > 1 else None
+        copies = 1 if repeat_at is not None else n_conditions
+        batch = windows.to(device).repeat(copies, 1)  # (C·n, T), or (n, T) when shared
         with ExitStack() as stack:
-            for site, layer in self.sites_of(conditions):
+            if repeat_at is not None:
+                stack.enter_context(_repeat_rows_at(self.adapter.block(repeat_at), n, n_conditions))
+            for site, layer in sites:
                 fn = self._patch_fn(site, layer, conditions, n, donors)
                 stack.enter_context(self.adapter.patch(site, layer, fn))
             if read:
@@ -293,6 +328,11 @@ class AblationEngine:
             replacement = torch.zeros(1, 1, width)  # (1, 1, W)
 
         def apply(value: torch.Tensor) -> torch.Tensor:  # (C·n, T, W)
+            if value.shape[0] != mask.shape[0]:
+                raise AblationError(
+                    f"site {site!r} layer {layer} was patched on {value.shape[0]} rows, not "
+                    f"{mask.shape[0]}: the patch runs upstream of the layers intervened on"
+                )
             return torch.where(
                 mask.to(value.device),
                 replacement.to(device=value.device, dtype=value.dtype),

@@ -105,6 +105,10 @@ class SiteAdapter:
     def _hook(self, site: str, layer: int) -> _Hook:
         raise NotImplementedError
 
+    def block(self, layer: int) -> nn.Module:
+        """The residual block of ``layer`` (its input is the stream before the layer)."""
+        raise NotImplementedError
+
     def write_weights(self, site: str, layer: int) -> torch.Tensor | None:
         """``(W, d)``: what one unit of each neuron of ``site`` adds to the residual stream at
         the block's output (the site feeds a linear map whose output the block adds to
@@ -244,6 +248,10 @@ class GPT2Adapter(SiteAdapter):
         finally:
             self.model.set_attn_implementation(previous)
 
+    def block(self, layer: int) -> nn.Module:
+        self.check("mlp", layer)
+        return self.model.transformer.h[layer]
+
     def write_weights(self, site: str, layer: int) -> torch.Tensor | None:
         self.check(site, layer)
         if site != "mlp":
@@ -322,6 +330,10 @@ class MambaAdapter(SiteAdapter):
         finally:
             for mixer, reader in readers:
                 getattr(mixer, DT_SUM_READERS).remove(reader)
+
+    def block(self, layer: int) -> nn.Module:
+        self.check("mlp", layer)
+        return self.model.backbone.layers[layer]
 
     def write_weights(self, site: str, layer: int) -> torch.Tensor | None:
         self.check(site, layer)
