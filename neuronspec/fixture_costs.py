@@ -23,7 +23,8 @@ ENVIRONMENT = "NEURONSPEC_FIXTURE_COSTS"
 SAMPLE_SECONDS = 0.02
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """Resident set size of this process in bytes (Linux ``/proc/self/statm``)."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE")
 
@@ -35,13 +36,13 @@ def measured(fixture: str, model: str | None) -> Iterator[None]:
     if not path:
         yield
         return
-    start_rss = peak = _rss_bytes()
+    start_rss = peak = rss_bytes()
     done = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not done.wait(SAMPLE_SECONDS):
-            peak = max(peak, _rss_bytes())
+            peak = max(peak, rss_bytes())
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -52,7 +53,7 @@ def measured(fixture: str, model: str | None) -> Iterator[None]:
         seconds = time.perf_counter() - start
         done.set()
         sampler.join()
-        peak = max(peak, _rss_bytes())
+        peak = max(peak, rss_bytes())
         line = {"fixture": fixture, "model": model, "seconds": seconds,
                 "peak_rss_growth": peak - start_rss}  # fmt: skip
         with open(path, "a", encoding="utf-8") as out:

@@ -300,9 +300,7 @@ def causal_neurons(
     if neuron_sets is not None and set(layers) - set(neuron_sets.by_layer):
         missing = sorted(set(layers) - set(neuron_sets.by_layer))
         raise AblationError(f"the {neuron_sets.kind} sets have no neurons for layers {missing}")
-    for layer in layers:
-        loaded.adapter.check(site, layer)
-    engine.check([Condition(f"L{layer}", site, {layer: (0,)}) for layer in layers])
+    engine.check([Condition(f"L{layer}", site, {layer: (0,)}) for layer in layers])  # early
     screened = kl_screen(
         loaded,
         prompts if screen_prompts is None else screen_prompts,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import resource
 import tempfile
 import threading
 import time
@@ -25,6 +24,7 @@ from transformers import MambaConfig, MambaForCausalLM
 
 from neuronspec.bench import row as _row
 from neuronspec.bench import time_side_by_side
+from neuronspec.fixture_costs import rss_bytes
 
 SHAPE = dict(vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16, expand=2)
 
@@ -49,23 +49,18 @@ def _all_layers(inputs):
     return [channel_mean_attention(inputs[layer]) for layer in sorted(inputs)]
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
-
-
 def _peak_child(path: str, queue) -> None:
     from neuronspec.models.mamba_internals import ScanInputs
 
     saved = torch.load(path)
     inputs = {layer: ScanInputs(**fields) for layer, fields in saved.items()}
-    before = _rss_bytes()
+    before = rss_bytes()
     peak = [before]
     done = threading.Event()
 
     def sample() -> None:  # torch ops release the GIL, so this runs during them
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
+            peak[0] = max(peak[0], rss_bytes())
             time.sleep(0.001)
 
     sampler = threading.Thread(target=sample)
@@ -75,7 +70,7 @@ def _peak_child(path: str, queue) -> None:
     seconds = time.perf_counter() - t0
     done.set()
     sampler.join()
-    queue.put((seconds, max(peak[0], _rss_bytes()) - before))
+    queue.put((seconds, max(peak[0], rss_bytes()) - before))
 
 
 def peak_bytes(inputs) -> tuple[float, int]:

@@ -25,13 +25,13 @@ the shared prefix 20.7 s (ratio 0.120, 8.3x faster), peak +728 MiB.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import threading
 import time
 
 import torch
 
 from neuronspec.bench import row, time_side_by_side
+from neuronspec.fixture_costs import rss_bytes
 
 PROMPT_LENGTH = 12
 STEPS = 20
@@ -65,21 +65,16 @@ def _candidates(model) -> dict:
     }
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _peak_in_child(name: str, n_layer: int, queue) -> None:
     call = _candidates(_model(n_layer))[name]
     torch.set_grad_enabled(True)
-    before = _rss_bytes()
+    before = rss_bytes()
     peak = [before]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
+            peak[0] = max(peak[0], rss_bytes())
             time.sleep(0.002)
 
     sampler = threading.Thread(target=sample)
@@ -87,7 +82,7 @@ def _peak_in_child(name: str, n_layer: int, queue) -> None:
     call()
     done.set()
     sampler.join()
-    queue.put(max(peak[0], _rss_bytes()) - before)
+    queue.put(max(peak[0], rss_bytes()) - before)
 
 
 def peak_memory_mib(name: str, n_layer: int) -> float:

@@ -22,7 +22,6 @@ Run: ``python -m neuronspec.bench --only scale [--quick]``; one run:
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -30,17 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from neuronspec.fixture_costs import rss_bytes
+
 WINDOW = 64
 BATCH = 16  # windows per forward (the plugin's default --batch-size)
 FULL = {"gpt2": 4096, "gpt2-medium": 1024, "mamba130m": 4096, "mamba370m": 1024}  # base tokens
 QUICK = {"gpt2": 256, "mamba130m": 256}
 GROWTH = 4
-
-
-def _rss_bytes() -> int:
-    """Current resident set size of this process (Linux /proc)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def measure(model_id: str, tokens: int, layers: int | None = None) -> dict:
@@ -59,7 +54,7 @@ def measure(model_id: str, tokens: int, layers: int | None = None) -> dict:
     loaded = LoadedModel(model_id, model, None, adapter_for(model), model_id, "bench")
     vocab = model.config.vocab_size
     ids = _zipf_tokens(tokens // WINDOW, WINDOW, vocab, seed=1)  # (n, T)
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     start = time.perf_counter()
     stats = collect_stats(loaded, ids, bos_id=None, config=StatsConfig(), batch_size=BATCH)
     tensors, meta = stats.to_tensors(), stats.meta()

@@ -68,9 +68,11 @@ class GroupFires:
     memory traffic as reading its activations, so the counts are kept in uint8 (``live``, a
     quarter of int32's traffic and first-touch memory) and added into int32 (``folded``,
     allocated at the first fold) before a group's uint8 counts could pass 255
-    (:meth:`make_room`, called for every batch). Measured on the GPT-2 shape (B = 4,
-    T = 256, W = 3072), the kernel's group counting took 7 ms per layer and batch in int32.
-    :meth:`total` is what the cache stores: uint8 while nothing was folded, else int32."""
+    (:meth:`make_room`, called for every batch). Measured on the GPT-2 shape (T = 256,
+    W = 3072): int32 counts were 63 MB per layer, allocated and zeroed every pass (0.17 s
+    for 12 layers against 0.04 s in uint8); the pass with groups / without went from 1.070
+    to 0.994. :meth:`total` is what the cache stores: uint8 while nothing was folded, else
+    int32."""
 
     def __init__(
         self,

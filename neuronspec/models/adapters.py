@@ -111,10 +111,13 @@ class SiteAdapter:
 
     def write_weights(self, site: str, layer: int) -> torch.Tensor | None:
         """``(W, d)``: what one unit of each neuron of ``site`` adds to the residual stream at
-        the block's output (the site feeds a linear map whose output the block adds to
-        the stream); None where the site does not (Mamba's Δ)."""
+        the block's output (the ``mlp`` site feeds a linear map whose output the block adds
+        to the stream); None for the other sites."""
         self.check(site, layer)
-        return None
+        return self._mlp_write_weights(layer).detach() if site == "mlp" else None
+
+    def _mlp_write_weights(self, layer: int) -> torch.Tensor:
+        raise NotImplementedError
 
     # -- reading and patching ---------------------------------------------------------------
     @contextmanager
@@ -252,11 +255,8 @@ class GPT2Adapter(SiteAdapter):
         self.check("mlp", layer)
         return self.model.transformer.h[layer]
 
-    def write_weights(self, site: str, layer: int) -> torch.Tensor | None:
-        self.check(site, layer)
-        if site != "mlp":
-            return None
-        return self.model.transformer.h[layer].mlp.c_proj.weight.detach()  # Conv1D: (W, d)
+    def _mlp_write_weights(self, layer: int) -> torch.Tensor:
+        return self.block(layer).mlp.c_proj.weight  # Conv1D: (W, d)
 
     def _hook(self, site: str, layer: int) -> _Hook:
         block = self.model.transformer.h[layer]
@@ -335,11 +335,8 @@ class MambaAdapter(SiteAdapter):
         self.check("mlp", layer)
         return self.model.backbone.layers[layer]
 
-    def write_weights(self, site: str, layer: int) -> torch.Tensor | None:
-        self.check(site, layer)
-        if site != "mlp":
-            return None
-        return self.model.backbone.layers[layer].mixer.out_proj.weight.detach().T  # (W, d)
+    def _mlp_write_weights(self, layer: int) -> torch.Tensor:
+        return self.block(layer).mixer.out_proj.weight.T  # (W, d)
 
     def _hook(self, site: str, layer: int) -> _Hook:
         block = self.model.backbone.layers[layer]
