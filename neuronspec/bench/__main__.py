@@ -31,6 +31,19 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="keep glibc's malloc heap between forwards (neuronspec.heap; as the plugin's option)",
     )
+    parser.add_argument(
+        "--suite-shapes",
+        nargs="+",
+        choices=["gpt2", "mamba130m"],
+        help="suite-real: only these shapes (default both)",
+    )
+    parser.add_argument(
+        "--suite-pytest-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="suite-real: one more option for its pytest run, e.g. --suite-pytest-arg=--control-seeds=19",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kept = args.keep_malloc_heap and keep_malloc_heap()
@@ -38,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in [args.only] if args.only else SECTIONS:
         section = importlib.import_module(f"neuronspec.bench.{name.replace('-', '_')}")
         print(f"== {name}{' (quick)' if args.quick else ''}")
-        print_table(section.run(quick=args.quick))
+        options = {}
+        if name == "suite-real":
+            options = {"shapes": args.suite_shapes, "pytest_args": args.suite_pytest_arg}
+        print_table(section.run(quick=args.quick, **options))
 
 
 if __name__ == "__main__":

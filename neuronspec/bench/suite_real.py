@@ -47,11 +47,13 @@ def _checkpoint(model_id: str, donor: str, directory: Path, layers: int | None) 
     return out
 
 
-def _suite(checkpoint: Path, cache: Path, costs: Path, tokens: int) -> None:
+def _suite(checkpoint: Path, cache: Path, costs: Path, tokens: int, pytest_args: list[str]) -> None:
     command = [
         sys.executable, "-m", "pytest", str(SPECS), "-q", "-n", "0", "-p", "no:randomly",
         f"--models={checkpoint}", f"--max-tokens={tokens}", f"--neuronspec-cache={cache}",
+        *pytest_args,
     ]  # fmt: skip
+    print(" ".join(command[1:]), flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NEURONSPEC_FIXTURE_COSTS": str(costs)}
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if result.returncode not in (0, 1):  # 1: tests failed, which random weights do
@@ -61,15 +63,21 @@ def _suite(checkpoint: Path, cache: Path, costs: Path, tokens: int) -> None:
     print(result.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(
+    quick: bool = False, shapes: list[str] | None = None, pytest_args: list[str] = ()
+) -> list[dict]:
+    """``shapes``: a subset of :data:`MODELS` (default all); ``pytest_args``: more options
+    for the suite's pytest run (e.g. ``--control-seeds=19``, printed with the command)."""
     tokens, layers = (QUICK_TOKENS, 2) if quick else (TOKENS, None)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         work_dir = Path(work)
         for model_id, donor in MODELS.items():
+            if shapes and model_id not in shapes:
+                continue
             checkpoint = _checkpoint(model_id, donor, work_dir, layers)
             costs = work_dir / f"{model_id}.jsonl"
-            _suite(checkpoint, work_dir / f"cache-{model_id}", costs, tokens)
+            _suite(checkpoint, work_dir / f"cache-{model_id}", costs, tokens, list(pytest_args))
             lines = [json.loads(line) for line in costs.read_text().splitlines()]
             analyses = [  # the analyses: fixtures that compute (setup of 50 ms or more)
                 c for c in lines if c["fixture"] not in OUT_OF_ANALYSES and c["seconds"] >= 0.05
