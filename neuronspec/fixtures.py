@@ -420,13 +420,23 @@ def pruning(
 
 
 @pytest.fixture(scope="session")
-def causal(neuronspec_session, model_id, loaded_model, corpus, neuron_stats):
+def causal_screens(loaded_model, corpus):
+    """The causal sweeps' KL screens (METHODS §6), each (site, layer) computed once."""
+    from neuronspec.analyses.causal import DEFAULT_N_PROMPTS, causal_prompts
+    from neuronspec.interventions.kl_screen import ScreenCache
+
+    _, screen_prompts = causal_prompts(corpus.heldout, DEFAULT_N_PROMPTS)
+    return ScreenCache(loaded_model, screen_prompts)
+
+
+@pytest.fixture(scope="session")
+def causal(neuronspec_session, model_id, loaded_model, corpus, neuron_stats, causal_screens):
     """METHODS §6 causal sweep: every neuron screened, the ``--top-k`` candidates of each
     layer measured exactly on the first held-out windows; records the set ``causal``."""
     from neuronspec.analyses.causal import DEFAULT_N_PROMPTS, causal_neurons, causal_prompts
 
     config = neuronspec_session.config
-    prompts, screen_prompts = causal_prompts(corpus.heldout, DEFAULT_N_PROMPTS)
+    prompts, _ = causal_prompts(corpus.heldout, DEFAULT_N_PROMPTS)
     finding = causal_neurons(
         loaded_model,
         prompts,
@@ -434,16 +444,12 @@ def causal(neuronspec_session, model_id, loaded_model, corpus, neuron_stats):
         layers=config.layers_of(neuron_stats.n_layers, model=model_id),
         top_k=config.top_k,
         n_controls=config.control_seeds,
-        screen_prompts=screen_prompts,
+        screens=causal_screens,
     )
     neuronspec_session.record(model_id, "causal", finding)
     for layer in finding.layers:
         neuronspec_session.record_neuron_set(
-            model_id,
-            "causal",
-            layer.layer,
-            layer.causal_neurons,
-            evidence=layer.evidence(),
+            model_id, "causal", layer.layer, layer.causal_neurons, evidence=layer.evidence()
         )
     draw_figures(neuronspec_session, "causal", model_id, finding)
     return finding
@@ -451,12 +457,13 @@ def causal(neuronspec_session, model_id, loaded_model, corpus, neuron_stats):
 
 @pytest.fixture(scope="session")
 def causal_delta_sensitive(
-    neuronspec_session, model_id, loaded_model, corpus, neuron_stats, delta_sensitive_sets
-):
+    neuronspec_session, model_id, loaded_model, corpus, neuron_stats, delta_sensitive_sets,
+    causal_screens,
+):  # fmt: skip
     """The causal sweep of the Δ (or high-variance) channels at their own site."""
     from neuronspec.analyses.causal import DEFAULT_N_PROMPTS, causal_neurons, causal_prompts
 
-    prompts, screen_prompts = causal_prompts(corpus.heldout, DEFAULT_N_PROMPTS)
+    prompts, _ = causal_prompts(corpus.heldout, DEFAULT_N_PROMPTS)
     finding = causal_neurons(
         loaded_model,
         prompts,
@@ -464,7 +471,7 @@ def causal_delta_sensitive(
         top_k=neuronspec_session.config.top_k,
         neuron_sets=delta_sensitive_sets,
         n_controls=neuronspec_session.config.control_seeds,
-        screen_prompts=screen_prompts,
+        screens=causal_screens,
     )
     neuronspec_session.record(model_id, "causal_delta_sensitive", finding)
     for layer in finding.layers:  # joins the neuron-type overlap, within its site

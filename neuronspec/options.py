@@ -197,6 +197,14 @@ OPTIONS: tuple[Option, ...] = (
         bool,
     ),
     Option(
+        "--detector-intervals",
+        False,
+        "(neuron, token) firings per window group: SEs of the token-detector counts (slower)",
+        "§3",
+        "stats.detector_intervals",
+        bool,
+    ),
+    Option(
         "--top-contexts",
         None,
         "top-activating contexts kept per mlp neuron for the neuron cards; 0: none (none: "

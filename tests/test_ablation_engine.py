@@ -97,6 +97,23 @@ def test_next_token_nll_by_hand():
     assert float(next_token_nll(logits, windows)[0]) == pytest.approx(math.log(2) + math.log(4))
 
 
+def test_next_token_nll_equals_float64_log_softmaxes_on_a_gpt2_sized_vocabulary():
+    """The float32 logsumexp form within 1e-6 nats per target of float64 log-softmaxes
+    (measured: 1.7e-7), over 50,257 logits of scale 3 and 30 (one peaked position);
+    float16 logits widen."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 2, 16, 50257, generator=generator) * 3  # (C, n, T, V)
+    logits[0, 0, 5] *= 10
+    windows = torch.randint(0, 50257, (2, 16), generator=generator)
+    log_probs = torch.log_softmax(logits[..., :-1, :].double(), dim=-1)
+    targets = windows[:, 1:].expand(4, 2, 15)
+    expected = -log_probs.gather(-1, targets[..., None]).squeeze(-1).sum(-1)  # (C, n)
+    torch.testing.assert_close(next_token_nll(logits, windows), expected, rtol=0, atol=15e-6)
+    half = logits.half()
+    wide = next_token_nll(half.float(), windows)
+    assert torch.equal(next_token_nll(half, windows), wide)
+
+
 @pytest.mark.parametrize("method", ["zero", "mean", "resample"])
 def test_batched_conditions_equal_one_forward_each(random_model, method):
     means = _means(random_model)

@@ -128,3 +128,26 @@ def test_screen_recovers_the_exact_top10_of_a_full_sweep(name, by_kl_alone):
     assert len(candidates) <= 20
     found = sorted(candidates, key=lambda n: -float(kls[n]))[:10]  # ranked by exact KL
     assert len(exact_top & set(found)) >= 8, (sorted(exact_top), sorted(found))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mamba"])
+def test_a_session_screens_each_layer_once_and_as_alone(family, monkeypatch):
+    """ScreenCache: a layer's κ̂ and ρ equal the screen of that layer alone; a second sweep
+    at the same site (GPT-2's high-variance set) computes nothing again."""
+    import neuronspec.interventions.kl_screen as module
+
+    loaded, prompts = _model(family), _prompts()
+    alone = {layer: kl_screen(loaded, prompts, [layer], seed=3) for layer in (0, 1)}
+    calls = []
+    real = module.kl_screen
+    monkeypatch.setattr(module, "kl_screen", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    screens = module.ScreenCache(loaded, prompts, seed=3)
+    both = screens.screen("mlp", [0, 1])
+    again = screens.screen("mlp", [1])
+    assert calls == [[0, 1]]
+    for layer in (0, 1):
+        torch.testing.assert_close(both.kl[layer], alone[layer].kl[layer], rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            both.residual_share[layer], alone[layer].residual_share[layer], rtol=1e-12, atol=0
+        )
+    assert again.kl[1] is both.kl[1]

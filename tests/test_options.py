@@ -33,6 +33,7 @@ NON_DEFAULT = {  # a valid value other than the default, for every option of the
     "--keep-malloc-heap": None,
     "--layers": "1,0",
     "--trigrams": None,
+    "--detector-intervals": None,
     "--top-contexts": "5",
     "--top-k": "4",
     "--attention-methods": "rollout,gradient_guided",

@@ -71,7 +71,7 @@ from neuronspec.interventions.ablation import (
     baseline_condition,
 )
 from neuronspec.interventions.kl import kl_divergence
-from neuronspec.interventions.kl_screen import SCREEN_SAMPLES, kl_screen
+from neuronspec.interventions.kl_screen import SCREEN_SAMPLES, ScreenCache
 from neuronspec.models.registry import LoadedModel
 from neuronspec.options import default
 from neuronspec.progress import progress
@@ -278,6 +278,7 @@ def causal_neurons(
     n_controls: int = default("control_seeds"),
     screen_prompts: torch.Tensor | None = None,
     screen_samples: int = SCREEN_SAMPLES,
+    screens: ScreenCache | None = None,
 ) -> CausalFinding:
     """Screen every neuron of each layer on ``screen_prompts`` (default: ``prompts``), measure
     the candidates and ``n_controls`` random neurons exactly on ``prompts`` (module
@@ -301,16 +302,21 @@ def causal_neurons(
         missing = sorted(set(layers) - set(neuron_sets.by_layer))
         raise AblationError(f"the {neuron_sets.kind} sets have no neurons for layers {missing}")
     engine.check([Condition(f"L{layer}", site, {layer: (0,)}) for layer in layers])  # early
-    screened = kl_screen(
-        loaded,
-        prompts if screen_prompts is None else screen_prompts,
-        layers,
-        site=site,
-        method=method,
-        means=means,
-        samples=screen_samples,
-        seed=seed,
-    )
+    if screens is not None and screens.method != method:
+        raise AblationError(
+            f"the screens were computed for the {screens.method!r} intervention, the sweep "
+            f"intervenes by {method!r}"
+        )
+    if screens is None:
+        screens = ScreenCache(
+            loaded,
+            prompts if screen_prompts is None else screen_prompts,
+            method=method,
+            means=means,
+            samples=screen_samples,
+            seed=seed,
+        )
+    screened = screens.screen(site, layers)
     screen = screened.kl
     plan: list[tuple[int, int]] = []
     chosen: dict[int, tuple[list[int], list[int]]] = {}

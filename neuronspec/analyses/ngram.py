@@ -33,14 +33,25 @@ Decisions where METHODS.md is silent (a reviewer should check these):
   nor are listed. The covering count of a detector is therefore ≤ its number of tokens.
 - **Fig. 4 at layer 0.** With no lower layer, every token of layer 0 is "new overall" and
   "new versus the previous layer".
+- **Uncertainty of the detector count** (``--detector-intervals``, opt-in). The pass then
+  also counts the (neuron, token) firings and the token occurrences of each window group
+  (:mod:`neuronspec.capture.window_groups`); a resample's counts are the groups' counts
+  weighted by its multinomial draw (integers, so every "≥ 95%" is decided exactly as on
+  the corpus), the detectors are found again on them, and the count's SE is the group
+  bootstrap's. The window stays the resampled unit: a token's occurrences and the
+  neuron's firings on them move together, as they did in the corpus. Opt-in because the
+  per-group table is up to G times the unigram pairs and is counted by sort: on the
+  embedded models the pass takes about twice as long with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from neuronspec.analyses.covering import (
     DEFAULT_COVERING_BIN_EDGES,
@@ -53,8 +64,9 @@ from neuronspec.analyses.covering import (
     sorted_pairs,
 )
 from neuronspec.capture.stats import NeuronStats
-from neuronspec.errors import CountTableError
+from neuronspec.errors import CountTableError, NeuronSpecError
 from neuronspec.findings import Finding, LayerFindings
+from neuronspec.uncertainty import NO_WINDOW_GROUPS, Estimate
 
 MAX_DETECTOR_UNIGRAMS = 5  # Voita et al.: "triggered by at most 5 unigrams"
 MAX_DETECTOR_TRIGRAMS = 50  # Voita et al., trigram variant
@@ -210,10 +222,25 @@ class NgramLayerFinding(Finding):
     detected_tokens: list[int]  # sorted distinct tokens with a detector in this layer (Fig. 3b)
     n_trigram_detectors: int | None = None  # None: no trigram tables were given
     detector_trigrams: dict[int, list[int]] | None = None  # neuron -> trigram keys
+    # bootstrap SE over window groups (None without --detector-intervals)
+    n_token_detectors_se: float | None = None
+    uncertainty: str = ""
+    se_df: int | None = None
 
     @property
     def relative_depth(self) -> float:
         return relative_depth(self.layer, self.n_layers)
+
+    def estimate(self, name: str = "n_token_detectors") -> Estimate:
+        """``n_token_detectors`` with its bootstrap SE (Student-t, ``se_df``)."""
+        if self.n_token_detectors_se is None:
+            raise NeuronSpecError(
+                f"no standard error of {name!r}: the statistics were collected without "
+                "--detector-intervals, or " + NO_WINDOW_GROUPS
+            )
+        return Estimate(
+            getattr(self, name), self.n_token_detectors_se, self.uncertainty, self.se_df
+        )
 
 
 def analyse_ngram_layer(
@@ -338,6 +365,9 @@ class TokenDetectorSummary(Finding):
     n_tokens_cumulative: list[int]  # Fig. 3b dashed: … in layers 0..l
     n_new_overall: list[int]  # Fig. 4: tokens of layer l covered in no lower layer
     n_new_vs_previous: list[int]  # Fig. 4: tokens of layer l not covered in layer l-1
+    # bootstrap SEs of n_detectors (--detector-intervals; None without) and their df
+    n_detectors_se: list[float] | None = None
+    se_df: int | None = None
 
 
 class NgramFindings(LayerFindings):
@@ -356,10 +386,16 @@ class NgramFindings(LayerFindings):
                 "n_alive": f.n_alive,
                 "covering_histogram": f.covering_histogram,
                 "n_token_detectors": f.n_token_detectors,
+                # with --detector-intervals only: a run without it keeps its snapshots
+                **({} if f.n_token_detectors_se is None else
+                   {"n_token_detectors_se": f.n_token_detectors_se}),
             }
             for f in self
-        ]
-        return {"summary": self.summary.to_json(), "layers": layers}
+        ]  # fmt: skip
+        summary = self.summary.to_json()
+        if summary["n_detectors_se"] is None:  # without --detector-intervals: as before
+            del summary["n_detectors_se"], summary["se_df"]
+        return {"summary": summary, "layers": layers}
 
 
 def summarise_token_detectors(findings: Sequence[NgramLayerFinding]) -> TokenDetectorSummary:
@@ -391,6 +427,7 @@ def summarise_token_detectors(findings: Sequence[NgramLayerFinding]) -> TokenDet
         previous = tokens
         cumulative.append(len(seen))
     n_layers = ordered[0].n_layers
+    with_se = all(f.n_token_detectors_se is not None for f in ordered)
     return TokenDetectorSummary(
         model=ordered[0].model,
         n_layers=n_layers,
@@ -401,6 +438,8 @@ def summarise_token_detectors(findings: Sequence[NgramLayerFinding]) -> TokenDet
         n_tokens_cumulative=cumulative,
         n_new_overall=new_overall,
         n_new_vs_previous=new_vs_previous,
+        n_detectors_se=[f.n_token_detectors_se for f in ordered] if with_se else None,
+        se_df=ordered[0].se_df if with_se else None,
     )
 
 
@@ -424,7 +463,7 @@ def ngram_layer_from_stats(
             tri_occ_key=tri_occ_key,
             tri_occ_count=tri_occ_count,
         )
-    return analyse_ngram_layer(
+    finding = analyse_ngram_layer(
         model=model,
         layer=layer,
         n_layers=stats.n_layers,
@@ -437,3 +476,51 @@ def ngram_layer_from_stats(
         **trigram_tables,
         **options,
     )
+    bootstrap = stats.group_bootstrap()
+    if not stats.config.detector_intervals or bootstrap is None:
+        return finding
+    detector_options = {k: v for k, v in options.items() if k in _DETECTOR_OPTIONS}
+    resampled = token_detector_counts_resampled(stats, layer, bootstrap.weights, **detector_options)
+    return dataclasses.replace(
+        finding,
+        n_token_detectors_se=float(bootstrap.se(resampled)),
+        uncertainty=bootstrap.method,
+        se_df=bootstrap.df,
+    )
+
+
+_DETECTOR_OPTIONS = ("coverage", "occurrence_coverage", "max_tokens")
+
+
+def token_detector_counts_resampled(
+    stats: NeuronStats, layer: int, weights: torch.Tensor, **options
+) -> np.ndarray:
+    """``(R,)`` int64: the token-detector count of ``layer`` on each resample of the window
+    groups, ``weights (R, G)`` (integer draws, as
+    :class:`~neuronspec.capture.window_groups.GroupBootstrap` makes them); ``options``:
+    those of :func:`token_detectors`. A resample's (neuron, token) firings and token
+    occurrences are the groups' weighted sums, exact in int64."""
+    neuron, token, group, count = stats.unigram_group_table(layer)
+    draws = weights.round().long().numpy()  # (R, G)
+    if not torch.equal(weights.double(), torch.from_numpy(draws).double()):
+        raise NeuronSpecError("resample weights of the detector counts must be integers")
+    pair = np.r_[True, (neuron[1:] != neuron[:-1]) | (token[1:] != token[:-1])]
+    starts = np.flatnonzero(pair)  # first entry of each (neuron, token) pair
+    pair_neuron, pair_token = neuron[starts], token[starts]
+    occurrences = draws @ stats.token_count_groups.numpy()  # (R, V)
+    width = stats.layer(layer).width
+    counts = np.empty(len(draws), dtype=np.int64)
+    for r, draw in enumerate(draws):
+        pair_count = np.add.reduceat(draw[group] * count, starts) if len(starts) else count[:0]
+        fired = pair_count > 0
+        counts[r] = len(
+            token_detectors(
+                pair_neuron[fired],
+                pair_token[fired],
+                pair_count[fired],
+                occurrences[r],
+                n_neurons=width,
+                **options,
+            )
+        )
+    return counts

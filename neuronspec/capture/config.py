@@ -41,6 +41,10 @@ class StatsConfig:
     # per layer (20 groups, T = 64, W = 3072: 3.9 MB), and as much int32 once a group
     # passes 255 windows (window_groups.GroupFires)
     window_groups: int = 20
+    # (neuron, token) firings of each window group (key (n·V + token)·G + g), for bootstrap
+    # SEs of the token-detector counts (analyses/ngram.py); opt-in: a sparse table of up
+    # to G times the unigram pairs, counted by sort (the native packed rows do not apply)
+    detector_intervals: bool = default("stats.detector_intervals")
     # top-activating contexts per mlp neuron (capture/top_contexts.py) for the neuron cards;
     # 0 off. Off by default: keeping 16 costs 1.20x (GPT-2 shape) and 1.16x (Mamba shape)
     # the pass without them (python -m neuronspec.bench --only capture), over the 5% a
@@ -57,6 +61,11 @@ class StatsConfig:
         if self.window_groups < 0 or self.window_groups == 1:
             raise NeuronSpecError(
                 f"window_groups must be 0 (off) or at least 2, got {self.window_groups}"
+            )
+        if self.detector_intervals and not (self.unigrams and self.window_groups):
+            raise NeuronSpecError(
+                "detector_intervals needs the unigram counts and window groups "
+                f"(unigrams={self.unigrams}, window_groups={self.window_groups})"
             )
         if self.top_contexts < 0:
             raise NeuronSpecError(f"top_contexts must be 0 (off) or more, got {self.top_contexts}")

@@ -33,6 +33,8 @@ pair_dense          (bytes,) uint8         order), W fields of pair_dense_bits[r
 pair_key/count      (P,) int32             ... and for the other tokens: sparse, sorted, key =
                                            n·V + token; int64 where W·V >= 2^31
 tri_key/count       (Q,) int64             sparse trigram firings: key = n·V³ + trigram
+group_pair_key/     (P',) int64            with ``detector_intervals``: unigram firings per
+  count                                    window group, key = (n·V + token)·G + group
 top_value           (k, W) float32         the k largest ``mlp`` activations per neuron
 top_index           (k, W) int64           their corpus token index window·T + position
                                            (:mod:`neuronspec.capture.top_contexts`)
@@ -44,7 +46,8 @@ top_index           (k, W) int64           their corpus token index window·T + 
 
 Shared by all layers: ``tokens_by_pos (T,)`` (its entry 0 is the number of windows),
 ``token_count (V,)`` (occurrences at counted positions), ``group_windows (G,)`` (windows
-in each window group), ``tri_occ_key/count`` (trigram occurrences).
+in each window group), ``token_count_groups (G, V)`` (``token_count`` of each group with
+``detector_intervals``, else ``(0, V)``), ``tri_occ_key/count`` (trigram occurrences).
 
 Every field merges by addition (``act_absmax`` by maximum, sparse tables by key union), so
 shards of a corpus give the same statistics as the whole.
@@ -64,8 +67,9 @@ from neuronspec.errors import NeuronSpecError
 # rows, no abs_hist (abs_sketch bins the same |a| finer); v8: Mamba dt window sums from
 # the scan, in float64; v9: Poisson-bootstrap firing replicates; v10: top-activating contexts; v11: window groups
 # (bootstrap over groups) in place of the Poisson replicates; v12: fire_by_pos_groups in
-# uint8 while every group has at most 255 windows, else int32.
-STATS_FORMAT = "neuronspec-stats-v12"
+# uint8 while every group has at most 255 windows, else int32; v13: (neuron, token) firings
+# and token counts per window group (detector_intervals).
+STATS_FORMAT = "neuronspec-stats-v13"
 
 LAYER_FIELDS = (
     "fire_by_pos",

@@ -51,7 +51,8 @@ def add_layer_native(pass_stats, stats, pre, act, input_ids, counted, wmeans):
     (:class:`LayerStats`) through ``stats.c``: every accumulator in one pass, the sparse
     (neuron, token) tail keys included (int32 key spaces; else the tail is left to
     torch), the firing counts by position of each window's group, and the window sums for
-    ``wmeans`` (the ``mlp`` window-mean moments, or None). Returns ``fires`` ``(B, T, W)`` when trigrams need it, else None."""
+    ``wmeans`` (the ``mlp`` window-mean moments, or None). Returns ``fires`` ``(B, T, W)``
+    when trigrams or the detector intervals need it, else None."""
     batch, window, width = pre.shape
     pre, act = unit_channel_stride(pre), unit_channel_stride(act)
     pairs = stats.pairs if pass_stats.config.unigrams else None
@@ -78,7 +79,7 @@ def add_layer_native(pass_stats, stats, pre, act, input_ids, counted, wmeans):
         arena = torch.zeros(0, dtype=torch.uint8)
     torch_tail = pairs is not None and tail_keys is None
     fires = None
-    if pass_stats.config.trigrams or torch_tail:
+    if pass_stats.config.trigrams or pass_stats.config.detector_intervals or torch_tail:
         fires = pass_stats.buffer("fires", pre, torch.bool)  # (B, T, W)
     config = pass_stats.config
     zpos = position_basis(window, pre.device)[1].contiguous()  # (T,)

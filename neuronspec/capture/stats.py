@@ -68,6 +68,7 @@ class LayerStats:
     top_index: torch.Tensor  # (k, W) int64: their corpus token index window·T + position
     pairs: UnigramCounter
     trigrams: SparseCounter
+    group_pairs: SparseCounter  # (neuron, token, group) firings: key (n·V + token)·G + g
 
     @classmethod
     def empty(
@@ -98,6 +99,7 @@ class LayerStats:
             top_index=top_index,
             pairs=UnigramCounter(width, vocab_size, dense_tokens, native, token_frequency),
             trigrams=SparseCounter(),
+            group_pairs=SparseCounter(key_space=width * vocab_size * config.window_groups),
         )
 
     @property
@@ -126,6 +128,8 @@ class NeuronStats:
     tokens_by_pos: torch.Tensor  # (T,) int64
     token_count: torch.Tensor  # (V,) int64, counted positions only
     group_windows: torch.Tensor  # (G,) int64: windows in each window group
+    # (G, V) int64: token_count of each window group with detector_intervals, else (0, V)
+    token_count_groups: torch.Tensor
     tri_occurrences: SparseCounter
     # per-batch work buffers, reused across layers and batches (fresh 10 MB tensors per op
     # cost more in allocation and cache misses than the arithmetic); not statistics
@@ -185,6 +189,9 @@ class NeuronStats:
             tokens_by_pos=torch.zeros(window, dtype=torch.long),
             token_count=torch.zeros(vocab_size, dtype=torch.long),
             group_windows=torch.zeros(config.window_groups, dtype=torch.long),
+            token_count_groups=torch.zeros(
+                config.window_groups * config.detector_intervals, vocab_size, dtype=torch.long
+            ),
             tri_occurrences=SparseCounter(),
             backend=backend,
             window_offset=window_offset,
@@ -244,6 +251,12 @@ class NeuronStats:
             self.group_windows += torch.bincount(self._groups, minlength=self.config.window_groups)
         counted = counted_positions(input_ids, bos_id)  # (B, T)
         self.token_count += torch.bincount(input_ids[counted].cpu(), minlength=self.vocab_size)
+        if self.config.detector_intervals:
+            ids, groups = input_ids.cpu(), self._groups[:, None].expand_as(input_ids)
+            keys = groups[counted.cpu()] * self.vocab_size + ids[counted.cpu()]
+            self.token_count_groups += torch.bincount(
+                keys, minlength=self.token_count_groups.numel()
+            ).view_as(self.token_count_groups)
         if self.config.trigrams:
             keys, valid = trigram_keys(input_ids, counted, self.vocab_size, bos_id)
             self.tri_occurrences.add(keys[valid])
@@ -275,6 +288,11 @@ class NeuronStats:
             keys, valid = trigram_keys(input_ids, counted, self.vocab_size, self._bos_id)
             b, t, n = torch.nonzero(fires & valid[:, :, None], as_tuple=True)
             stats.trigrams.add(n * self.vocab_size**3 + keys[b, t])
+        if self.config.detector_intervals:
+            b, t, n = torch.nonzero(fires & counted[:, :, None], as_tuple=True)
+            token_key = n * self.vocab_size + input_ids[b, t]  # (F,) n·V + token
+            group = self._groups.to(b.device)[b]  # (F,)
+            stats.group_pairs.add((token_key * self.config.window_groups + group).cpu())
         if self.config.top_contexts:
             k = self.config.top_contexts
             batch = batch_top(act, k, self._first_token)
@@ -445,6 +463,7 @@ class NeuronStats:
             "tokens_by_pos": self.tokens_by_pos,
             "token_count": self.token_count,
             "group_windows": self.group_windows,
+            "token_count_groups": self.token_count_groups,
             "tri_occ_key": self.tri_occurrences.keys,
             "tri_occ_count": self.tri_occurrences.counts,
         }
@@ -455,12 +474,15 @@ class NeuronStats:
                 for name in PACKED_FIELDS:
                     pairs[name] = pairs[name][:0]
             stats.trigrams.consolidate()
+            stats.group_pairs.consolidate()
             for name in LAYER_FIELDS:
                 tensors[f"layer{index}.{name}"] = getattr(stats, name)
             for name, tensor in pairs.items():
                 tensors[f"layer{index}.{name}"] = tensor
             tensors[f"layer{index}.tri_key"] = stats.trigrams.keys
             tensors[f"layer{index}.tri_count"] = stats.trigrams.counts
+            tensors[f"layer{index}.group_pair_key"] = stats.group_pairs.keys
+            tensors[f"layer{index}.group_pair_count"] = stats.group_pairs.counts
         for (site, index), moments in self.window_means.items():
             tensors[f"layer{index}.{site}_wmean_sum"] = moments.sum
             tensors[f"layer{index}.{site}_wmean_sumsq"] = moments.sumsq
@@ -496,6 +518,7 @@ class NeuronStats:
                     ),
                     pairs=pairs,
                     trigrams=SparseCounter(get("tri_key"), get("tri_count")),
+                    group_pairs=SparseCounter(get("group_pair_key"), get("group_pair_count")),
                 )
             )
         return cls(
@@ -506,6 +529,7 @@ class NeuronStats:
             tokens_by_pos=tensors["tokens_by_pos"],
             token_count=tensors["token_count"],
             group_windows=tensors["group_windows"],
+            token_count_groups=tensors["token_count_groups"],
             tri_occurrences=SparseCounter(tensors["tri_occ_key"], tensors["tri_occ_count"]),
             window_means={
                 (site, index): WindowMeanMoments(
@@ -535,6 +559,22 @@ class NeuronStats:
         count = counts.astype(np.int64)  # a copy
         pairs.release_table()
         return neuron, token, count
+
+    def unigram_group_table(
+        self, layer: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The unigram firings of ``layer`` per window group: ``(neuron, token, group,
+        count)`` int64, sorted by (neuron, token, group) (``--detector-intervals``)."""
+        if not self.config.detector_intervals:
+            raise NeuronSpecError(
+                "these statistics were collected without the (neuron, token) firings of each "
+                "window group; run with --detector-intervals (StatsConfig.detector_intervals)"
+            )
+        table = self.layer(layer).group_pairs
+        table.consolidate()
+        keys, groups = table.keys.numpy(), self.config.window_groups
+        token_key, vocab = keys // groups, self.vocab_size
+        return token_key // vocab, token_key % vocab, keys % groups, table.counts.numpy()
 
     def trigram_occurrences(self) -> tuple[np.ndarray, np.ndarray]:
         """Occurrences of each trigram at counted positions: ``(key, count)`` sorted by key."""

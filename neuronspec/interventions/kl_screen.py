@@ -155,3 +155,42 @@ def kl_screen(
         kl={layer: score[layer] * scale for layer in layers},
         residual_share=share if shares else None,
     )
+
+
+class ScreenCache:
+    """The screens of one model on the same prompts and draws, each (site, layer) computed
+    once: the causal sweep and the sweep of given sets at the same site (GPT-2's
+    high-variance neurons at ``mlp``) share them. A layer's κ̂ and ρ do not depend on
+    which other layers are screened with it (tested)."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        prompts: torch.Tensor,
+        *,
+        method: str = "zero",
+        means: Mapping[tuple[str, int], torch.Tensor] | None = None,
+        samples: int = SCREEN_SAMPLES,
+        seed: int = 0,
+    ):
+        self.loaded, self.prompts, self.method = loaded, prompts, method
+        self._options = {"method": method, "means": means, "samples": samples, "seed": seed}
+        self._kl: dict[tuple[str, int], torch.Tensor] = {}
+        self._share: dict[tuple[str, int], torch.Tensor | None] = {}
+
+    def screen(self, site: str, layers: Sequence[int]) -> KLScreen:
+        """:func:`kl_screen` of ``site`` at ``layers``, computing only the layers not seen."""
+        missing = [layer for layer in layers if (site, layer) not in self._kl]
+        if missing:
+            new = kl_screen(self.loaded, self.prompts, missing, site=site, **self._options)
+            for layer in missing:
+                self._kl[(site, layer)] = new.kl[layer]
+                shares = new.residual_share
+                self._share[(site, layer)] = None if shares is None else shares[layer]
+        shares = [self._share[(site, layer)] for layer in layers]
+        return KLScreen(
+            kl={layer: self._kl[(site, layer)] for layer in layers},
+            residual_share=None
+            if any(s is None for s in shares)
+            else dict(zip(layers, shares, strict=True)),
+        )

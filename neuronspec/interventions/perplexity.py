@@ -41,12 +41,19 @@ class Perplexity(Finding):
 
 def next_token_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
     """Σ over positions of the next-token NLL per window: logits ``(..., T, V)`` and
-    windows ``(..., T)`` → ``(...,)`` float64 (T − 1 targets per window)."""
-    log_probs = torch.log_softmax(logits[..., :-1, :].double(), dim=-1)  # (..., T-1, V)
+    windows ``(..., T)`` → ``(...,)`` float64 (T − 1 targets per window).
+
+    NLL = logsumexp(logits) − logit of the target, the logsumexp in the logits' own float32
+    (half precision is widened), the difference and the sums in float64. On a GPT-2-sized
+    group (16 × 64 positions, 50k vocabulary) a third of the time of float64 log-softmaxes,
+    equal to them within 1e-6 nats per target (tests/test_ablation_engine.py)."""
+    scores = logits[..., :-1, :]  # (..., T-1, V)
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.float()
     targets = windows[..., 1:].to(logits.device)  # (..., T-1)
     targets = targets.expand(*logits.shape[:-2], targets.shape[-1])  # broadcast over groups
-    picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (..., T-1)
-    return -picked.sum(-1)
+    picked = scores.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (..., T-1)
+    return (torch.logsumexp(scores, dim=-1).double() - picked.double()).sum(-1)
 
 
 def condition_perplexities(

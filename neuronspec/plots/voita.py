@@ -24,6 +24,7 @@ from neuronspec.analyses.ngram import NgramLayerFinding, TokenDetectorSummary
 from neuronspec.analyses.positional import PositionalLayerFinding
 from neuronspec.errors import NeuronSpecError
 from neuronspec.plots.figure import new_figure, save_figure
+from neuronspec.uncertainty import t_quantile
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -147,7 +148,12 @@ def _line_figure(
         x = _x_values(summary, overlay)
         for field, suffix, style in series:
             label = f"{summary.model}{': ' + suffix if suffix else ''}"
-            ax.plot(x, getattr(summary, field), style, color=color, marker="o", ms=3, label=label)
+            errors = getattr(summary, f"{field}_se", None)  # 95% bars where the SE is known
+            if errors is not None:
+                errors = [t_quantile(0.975, summary.se_df) * e for e in errors]
+            values = getattr(summary, field)
+            ax.errorbar(x, values, yerr=errors, fmt=style, color=color, marker="o", ms=3,
+                        capsize=3, label=label)  # fmt: skip
     ax.set_xlabel(_x_label(overlay))
     ax.set_ylabel(y_label)
     if not overlay:

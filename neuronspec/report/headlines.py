@@ -85,10 +85,12 @@ def _ngram(layers: dict[str, Any], tokens: TokenText) -> str:
     n_detectors = sum(f["n_token_detectors"] for f in found)
     detected = sorted({t for f in found for t in f.get("detected_tokens", [])})
     shown = ", ".join(tokens(t) for t in detected[:8]) + (", …" if len(detected) > 8 else "")
-    text = (
-        f"{n_detectors} token-detecting neurons, by layer "
-        f"{_by_layer([f['n_token_detectors'] for f in found])}; {len(detected)} tokens detected"
-    )
+    text = f"{n_detectors} token-detecting neurons, by layer "
+    text += _by_layer([f["n_token_detectors"] for f in found])
+    if found and all(f.get("n_token_detectors_se") is not None for f in found):  # opt-in
+        with_errors = ", ".join(_plus_minus(f, "n_token_detectors", 1) for f in found)
+        text += f" (95% [{with_errors}])"
+    text += f"; {len(detected)} tokens detected"
     return text + (f": {shown}" if detected else "")
 
 
