@@ -90,6 +90,28 @@ def test_perplexity_is_exp_of_hf_labels_loss(random_model):
     assert result.ppl == pytest.approx(math.exp(float(loss)), rel=1e-5)
 
 
+def test_perplexity_forwards_keep_the_logits_within_their_budget(random_model, monkeypatch):
+    """With room for the logits of 3 windows, the conditions run 3 rows per forward and
+    give the perplexities of one forward of all rows."""
+    import neuronspec.interventions.ablation as ablation_module
+
+    windows = _windows(n=7, length=12)
+    conditions = [baseline_condition(), Condition("a", "mlp", {0: (1, 5), 1: (2,)})]
+    engine = AblationEngine(random_model)
+    whole = condition_perplexities(engine, windows, conditions)
+    monkeypatch.setattr(ablation_module, "LOGITS_BYTES", 3 * 12 * VOCAB * 4)
+    assert engine.rows_for(12) == 3
+    rows = []
+    real_forward = engine.forward
+    monkeypatch.setattr(
+        engine, "forward", lambda w, c, **k: rows.append(len(w) * len(c)) or real_forward(w, c, **k)
+    )
+    bounded = condition_perplexities(engine, windows, conditions)
+    assert max(rows) <= 3
+    for a, b in zip(whole, bounded, strict=True):
+        assert a.window_nll == pytest.approx(b.window_nll, rel=1e-6)
+
+
 def test_next_token_nll_by_hand():
     logits = torch.zeros(1, 3, 4)
     logits[0, 0, 2] = math.log(3.0)  # p(2) = 3/6 at position 0

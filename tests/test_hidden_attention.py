@@ -184,6 +184,26 @@ def test_blocks_do_not_overflow_where_the_decay_spans_thousands_of_nats():
         assert not torch.isfinite(hidden_attention(s)).all()
 
 
+@pytest.mark.parametrize("scale", [1, 20])
+def test_float32_inputs_compute_in_float32_close_to_float64(scale):
+    """A float32 model's α̃ (the exponentials in float32, the cumulative sums S in float64)
+    is within 1e-5 of the largest |α̃| of the same inputs in float64, at Δ as trained and
+    20× larger (wide spans: pairwise block terms)."""
+    import dataclasses
+
+    s = capture_scan_inputs(_mamba(*CONFIGS[2]), _ids(length=70), [0])[0]
+    s = dataclasses.replace(s, delta=s.delta * scale)
+    single = dataclasses.replace(
+        s, **{f.name: getattr(s, f.name).float() for f in dataclasses.fields(s)
+              if isinstance(getattr(s, f.name), torch.Tensor)}
+    )  # fmt: skip
+    reference = hidden_attention(s)
+    alpha = hidden_attention(single)
+    assert alpha.dtype == torch.float32
+    scale_of = float(reference.abs().max())
+    torch.testing.assert_close(alpha.double(), reference, rtol=0, atol=1e-5 * scale_of)
+
+
 def test_chunking_changes_nothing_and_respects_the_bound():
     model = _mamba(*CONFIGS[0])
     s = capture_scan_inputs(model, _ids(), [0])[0]

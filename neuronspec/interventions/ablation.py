@@ -46,6 +46,9 @@ from neuronspec.models.registry import LoadedModel
 
 ABLATION_METHODS: tuple[str, ...] = ("zero", "mean", "resample")
 DEFAULT_MAX_ROWS = 128  # batch rows per forward: tiny models at T = 64 stay well under 1 GB
+LOGITS_BYTES = 512 * 2**20
+"""Float32 logits a perplexity forward may hold (:meth:`AblationEngine.rows_for`): at
+GPT-2's 50k vocabulary and T = 64, 41 rows (128 rows took 8 GB with their float64 copies)."""
 
 SiteLayer = tuple[str, int]
 
@@ -210,6 +213,12 @@ class AblationEngine:
         self.method = method
         self.means = dict(means or {})
         self.max_rows = max_rows
+
+    def rows_for(self, length: int) -> int:
+        """Rows of ``length`` positions per forward: at most ``max_rows``, and no more than
+        :data:`LOGITS_BYTES` of float32 logits over the model's vocabulary."""
+        vocab = self.loaded.model.get_output_embeddings().weight.shape[0]
+        return max(1, min(self.max_rows, LOGITS_BYTES // (4 * length * vocab)))
 
     # -- checks ------------------------------------------------------------------------------
     def check(self, conditions: Sequence[Condition]) -> None:

@@ -65,8 +65,8 @@ def condition_perplexities(
 ) -> list[Perplexity]:
     """Perplexity of each condition on ``windows`` ``(N, T)``, several conditions per forward.
 
-    Conditions are evaluated in groups of at most ``engine.max_rows`` rows per forward
-    (``g`` conditions × ``max_rows // g`` windows). ``seed``: the donor derangement of
+    Conditions are evaluated in groups of at most ``engine.rows_for(T)`` rows per forward
+    (``g`` conditions × ``rows // g`` windows). ``seed``: the donor derangement of
     resample ablation (over all N windows, see :mod:`neuronspec.interventions.ablation`).
     """
     conditions = list(conditions)
@@ -74,8 +74,9 @@ def condition_perplexities(
     n_windows = windows.shape[0]
     if n_windows == 0:
         raise ValueError("no windows to measure perplexity on")
-    group = min(len(conditions), engine.max_rows)
-    per_chunk = max(1, engine.max_rows // group)
+    rows = engine.rows_for(windows.shape[1])
+    group = min(len(conditions), rows)
+    per_chunk = max(1, rows // group)
     nll = torch.zeros(len(conditions), n_windows, dtype=torch.float64)  # per window
     donor_of = derangement(n_windows, seed) if engine.method == "resample" else None
     sites = engine.sites_of(conditions)
