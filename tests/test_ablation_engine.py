@@ -112,6 +112,25 @@ def test_perplexity_forwards_keep_the_logits_within_their_budget(random_model, m
         assert a.window_nll == pytest.approx(b.window_nll, rel=1e-6)
 
 
+def test_conditions_that_ablate_the_same_neurons_are_measured_once(random_model, monkeypatch):
+    windows = _windows(n=4, length=12)
+    a = Condition("a", "mlp", {0: (1, 5)})
+    conditions = [baseline_condition(), a, Condition("b", "mlp", {0: (5, 1)}),
+                  Condition("clean", "mlp", {}), Condition("c", "mlp", {1: (2,)})]  # fmt: skip
+    engine = AblationEngine(random_model)
+    alone = condition_perplexities(engine, windows, [baseline_condition(), a, conditions[-1]])
+    seen = []
+    real_forward = engine.forward
+    monkeypatch.setattr(
+        engine,
+        "forward",
+        lambda w, c, **k: seen.extend(x.name for x in c) or real_forward(w, c, **k),
+    )
+    result = condition_perplexities(engine, windows, conditions)
+    assert sorted(set(seen)) == ["a", "baseline", "c"]
+    assert [r.window_nll for r in result] == [alone[i].window_nll for i in (0, 1, 1, 0, 2)]
+
+
 def test_next_token_nll_by_hand():
     logits = torch.zeros(1, 3, 4)
     logits[0, 0, 2] = math.log(3.0)  # p(2) = 3/6 at position 0

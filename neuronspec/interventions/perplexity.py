@@ -68,9 +68,28 @@ def condition_perplexities(
     Conditions are evaluated in groups of at most ``engine.rows_for(T)`` rows per forward
     (``g`` conditions × ``rows // g`` windows). ``seed``: the donor derangement of
     resample ablation (over all N windows, see :mod:`neuronspec.interventions.ablation`).
+    Conditions that ablate the same neurons (e.g. the random controls of two conditions
+    with the same counts per layer: the same draws) are measured once.
     """
-    conditions = list(conditions)
-    engine.check(conditions)
+    asked = list(conditions)
+    engine.check(asked)
+    keys = [_ablated(c) for c in asked]
+    first: dict[tuple, Condition] = {}
+    for key, condition in zip(keys, asked, strict=True):
+        first.setdefault(key, condition)
+    results = _perplexities(engine, windows, list(first.values()), seed)
+    measured = dict(zip(first, results, strict=True))
+    return [measured[key] for key in keys]
+
+
+def _ablated(condition: Condition) -> tuple:
+    """What a condition changes: its site and neurons (every empty condition is the same)."""
+    return (condition.site, tuple(condition.neurons.items())) if condition.neurons else ()
+
+
+def _perplexities(
+    engine: AblationEngine, windows: torch.Tensor, conditions: list[Condition], seed: int
+) -> list[Perplexity]:
     n_windows = windows.shape[0]
     if n_windows == 0:
         raise ValueError("no windows to measure perplexity on")
