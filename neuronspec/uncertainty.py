@@ -7,6 +7,13 @@ the null that the condition's neurons are exchangeable with random ones, never 0
 smallest p that n seeds can give is 1 / (n + 1), so a test at level α needs
 n ≥ 1/α − 1 seeds (99 for α = 0.01, ``--control-seeds``); asking for less raises.
 
+**Sequential draws** (Besag & Clifford 1991, "Sequential Monte Carlo p-values"): the
+seeds are drawn in order and a condition stops drawing once h = :data:`STOP_EXCEEDANCES`
+(10) of them reached its change; its p-value is then h / n at the n-th draw (≥ h / n_max,
+so it never decides "exceeds at α" for α < h / n_max), else the empirical one over all
+n_max seeds. Both are valid p-values; a condition that clearly does not exceed its control
+costs about h / p draws instead of n_max (:func:`sequential_p_value`).
+
 **Standard errors by a paired bootstrap**, in log-PPL: a condition's log PPL ratio
 log(PPL_c / PPL_0) is its mean next-token NLL minus the baseline's (nats per target), a
 mean over windows, so its bootstrap distribution is near normal even where the PPL ratio
@@ -151,11 +158,61 @@ def change_interval(change: float, log_ratio_se: float, level: float, method: st
 
 def empirical_p_value(observed: float, control: list[float], *, alternative: str) -> float:
     """(1 + #{c ≥ observed}) / (1 + n) for ``alternative="greater"``, ``≤`` for ``"less"``."""
+    hits = _hits(observed, control, alternative)
+    return (1 + int(hits.sum())) / (1 + hits.size)
+
+
+STOP_EXCEEDANCES = 10
+"""h of the sequential p-value: a condition stops drawing controls at its h-th exceedance."""
+
+
+def sequential_draws(
+    observed: float,
+    control: list[float],
+    *,
+    alternative: str,
+    n_max: int,
+    stop_at: int = STOP_EXCEEDANCES,
+) -> int | None:
+    """How many of ``control`` (in draw order) the sequential p-value of ``observed`` uses:
+    the draw of its ``stop_at``-th exceedance, else ``n_max`` once that many are given;
+    None while the draws so far do not decide."""
+    hits = _hits(observed, control[:n_max], alternative)
+    reached = np.flatnonzero(np.cumsum(hits) >= stop_at)
+    if reached.size:
+        return int(reached[0]) + 1
+    return n_max if hits.size >= n_max else None
+
+
+def sequential_p_value(
+    observed: float,
+    control: list[float],
+    *,
+    alternative: str,
+    n_max: int,
+    stop_at: int = STOP_EXCEEDANCES,
+) -> float:
+    """Besag-Clifford p-value of ``observed`` among ``control`` (in draw order):
+    ``stop_at / n`` when the ``stop_at``-th exceedance is the n-th draw, else the empirical
+    p-value over the first ``n_max`` draws. Raises when the draws given do not decide."""
+    used = sequential_draws(
+        observed, control, alternative=alternative, n_max=n_max, stop_at=stop_at
+    )
+    if used is None:
+        raise NeuronSpecError(
+            f"{len(control)} control draws of {n_max} do not decide the sequential p-value "
+            f"(fewer than {stop_at} exceedances): it needs all {n_max} draws"
+        )
+    hits = int(_hits(observed, control[:used], alternative).sum())
+    return stop_at / used if hits >= stop_at else (1 + hits) / (1 + n_max)
+
+
+def _hits(observed: float, control: list[float], alternative: str) -> np.ndarray:
+    """``(n,)`` bool: the controls at least as extreme as ``observed`` in ``alternative``."""
     if alternative not in ("greater", "less"):
         raise NeuronSpecError(f"alternative must be 'greater' or 'less', got {alternative!r}")
     values = np.asarray(control, dtype=float)
-    hits = values >= observed if alternative == "greater" else values <= observed
-    return (1 + int(hits.sum())) / (1 + values.size)
+    return values >= observed if alternative == "greater" else values <= observed
 
 
 def _mid_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

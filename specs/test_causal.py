@@ -1,8 +1,8 @@
 """Causal neurons (METHODS.md §6): every neuron screened by a second-order KL estimate, the
 ``top_k`` candidates of each layer (``--top-k``, ``--layers``) measured exactly by single-
 neuron zero interventions on 8 held-out windows (the screen ran on 8 others), their KL
-against the screen's values of the layer's other neurons (empirical p-values) and against
-random neurons measured exactly (rank-sum test), and the cross-layer matrix. The same for
+against random neurons of the layer measured exactly (``--control-seeds``: empirical
+p-values per candidate, and a rank-sum test), and the cross-layer matrix. The same for
 the delta-sensitive Δ channels (Mamba, ``dt`` site) or high-variance ``mlp`` neurons
 (GPT-2) of METHODS §5, recorded under ``causal_delta_sensitive``."""
 

@@ -156,6 +156,9 @@ def test_planted_important_neurons_exceed_control_and_silenced_ones_do_not(rando
     assert loud.difference_interval(0.95).low > 0
     assert silent.change == 0.0 and silent.log_ratio_se == 0.0
     assert not silent.exceeds(alpha=0.05)
+    # sequential draws: "silent" stopped at its 10th exceedance, "loud" took all 20 seeds
+    assert len(loud.control.seeds) == 20
+    assert len(silent.control.seeds) < 20 and silent.p_value == 10 / len(silent.control.seeds)
 
 
 def test_pruning_plan_priority_and_protection(stats):

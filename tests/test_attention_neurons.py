@@ -148,6 +148,23 @@ def test_fact_prompt_subject_mask():
     assert tokenizer.decode(ids[1:]) == prompt
 
 
+def test_every_english_fact_prompt_marks_its_subject():
+    """The subject is found in its prompt ignoring case ("The fall of the Berlin Wall …" for
+    "the fall of the Berlin Wall"): every fact of the English set gets a non-empty mask."""
+    from transformers import AutoTokenizer
+
+    from neuronspec.data.facts import run_facts
+    from neuronspec.zoo import __file__ as zoo_file
+
+    directory = os.path.join(os.path.dirname(zoo_file), "weights", "tiny-gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    for fact in run_facts(None, embedded=False):
+        _, mask = fact_prompt_tokens(tokenizer, fact.prompts[0], fact.subject)
+        assert any(mask), fact
+    with pytest.raises(NeuronSpecError, match="does not contain its subject"):
+        fact_prompt_tokens(tokenizer, "Paris is in", "Berlin")
+
+
 def test_bad_attention_option_is_a_usage_error(pytester, monkeypatch):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout
     monkeypatch.setenv(

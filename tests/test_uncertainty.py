@@ -104,3 +104,35 @@ def test_difference_of_estimates_combines_their_errors():
     assert difference.value == pytest.approx(0.2) and difference.se == pytest.approx(0.05)
     assert difference.interval(0.95).low == pytest.approx(0.2 - 1.959964 * 0.05)
     assert difference.above(0.0, alpha=0.01) and not difference.above(0.1, alpha=0.01)
+
+
+def test_sequential_p_value_stops_at_the_hth_exceedance():
+    from neuronspec.uncertainty import sequential_draws, sequential_p_value
+
+    controls = [0.5, 2.0, 0.1, 3.0, 4.0, 0.2]  # exceedances of 1.0 at draws 2, 4, 5
+    assert sequential_draws(1.0, controls, alternative="greater", n_max=9, stop_at=3) == 5
+    assert sequential_p_value(1.0, controls, alternative="greater", n_max=9, stop_at=3) == 3 / 5
+    assert sequential_draws(1.0, controls[:4], alternative="greater", n_max=9, stop_at=3) is None
+    with pytest.raises(NeuronSpecError, match="do not decide"):
+        sequential_p_value(1.0, controls[:4], alternative="greater", n_max=9, stop_at=3)
+    # all n_max draws without the h-th exceedance: the empirical p-value over them
+    assert sequential_p_value(1.0, controls, alternative="greater", n_max=6, stop_at=4) == 4 / 7
+    assert sequential_p_value(0.3, controls, alternative="less", n_max=6, stop_at=2) == 2 / 6
+
+
+def test_sequential_p_value_is_valid_under_the_null():
+    """Observed and controls from one distribution: P(p ≤ α) ≤ α (up to 3 binomial SEs
+    over 4,000 trials) at α = 0.01, 0.05, 0.2; the draws average far fewer than n_max."""
+    from neuronspec.uncertainty import sequential_draws, sequential_p_value
+
+    rng = np.random.default_rng(0)
+    trials, p_values, used = 4000, [], []
+    for _ in range(trials):
+        values = rng.normal(size=100)
+        observed, controls = float(values[0]), values[1:].tolist()
+        p_values.append(sequential_p_value(observed, controls, alternative="greater", n_max=99))
+        used.append(sequential_draws(observed, controls, alternative="greater", n_max=99))
+    p_values = np.array(p_values)
+    for alpha in (0.01, 0.05, 0.2):
+        assert np.mean(p_values <= alpha) <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)
+    assert np.mean(used) < 40

@@ -5,18 +5,21 @@ with a neuron set ablated, for the conditions baseline; dead (Voita et al. 2023 
 positional (§5); the fifth condition, a parameter (delta-sensitive Δ channels on the
 ``dt`` site for Mamba, high-variance ``mlp`` neurons for GPT-2, METHODS §5; None until
 that analysis is wired); dead ∪ positional. Each non-empty condition gets a **random
-control**: for each of ``n_seeds`` seeds (``--control-seeds``, default 99), as many
-neurons per layer as the condition has, drawn uniformly without replacement from the
+control**: for seeds s = 0, 1, … up to ``n_seeds`` (``--control-seeds``, default 99), as
+many neurons per layer as the condition has, drawn uniformly without replacement from the
 layer's neurons at the same site
-(:func:`~neuronspec.interventions.ablation.random_condition`, seed s = 0..n_seeds−1),
-reported as mean ± sample std (ddof 1) of the PPL and of its relative change.
+(:func:`~neuronspec.interventions.ablation.random_condition`), reported as mean ± sample
+std (ddof 1) of the PPL and of its relative change. Seeds are drawn in rounds (19, then
+20 more) and a condition stops at its 10th control that changes PPL at least as much
+(Besag & Clifford's sequential p-value, :mod:`neuronspec.uncertainty`): a condition that
+does not beat random costs about 10/p draws, one that does all ``n_seeds``.
 
 **Uncertainty** (:mod:`neuronspec.uncertainty`). A condition's change has a standard
 error from the paired bootstrap over the held-out windows; its *difference* from the
 control mean has one from the bootstrap over windows and seeds. Its p-value is the
-empirical one of its change among the control seeds' changes; a condition *exceeds its
-control at level α* (``exceeds(alpha=0.01)``) when p ≤ α, which needs at least 1/α − 1
-seeds. Pruning's p-value is the other tail: priority pruning *stays below* random pruning
+sequential one of its change among the control seeds' changes; a condition *exceeds its
+control at level α* (``exceeds(alpha=0.01)``) when p ≤ α, which needs ``n_seeds`` ≥
+1/α − 1. Pruning's p-value is the other tail: priority pruning *stays below* random pruning
 when few random prunings hurt as little.
 
 **Pruning.** In every layer, ``round(ratio · width)`` neurons of the ``mlp`` site (ratio
@@ -38,7 +41,7 @@ targets at T = 64), the same windows for every condition (paired comparison).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,13 +66,15 @@ from neuronspec.models.registry import LoadedModel
 from neuronspec.options import default
 from neuronspec.uncertainty import (
     BOOTSTRAP_METHOD,
+    STOP_EXCEEDANCES,
     Interval,
     change_interval,
     check_level,
     control_mean_replicates,
-    empirical_p_value,
     normal_interval,
     paired_log_ratios,
+    sequential_draws,
+    sequential_p_value,
 )
 
 DEFAULT_METHOD = "mean"
@@ -80,7 +85,8 @@ DEFAULT_N_WINDOWS = 64  # held-out windows per study: 4032 targets at T = 64
 class RandomControl(Finding):
     """Random neurons of the same count per layer, one draw per seed."""
 
-    seeds: list[int]
+    seeds: list[int]  # drawn in order; fewer than max_seeds when the draws stopped early
+    max_seeds: int  # --control-seeds: the draws a condition may take (sequential stop)
     ppl: list[float]
     ppl_mean: float
     ppl_std: float  # sample std (ddof 1) over seeds
@@ -89,8 +95,11 @@ class RandomControl(Finding):
     changes: list[float]  # per seed
 
     def p_value(self, change: float, *, alternative: str = "greater") -> float:
-        """Empirical p-value of ``change`` among the seeds' changes (:mod:`~neuronspec.uncertainty`)."""
-        return empirical_p_value(change, self.changes, alternative=alternative)
+        """Sequential p-value of ``change`` among the seeds' changes in draw order
+        (:func:`~neuronspec.uncertainty.sequential_p_value`)."""
+        return sequential_p_value(
+            change, self.changes, alternative=alternative, n_max=self.max_seeds
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,7 +136,7 @@ class ControlledEffect(Finding):
         control = self.control if control is None else control
         if control is None:
             raise NeuronSpecError("an empty condition has no random control to compare with")
-        check_level(alpha, len(control.seeds))
+        check_level(alpha, control.max_seeds)
         return control.p_value(self.change, alternative=alternative) <= alpha
 
 
@@ -247,13 +256,13 @@ def _heldout(windows: torch.Tensor, n_windows: int) -> torch.Tensor:
 
 def _effect(
     window_nll: np.ndarray, targets_per_window: int, row: int, controls: list[int],
-    seeds: list[int], *, alternative: str,
+    max_seeds: int, *, alternative: str,
 ) -> dict:  # fmt: skip
     """The :class:`ControlledEffect` fields of condition ``row`` of ``window_nll`` ``(C, N)``
     (Σ NLL per held-out window, row 0 the baseline), with its random control in rows
-    ``controls`` (one per seed); ``alternative``: the tail the p-value tests."""
-    mean_nll = window_nll.sum(1) / (window_nll.shape[1] * targets_per_window)  # (C,)
-    ppl_of, change_of = np.exp(mean_nll), np.expm1(mean_nll - mean_nll[0])
+    ``controls`` (seeds 0, 1, … in order); ``alternative``: the tail the p-value tests."""
+    mean_nll, change_of = _changes(window_nll, targets_per_window)  # (C,) each
+    ppl_of = np.exp(mean_nll)
     replicates = paired_log_ratios(window_nll, targets_per_window)  # (C, B)
     change = float(change_of[row])
     fields = {
@@ -264,14 +273,15 @@ def _effect(
         "nll_difference": None,
         "nll_difference_se": None,
         "p_value": None,
-        "uncertainty": BOOTSTRAP_METHOD + "; p-value empirical among the control seeds",
+        "uncertainty": BOOTSTRAP_METHOD + "; sequential p-value among the control seeds",
     }
     if not controls:
         return fields
     ppls = [float(ppl_of[c]) for c in controls]
     changes = [float(change_of[c]) for c in controls]
     control = RandomControl(
-        seeds=seeds,
+        seeds=list(range(len(controls))),
+        max_seeds=max_seeds,
         ppl=ppls,
         ppl_mean=statistics.fmean(ppls),
         ppl_std=statistics.stdev(ppls) if len(ppls) > 1 else 0.0,
@@ -288,6 +298,55 @@ def _effect(
         p_value=control.p_value(change, alternative=alternative),
     )
     return fields
+
+
+def _changes(window_nll: np.ndarray, targets_per_window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean NLL per target and relative PPL change against row 0, ``(C,)`` each, of the
+    window sums ``(C, N)``."""
+    mean_nll = window_nll.sum(1) / (window_nll.shape[1] * targets_per_window)
+    return mean_nll, np.expm1(mean_nll - mean_nll[0])
+
+
+def _measure_with_controls(
+    engine: AblationEngine,
+    windows: torch.Tensor,
+    conditions: Sequence[Condition],
+    draw: Callable[[Condition, int], Condition],
+    max_seeds: int,
+    *,
+    alternative: str,
+) -> tuple[np.ndarray, list[list[int]]]:
+    """Σ NLL per window ``(R, N)`` of the baseline (row 0), ``conditions`` (rows 1..) and
+    the random controls ``draw(condition, seed)``, and per condition its control rows in
+    seed order. Seeds are drawn in rounds (first 2h − 1, then 20) for the conditions whose
+    sequential p-value is not decided (:func:`~neuronspec.uncertainty.sequential_p_value`),
+    and each condition keeps the seeds up to its stopping draw."""
+    rows = [baseline_condition(), *conditions]
+    control_rows: list[list[int]] = [[] for _ in conditions]
+    pending = [i for i, condition in enumerate(conditions) if condition.size]
+    nll: list[tuple[float, ...]] = []
+    drawn = 0
+    while True:
+        upto = min(max_seeds, drawn + (2 * STOP_EXCEEDANCES - 1 if drawn == 0 else 20))
+        runs = [draw(conditions[i], seed) for i in pending for seed in range(drawn, upto)]
+        first = len(nll) + len(rows) * (drawn == 0)
+        for offset, i in enumerate(pending):
+            width = upto - drawn
+            control_rows[i] += range(first + offset * width, first + (offset + 1) * width)
+        measured = condition_perplexities(engine, windows, (rows if drawn == 0 else []) + runs)
+        nll += [p.window_nll for p in measured]
+        drawn = upto
+        _, change = _changes(np.asarray(nll), windows.shape[1] - 1)  # (R,) as _effect has them
+        for i in list(pending):
+            used = sequential_draws(
+                float(change[1 + i]), change[control_rows[i]].tolist(),
+                alternative=alternative, n_max=max_seeds,
+            )  # fmt: skip
+            if used is not None:  # decided: keep the seeds up to the stopping draw
+                del control_rows[i][used:]
+                pending.remove(i)
+        if not pending:
+            return np.asarray(nll), control_rows
 
 
 def ablation_study(
@@ -307,22 +366,19 @@ def ablation_study(
         raise AblationError(f"n_seeds must be at least 1, got {n_seeds}")
     windows = _heldout(heldout, n_windows)
     engine = AblationEngine(loaded, method=method, means=means, max_rows=max_rows)
-    seeds = list(range(n_seeds))
-    runs = [baseline_condition(), *conditions]
-    for condition in conditions:
-        if condition.size:
-            width = loaded.adapter.width(condition.site)
-            runs += [random_condition(condition, width, seed) for seed in seeds]
-    window_nll = np.array([p.window_nll for p in condition_perplexities(engine, windows, runs)])
+
+    def draw(condition: Condition, seed: int) -> Condition:
+        return random_condition(condition, loaded.adapter.width(condition.site), seed)
+
+    window_nll, control_rows = _measure_with_controls(
+        engine, windows, conditions, draw, n_seeds, alternative="greater"
+    )
     targets = windows.shape[1] - 1
-    cursor = 1 + len(conditions)
     results = []
     for index, condition in enumerate(conditions):
-        controls = []
-        if condition.size:
-            controls = list(range(cursor, cursor + n_seeds))
-            cursor += n_seeds
-        effect = _effect(window_nll, targets, 1 + index, controls, seeds, alternative="greater")
+        effect = _effect(
+            window_nll, targets, 1 + index, control_rows[index], n_seeds, alternative="greater"
+        )
         results.append(
             AblationConditionFinding(
                 name=condition.name,
@@ -422,12 +478,12 @@ def pruning_study(
     means = corpus_means(stats) if method == "mean" else None
     engine = AblationEngine(loaded, method=method, means=means, max_rows=max_rows)
     width = loaded.adapter.width("mlp")
-    seeds = list(range(n_seeds))
-    controls = [random_condition(plan, width, seed, exclude=protected) for seed in seeds]
-    runs = [baseline_condition(), plan, *controls]
-    window_nll = np.array([p.window_nll for p in condition_perplexities(engine, windows, runs)])
+    window_nll, control_rows = _measure_with_controls(
+        engine, windows, [plan], lambda c, seed: random_condition(c, width, seed, exclude=protected),
+        n_seeds, alternative="less",
+    )  # fmt: skip
     targets = windows.shape[1] - 1
-    effect = _effect(window_nll, targets, 1, list(range(2, 2 + n_seeds)), seeds, alternative="less")
+    effect = _effect(window_nll, targets, 1, control_rows[0], n_seeds, alternative="less")
     n_protected = sum(len(set(ids)) for ids in (protected or {}).values())
     return PruningFinding(
         model=loaded.model_id,

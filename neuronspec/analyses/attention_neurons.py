@@ -29,6 +29,7 @@ itself, so counting it would favour whatever word ends the template.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -352,9 +353,15 @@ class FactRelevanceFinding(Finding):
 
 
 def fact_prompt_tokens(tokenizer, prompt: str, subject: str) -> tuple[list[int], list[bool]]:
-    """``[bos] + ids(prompt)`` and a subject mask over them (token overlaps the subject's span)."""
-    start = prompt.index(subject)
-    end = start + len(subject)
+    """``[bos] + ids(prompt)`` and a subject mask over them (token overlaps the subject's span).
+    The subject is found ignoring case: a prompt may start with it capitalised ("The fall
+    of the Berlin Wall happened in" for the subject "the fall of the Berlin Wall")."""
+    found = re.search(re.escape(subject), prompt, flags=re.IGNORECASE)
+    if found is None:
+        raise NeuronSpecError(
+            f"the fact prompt {prompt!r} does not contain its subject {subject!r}"
+        )
+    start, end = found.span()
     encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
     ids = [tokenizer.bos_token_id, *encoded["input_ids"]]
     mask = [False] + [a < end and b > start for a, b in encoded["offset_mapping"]]

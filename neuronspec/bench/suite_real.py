@@ -51,7 +51,7 @@ def _suite(checkpoint: Path, cache: Path, costs: Path, tokens: int, pytest_args:
     command = [
         sys.executable, "-m", "pytest", str(SPECS), "-q", "-n", "0", "-p", "no:randomly",
         f"--models={checkpoint}", f"--max-tokens={tokens}", f"--neuronspec-cache={cache}",
-        *pytest_args,
+        "-rfE", *pytest_args,
     ]  # fmt: skip
     print(" ".join(command[1:]), flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NEURONSPEC_FIXTURE_COSTS": str(costs)}
@@ -60,7 +60,9 @@ def _suite(checkpoint: Path, cache: Path, costs: Path, tokens: int, pytest_args:
         raise RuntimeError(
             f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}"
         )
-    print(result.stdout.strip().splitlines()[-1])
+    lines = result.stdout.strip().splitlines()
+    print("\n".join(line for line in lines if line.startswith(("FAILED", "ERROR"))))
+    print(lines[-1])
 
 
 def run(
