@@ -305,10 +305,7 @@ def findings_snapshot(snapshot, request: pytest.FixtureRequest):
     from neuronspec.snapshot import FindingsSnapshotExtension
 
     assertion = snapshot.use_extension(FindingsSnapshotExtension)
-    location = assertion.extension.get_location(
-        test_location=assertion.test_location, index=assertion.index
-    )
-    if not request.config.option.update_snapshots and not os.path.exists(location):
+    if not request.config.option.update_snapshots and not _has_any_snapshot(assertion):
         # a first run on a model: skipped before the assertion, so syrupy counts no failure
         pytest.skip(f"{NO_SNAPSHOT_YET}: run with --snapshot-update to record this finding")
     yield assertion
@@ -360,6 +357,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 NO_SNAPSHOT_YET = "no snapshot yet"
+
+
+def _has_any_snapshot(assertion) -> bool:
+    """Some snapshot of this test exists, under its default index or a custom name or index
+    (syrupy's single-file extensions store them as ``<test>[<name>].json``)."""
+    location = assertion.extension.get_location(test_location=assertion.test_location, index=0)
+    directory, filename = os.path.split(location)
+    stem = filename.removesuffix(f".{assertion.extension.file_extension}")
+    if not os.path.isdir(directory):
+        return False
+    return any(
+        f == filename or f.startswith((f"{stem}[", f"{stem}.")) for f in os.listdir(directory)
+    )
 
 
 def _only_missing_snapshots(item: pytest.Item) -> bool:

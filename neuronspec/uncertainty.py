@@ -238,6 +238,15 @@ def rank_correlation(x: list[float], y: list[float]) -> float | None:
     return None if norm == 0.0 else float((ra * rb).sum() / norm)
 
 
+def rank_correlation_se(rho: float, n: int) -> float:
+    """Sampling standard error of Spearman's ρ over ``n`` pairs: Fieller, Hartley & Pearson
+    (1957), var(atanh ρ) ≈ 1.06 / (n − 3), carried back by the delta method,
+    SE(ρ) ≈ (1 − ρ²)·√(1.06 / (n − 3)). Needs n ≥ 4."""
+    if n < 4:
+        raise NeuronSpecError(f"the SE of a rank correlation needs at least 4 pairs, got {n}")
+    return (1.0 - rho * rho) * math.sqrt(1.06 / (n - 3))
+
+
 def rank_sum_p_value(values: list[float], control: list[float]) -> float:
     """One-sided Mann–Whitney U p-value that ``values`` tend to exceed ``control``: normal
     approximation with tie correction and continuity correction (as

@@ -106,13 +106,17 @@ def test_unavailable_real_model_skips_with_reason(run):
     result.stdout.fnmatch_lines(["*not available offline*"])
 
 
-def test_a_first_run_without_snapshots_skips_with_the_update_hint(run, pytester):
-    """A user's new model has no snapshot: that is no failure of the finding. Once recorded,
-    the same finding matches and a changed one fails."""
-    spec = """
+@pytest.mark.parametrize("snapshot_call", ["findings_snapshot", 'findings_snapshot(name="n")'])
+def test_a_first_run_without_snapshots_skips_with_the_update_hint(run, pytester, snapshot_call):
+    """A user's new model has no snapshot: that is no failure of the finding. Once recorded
+    (under the default or a custom name), the same finding matches and a changed one fails."""
+    spec = (
+        """
 def test_finding(model_id, neuron_stats, findings_snapshot):
-    assert {{"n_tokens": neuron_stats.n_tokens * {factor}}} == findings_snapshot
-"""
+    assert {{"n_tokens": neuron_stats.n_tokens * {factor}}} == """
+        + snapshot_call.replace("{", "{{")
+        + "\n"
+    )
     pytester.makepyfile(test_spec=spec.format(factor=1))
     first = run("-rs", "-k", "test_finding")
     first.assert_outcomes(skipped=1)

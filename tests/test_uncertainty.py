@@ -14,6 +14,8 @@ from neuronspec.uncertainty import (
     control_mean_replicates,
     empirical_p_value,
     paired_log_ratios,
+    rank_correlation,
+    rank_correlation_se,
     rank_sum_p_value,
     sign_flip_p_value,
 )
@@ -136,3 +138,18 @@ def test_sequential_p_value_is_valid_under_the_null():
     for alpha in (0.01, 0.05, 0.2):
         assert np.mean(p_values <= alpha) <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)
     assert np.mean(used) < 40
+
+
+def test_rank_correlation_se_matches_the_spread_over_samples():
+    """Fieller-Hartley-Pearson SE of Spearman's ρ against 2,000 bivariate-normal samples of
+    109 pairs (the causal sweep's 10 candidates + 99 controls) at ρ_Pearson = 0.67."""
+    rng = np.random.default_rng(0)
+    n, r = 109, 0.67
+    cov = [[1.0, r], [r, 1.0]]
+    rhos = np.array(
+        [rank_correlation(*rng.multivariate_normal([0, 0], cov, n).T) for _ in range(2000)]
+    )
+    se = rank_correlation_se(float(rhos.mean()), n)
+    assert abs(rhos.std(ddof=1) / se - 1.0) < 0.1
+    with pytest.raises(NeuronSpecError, match="at least 4 pairs"):
+        rank_correlation_se(0.5, 3)

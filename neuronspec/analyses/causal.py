@@ -75,7 +75,12 @@ from neuronspec.interventions.kl_screen import SCREEN_SAMPLES, ScreenCache
 from neuronspec.models.registry import LoadedModel
 from neuronspec.options import default
 from neuronspec.progress import progress
-from neuronspec.uncertainty import empirical_p_value, rank_correlation, rank_sum_p_value
+from neuronspec.uncertainty import (
+    empirical_p_value,
+    rank_correlation,
+    rank_correlation_se,
+    rank_sum_p_value,
+)
 
 DEFAULT_METHOD = "zero"  # METHODS §6: "zero (or mean) it at all positions"
 DEFAULT_N_PROMPTS = 8  # held-out windows: 512 positions at T = 64
@@ -165,10 +170,19 @@ class CausalFinding(Finding):
                 "n_causal": len(layer.causal_neurons),
                 "rank_sum_p_value": layer.rank_sum_p_value,
                 "screen_rank_correlation": layer.screen_rank_correlation,
+                # ρ is a sample statistic over the measured neurons: judged against its noise
+                "screen_rank_correlation_se": _rank_correlation_se(layer),
             }
             for layer in self.layers
         ]
         return {"site": self.site, "top": top, "cross_layer": self.cross_layer}
+
+
+def _rank_correlation_se(layer: CausalLayerFinding) -> float | None:
+    """SE of the layer's screen rank correlation over its measured neurons (None below 4)."""
+    n = len(layer.candidates) + len(layer.control_neurons)
+    rho = layer.screen_rank_correlation
+    return None if rho is None or n < 4 else rank_correlation_se(rho, n)
 
 
 def causal_prompts(heldout: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

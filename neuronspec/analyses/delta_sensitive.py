@@ -35,6 +35,7 @@ from neuronspec.errors import NeuronSpecError
 from neuronspec.findings import Finding
 from neuronspec.models.registry import LoadedModel
 from neuronspec.options import default
+from neuronspec.uncertainty import rank_correlation
 
 VARIANCE_SITE = {"mamba": "dt", "gpt2": "mlp"}
 """The site each family's variance score reads."""
@@ -164,25 +165,6 @@ def substitution_positions(
     return positions[torch.randint(0, positions.numel(), (substitutions,), generator=generator)]
 
 
-def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's ρ (Pearson of average ranks); NaN if either score is constant."""
-    ra, rb = _ranks(a), _ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values), dtype=np.float64)
-    for value in np.unique(values):  # average ranks of ties
-        tied = values == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
 @dataclass(frozen=True)
 class DeltaSensitiveFinding(Finding):
     """One layer's delta-sensitive (Mamba ``dt``) or high-variance (GPT-2 ``mlp``) channels."""
@@ -258,6 +240,7 @@ def delta_sensitive_layer(
             "uncertainty": bootstrap.method,
             "se_df": bootstrap.df,
         }
+    rho = rank_correlation(variance, perturbation)  # None where a score is constant
     return DeltaSensitiveFinding(
         **errors,
         model=model,
@@ -275,5 +258,5 @@ def delta_sensitive_layer(
         top_perturbation=tuple(float(perturbation[c]) for c in by_perturbation),
         n_zero_variance=int((variance == 0).sum()),
         top_overlap=len(set(by_variance) & set(by_perturbation)),
-        rank_correlation=rank_correlation(variance, perturbation),
+        rank_correlation=float("nan") if rho is None else rho,
     )
