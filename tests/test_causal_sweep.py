@@ -18,6 +18,7 @@ from neuronspec.interventions.ablation import AblationEngine, AblationError
 from neuronspec.interventions.kl_screen import kl_screen
 from neuronspec.models.adapters import adapter_for
 from neuronspec.models.scan import use_fast_scan
+from neuronspec.report.diff import OUT, WITHIN, diff_results
 
 
 def _windows(n: int, length: int = 16, seed: int = 1) -> torch.Tensor:
@@ -110,6 +111,26 @@ def test_cross_layer_matrix_is_exactly_zero_upstream(finding, three_layers):
             assert candidate.p_value == (1 + beaten) / (1 + len(layer.control_kl))
         assert layer.causal_neurons == [c.neuron for c in layer.candidates if c.p_value <= 0.01]
         assert -1.0 <= layer.screen_rank_correlation <= 1.0
+        n_measured = n_candidates + len(layer.control_neurons)
+        assert layer.screen_rank_correlation_se == pytest.approx(
+            (1 - layer.screen_rank_correlation**2) * (1.06 / (n_measured - 3)) ** 0.5, rel=1e-12
+        )
+
+
+def test_diff_judges_the_screen_rank_correlation_against_its_se(finding):
+    """The results JSON carries ρ's SE, so ``diff`` judges a drift of ρ in SEs: a move of
+    1e-3 (a float-rounding reordering of near-zero controls) is within tolerance, a move of
+    many SEs is not."""
+    old = {
+        "config": {},
+        "models": {"m": {"info": {}, "analyses": {"causal": {"all": finding.to_json()}}}},
+    }
+    new = copy.deepcopy(old)
+    layer = new["models"]["m"]["analyses"]["causal"]["all"]["layers"][0]
+    layer["screen_rank_correlation"] += 1e-3
+    assert [f.status for f in diff_results(old, new).findings] == [WITHIN]
+    layer["screen_rank_correlation"] -= 1e-3 + 20 * layer["screen_rank_correlation_se"]
+    assert [f.status for f in diff_results(old, new).findings] == [OUT]
 
 
 def test_a_leak_upstream_is_caught(three_layers, monkeypatch):

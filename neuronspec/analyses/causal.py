@@ -109,6 +109,8 @@ class CausalLayerFinding(Finding):
     causal_neurons: list[int]  # candidates with p_value <= CAUSAL_ALPHA
     rank_sum_p_value: float  # one-sided Mann–Whitney: candidates' KL > controls'
     screen_rank_correlation: float | None  # Spearman ρ(κ̂, exact KL), measured neurons
+    # its Fieller–Hartley–Pearson SE over the n measured neurons (None where ρ is or n < 4)
+    screen_rank_correlation_se: float | None
 
     def candidates_exceed(self, *, alpha: float = 0.01) -> bool:
         """The layer's candidates have larger KL than its random neurons at level ``alpha``
@@ -171,18 +173,11 @@ class CausalFinding(Finding):
                 "rank_sum_p_value": layer.rank_sum_p_value,
                 "screen_rank_correlation": layer.screen_rank_correlation,
                 # ρ is a sample statistic over the measured neurons: judged against its noise
-                "screen_rank_correlation_se": _rank_correlation_se(layer),
+                "screen_rank_correlation_se": layer.screen_rank_correlation_se,
             }
             for layer in self.layers
         ]
         return {"site": self.site, "top": top, "cross_layer": self.cross_layer}
-
-
-def _rank_correlation_se(layer: CausalLayerFinding) -> float | None:
-    """SE of the layer's screen rank correlation over its measured neurons (None below 4)."""
-    n = len(layer.candidates) + len(layer.control_neurons)
-    rho = layer.screen_rank_correlation
-    return None if rho is None or n < 4 else rank_correlation_se(rho, n)
 
 
 def causal_prompts(heldout: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,6 +364,9 @@ def causal_neurons(
         mean = statistics.fmean(control_kl) if control_kl else 0.0
         std = statistics.stdev(control_kl) if len(control_kl) > 1 else 0.0
         both = candidates + control
+        rho = rank_correlation(
+            [float(estimate[n]) for n in both], [result[(layer, n)][0] for n in both]
+        )
         findings.append(
             CausalLayerFinding(
                 layer=layer,
@@ -379,8 +377,9 @@ def causal_neurons(
                 control_kl_std=std,
                 causal_neurons=[c.neuron for c in measured if c.p_value <= CAUSAL_ALPHA],
                 rank_sum_p_value=rank_sum_p_value([c.kl for c in measured], control_kl),
-                screen_rank_correlation=rank_correlation(
-                    [float(estimate[n]) for n in both], [result[(layer, n)][0] for n in both]
+                screen_rank_correlation=rho,
+                screen_rank_correlation_se=(
+                    None if rho is None or len(both) < 4 else rank_correlation_se(rho, len(both))
                 ),
             )
         )
