@@ -420,31 +420,28 @@ def pruning(
 
 
 @pytest.fixture(scope="session")
-def causal_screens(loaded_model, corpus):
-    """The causal sweeps' KL screens (METHODS §6), each (site, layer) computed once."""
-    from neuronspec.analyses.causal import DEFAULT_N_PROMPTS, causal_prompts
-    from neuronspec.interventions.kl_screen import ScreenCache
+def causal_cache(loaded_model, corpus):
+    """The causal sweeps' KL screens and exact measurements (METHODS §6), each run once."""
+    from neuronspec.analyses.causal import DEFAULT_N_PROMPTS, CausalCache, causal_prompts
 
-    _, screen_prompts = causal_prompts(corpus.heldout, DEFAULT_N_PROMPTS)
-    return ScreenCache(loaded_model, screen_prompts)
+    return CausalCache(loaded_model, *causal_prompts(corpus.heldout, DEFAULT_N_PROMPTS))
 
 
 @pytest.fixture(scope="session")
-def causal(neuronspec_session, model_id, loaded_model, corpus, neuron_stats, causal_screens):
+def causal(neuronspec_session, model_id, loaded_model, neuron_stats, causal_cache):
     """METHODS §6 causal sweep: every neuron screened, the ``--top-k`` candidates of each
     layer measured exactly on the first held-out windows; records the set ``causal``."""
-    from neuronspec.analyses.causal import DEFAULT_N_PROMPTS, causal_neurons, causal_prompts
+    from neuronspec.analyses.causal import causal_neurons
 
     config = neuronspec_session.config
-    prompts, _ = causal_prompts(corpus.heldout, DEFAULT_N_PROMPTS)
     finding = causal_neurons(
         loaded_model,
-        prompts,
+        causal_cache.prompts,
         neuron_stats,
         layers=config.layers_of(neuron_stats.n_layers, model=model_id),
         top_k=config.top_k,
         n_controls=config.control_seeds,
-        screens=causal_screens,
+        cache=causal_cache,
     )
     neuronspec_session.record(model_id, "causal", finding)
     for layer in finding.layers:
@@ -457,21 +454,19 @@ def causal(neuronspec_session, model_id, loaded_model, corpus, neuron_stats, cau
 
 @pytest.fixture(scope="session")
 def causal_delta_sensitive(
-    neuronspec_session, model_id, loaded_model, corpus, neuron_stats, delta_sensitive_sets,
-    causal_screens,
-):  # fmt: skip
+    neuronspec_session, model_id, loaded_model, neuron_stats, delta_sensitive_sets, causal_cache
+):
     """The causal sweep of the Δ (or high-variance) channels at their own site."""
-    from neuronspec.analyses.causal import DEFAULT_N_PROMPTS, causal_neurons, causal_prompts
+    from neuronspec.analyses.causal import causal_neurons
 
-    prompts, _ = causal_prompts(corpus.heldout, DEFAULT_N_PROMPTS)
     finding = causal_neurons(
         loaded_model,
-        prompts,
+        causal_cache.prompts,
         neuron_stats,
         top_k=neuronspec_session.config.top_k,
         neuron_sets=delta_sensitive_sets,
         n_controls=neuronspec_session.config.control_seeds,
-        screens=causal_screens,
+        cache=causal_cache,
     )
     neuronspec_session.record(model_id, "causal_delta_sensitive", finding)
     for layer in finding.layers:  # joins the neuron-type overlap, within its site

@@ -41,11 +41,6 @@ def test_sensitive_channel_interventions_leave_upstream_layers_unchanged(
     assert upstream_leaks(causal_delta_sensitive) == []
 
 
-@pytest.mark.measured({
-    "tiny-mamba-L2": "the 10 delta-sensitive channels of layer 2 against 99 random Δ "
-    "channels: rank-sum p = 0.018; one channel (178, KL 1.68e-03, p = 0.01) is causal, the "
-    "median channel has KL 1.99e-07 against a random mean of 1.09e-06",
-})  # fmt: skip
 def test_sensitive_channels_are_more_causal_than_random(model_id, layer, causal_delta_sensitive):
     """The pairing of delta-sensitive and causal neurons: the layer's delta-sensitive Δ
     channels (Mamba) or high-variance neurons (GPT-2) have larger KL impact than random

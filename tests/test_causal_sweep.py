@@ -14,7 +14,7 @@ from builders import VOCAB, make_gpt2, make_mamba, wrap
 from neuronspec.analyses.causal import causal_neurons, single_neuron_sweep, upstream_leaks
 from neuronspec.analyses.delta_sensitive import NeuronSets
 from neuronspec.capture.runner import collect_stats
-from neuronspec.interventions.ablation import AblationEngine, AblationError
+from neuronspec.interventions.ablation import AblationEngine, AblationError, corpus_means
 from neuronspec.interventions.kl_screen import kl_screen
 from neuronspec.models.adapters import adapter_for
 from neuronspec.models.scan import use_fast_scan
@@ -211,3 +211,66 @@ def test_delta_channel_sets_match_a_weight_edited_peer():
                 assert candidate.downstream[t] == pytest.approx(expected_change, rel=1e-8)
     with pytest.raises(AblationError, match="no neurons for layers"):
         causal_neurons(loaded, prompts, stats, layers=[1], neuron_sets=sets)
+
+
+def test_two_sweeps_sharing_a_cache_measure_each_neuron_once(three_layers, monkeypatch):
+    """The sweep of given sets at the ``mlp`` site after the screened sweep, sharing one
+    CausalCache: it measures only the neurons the first did not (most of its controls come
+    from the same permutation), and its finding equals the same sweep run alone."""
+    import neuronspec.analyses.causal as causal
+
+    stats = collect_stats(three_layers, _windows(8, seed=9), bos_id=None, batch_size=8)
+    prompts = _windows(3)
+    sets = NeuronSets(kind="high_variance", site="mlp", by_layer={0: [1, 2], 1: [3], 2: [4]})
+    options = {"top_k": 2, "n_controls": 6, "max_rows": 32}
+    alone = causal_neurons(three_layers, prompts, stats, neuron_sets=sets, **options)
+    swept: list[list[tuple[int, int]]] = []
+    real = causal.single_neuron_sweep
+    monkeypatch.setattr(
+        causal,
+        "single_neuron_sweep",
+        lambda e, p, plan, **k: swept.append(plan) or real(e, p, plan, **k),
+    )
+    cache = causal.CausalCache(three_layers, prompts, prompts)
+    first = causal_neurons(three_layers, prompts, stats, cache=cache, **options)
+    second = causal_neurons(three_layers, prompts, stats, neuron_sets=sets, cache=cache, **options)
+
+    def plan(finding):
+        return [
+            (layer.layer, n)
+            for layer in finding.layers
+            for n in [c.neuron for c in layer.candidates] + layer.control_neurons
+        ]
+
+    assert sorted(swept[0]) == sorted(plan(first))
+    assert sorted(swept[1]) == sorted(set(plan(second)) - set(plan(first)))
+    assert len(swept[1]) < len(plan(second)) / 2  # the controls were shared
+    for shared, own in zip(second.layers, alone.layers, strict=True):
+        assert shared.control_neurons == own.control_neurons
+        assert [c.neuron for c in shared.candidates] == [c.neuron for c in own.candidates]
+        assert [c.kl for c in shared.candidates] == pytest.approx(
+            [c.kl for c in own.candidates], rel=1e-5, abs=1e-10
+        )
+        assert shared.control_kl == pytest.approx(own.control_kl, rel=1e-5, abs=1e-10)
+    with pytest.raises(AblationError, match="'zero' intervention"):
+        means = corpus_means(stats)
+        causal_neurons(
+            three_layers, prompts, stats, method="mean", means=means, cache=cache, **options
+        )
+    with pytest.raises(AblationError, match="other prompts"):
+        causal_neurons(three_layers, _windows(3, seed=5), stats, cache=cache, **options)
+
+
+def test_controls_are_a_uniform_draw_of_the_other_neurons():
+    """The first k of a permutation outside the excluded neurons: each other neuron is drawn
+    with probability k / (width − excluded), the excluded never."""
+    from neuronspec.analyses.causal import _control_neurons
+
+    counts = torch.zeros(6)
+    draws = 3000
+    for seed in range(draws):
+        drawn = _control_neurons(6, [0], 2, seed)
+        assert len(set(drawn)) == 2 and 0 not in drawn
+        counts[drawn] += 1
+    frequency = counts[1:] / draws  # binomial SE sqrt(0.4 · 0.6 / 3000) ≈ 0.009
+    assert torch.all((frequency - 0.4).abs() < 0.04), frequency

@@ -29,9 +29,11 @@ identified neurons instead (``neuron_sets``, e.g. the delta-sensitive Δ channel
 candidates, intervened on at their own site, and the inter-layer impact is read there too.
 
 The **random control**: ``n_controls`` other neurons of the same layer (not candidates;
-``--control-seeds``, default 99, at most the layer's other neurons), drawn with
-``torch.Generator(seed + layer)``, measured exactly the same way (KL and the control
-matrix). Each candidate gets the empirical p-value of its KL among the controls'
+``--control-seeds``, default 99, at most the layer's other neurons): the first of them in
+one permutation of the layer's neurons (``torch.Generator(seed + layer)``), a uniform draw
+of the others, measured exactly the same way (KL and the control matrix). The two sweeps of
+a model share a :class:`CausalCache`: at a common site a neuron is measured once, so the
+high-variance sweep of GPT-2 reuses the controls of the causal sweep. Each candidate gets the empirical p-value of its KL among the controls'
 (:mod:`neuronspec.uncertainty`); it is recorded as a *causal neuron* when p ≤
 ``CAUSAL_ALPHA`` = 0.01 (per neuron, uncorrected). A layer's candidates as a set are tested
 against its controls by a one-sided Mann–Whitney rank-sum test (``candidates_exceed(alpha)``).
@@ -203,9 +205,58 @@ def _screened_candidates(screened, layer: int, top_k: int) -> list[int]:
 
 
 def _control_neurons(width: int, exclude: Sequence[int], k: int, seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    pool = torch.tensor([n for n in range(width) if n not in set(exclude)], dtype=torch.long)
-    return [int(n) for n in pool[torch.randperm(len(pool), generator=generator)[:k]]]
+    """The first ``k`` neurons of one permutation of the layer (``seed``) outside ``exclude``:
+    a uniform draw of ``k`` of the other neurons whatever ``exclude`` is, and the same
+    neurons for two sweeps of the layer wherever their exclusions allow."""
+    excluded = set(exclude)
+    order = torch.randperm(width, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [n for n in order if n not in excluded][:k]
+
+
+class CausalCache:
+    """One model's causal sweeps on fixed prompts: the KL screens
+    (:class:`~neuronspec.interventions.kl_screen.ScreenCache`, on ``screen_prompts``) and the
+    exact single-neuron measurements on ``prompts``, each ``(site, layer, neuron)`` run once.
+    The causal sweep and the sweep of given sets at the same site (GPT-2's high-variance
+    ``mlp`` neurons) share their screen, most of their random controls (drawn from one
+    permutation per layer) and any common candidate."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        prompts: torch.Tensor,
+        screen_prompts: torch.Tensor,
+        *,
+        method: str = DEFAULT_METHOD,
+        means: Mapping | None = None,
+        screen_samples: int = SCREEN_SAMPLES,
+        seed: int = 0,
+    ):
+        self.prompts, self.method, self.means = prompts, method, means
+        self.screens = ScreenCache(
+            loaded, screen_prompts, method=method, means=means, samples=screen_samples, seed=seed
+        )
+        self._exact: dict[tuple[str, int, int], tuple[float, list[float]]] = {}
+
+    def check(self, prompts: torch.Tensor, method: str, means: Mapping | None) -> None:
+        if method != self.method or means is not self.means:
+            raise AblationError(
+                f"the cache holds the {self.method!r} intervention (its own means), the "
+                f"sweep intervenes by {method!r}"
+            )
+        if prompts.shape != self.prompts.shape or not torch.equal(prompts, self.prompts):
+            raise AblationError("the cache was measured on other prompts than the sweep's")
+
+    def measure(
+        self, engine: AblationEngine, plan: Sequence[tuple[int, int]], site: str
+    ) -> dict[tuple[int, int], tuple[float, list[float]]]:
+        """``(layer, neuron) → (KL, change per layer)`` of :func:`single_neuron_sweep` for
+        ``plan``, sweeping only the neurons not measured before at ``site``."""
+        todo = [key for key in dict.fromkeys(plan) if (site, *key) not in self._exact]
+        kls, changes = single_neuron_sweep(engine, self.prompts, todo, site=site)
+        for (layer, n), kl, change in zip(todo, kls, changes, strict=True):
+            self._exact[(site, layer, n)] = (kl, change)
+        return {(layer, n): self._exact[(site, layer, n)] for layer, n in plan}
 
 
 def single_neuron_sweep(
@@ -287,13 +338,14 @@ def causal_neurons(
     n_controls: int = default("control_seeds"),
     screen_prompts: torch.Tensor | None = None,
     screen_samples: int = SCREEN_SAMPLES,
-    screens: ScreenCache | None = None,
+    cache: CausalCache | None = None,
 ) -> CausalFinding:
     """Screen every neuron of each layer on ``screen_prompts`` (default: ``prompts``), measure
     the candidates and ``n_controls`` random neurons exactly on ``prompts`` (module
     docstring). ``neuron_sets``: the candidates and their site, per layer (default: the
     screen's top ``top_k`` at the ``mlp`` site); ``layers`` then defaults to the layers of
-    the sets."""
+    the sets. ``cache``: the screens and measurements shared with another sweep of the
+    model on the same prompts (it then holds the screen's prompts, samples and seed)."""
     if method not in ("zero", "mean"):
         raise AblationError(
             f"causal interventions are 'zero' or 'mean' (METHODS §6), got {method!r}"
@@ -311,21 +363,18 @@ def causal_neurons(
         missing = sorted(set(layers) - set(neuron_sets.by_layer))
         raise AblationError(f"the {neuron_sets.kind} sets have no neurons for layers {missing}")
     engine.check([Condition(f"L{layer}", site, {layer: (0,)}) for layer in layers])  # early
-    if screens is not None and screens.method != method:
-        raise AblationError(
-            f"the screens were computed for the {screens.method!r} intervention, the sweep "
-            f"intervenes by {method!r}"
-        )
-    if screens is None:
-        screens = ScreenCache(
+    if cache is None:
+        cache = CausalCache(
             loaded,
+            prompts,
             prompts if screen_prompts is None else screen_prompts,
             method=method,
             means=means,
-            samples=screen_samples,
+            screen_samples=screen_samples,
             seed=seed,
         )
-    screened = screens.screen(site, layers)
+    cache.check(prompts, method, means)
+    screened = cache.screens.screen(site, layers)
     screen = screened.kl
     plan: list[tuple[int, int]] = []
     chosen: dict[int, tuple[list[int], list[int]]] = {}
@@ -339,8 +388,7 @@ def causal_neurons(
         )
         chosen[layer] = (candidates, control)
         plan += [(layer, n) for n in candidates + control]
-    kls, changes = single_neuron_sweep(engine, prompts, plan, site=site)
-    result = {key: (kl, change) for key, kl, change in zip(plan, kls, changes, strict=True)}
+    result = cache.measure(engine, plan, site)
     findings = []
     matrix, control_matrix = [], []
     for layer in layers:
