@@ -257,6 +257,11 @@ def test_two_sweeps_sharing_a_cache_measure_each_neuron_once(three_layers, monke
         causal_neurons(
             three_layers, prompts, stats, method="mean", means=means, cache=cache, **options
         )
+    mean_cache = causal.CausalCache(three_layers, prompts, prompts, method="mean", means=means)
+    with pytest.raises(AblationError, match="other means"):
+        causal_neurons(
+            three_layers, prompts, stats, method="mean", means=dict(means), cache=mean_cache
+        )
     with pytest.raises(AblationError, match="other prompts"):
         causal_neurons(three_layers, _windows(3, seed=5), stats, cache=cache, **options)
 

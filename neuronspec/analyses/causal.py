@@ -33,8 +33,9 @@ The **random control**: ``n_controls`` other neurons of the same layer (not cand
 one permutation of the layer's neurons (``torch.Generator(seed + layer)``), a uniform draw
 of the others, measured exactly the same way (KL and the control matrix). The two sweeps of
 a model share a :class:`CausalCache`: at a common site a neuron is measured once, so the
-high-variance sweep of GPT-2 reuses the controls of the causal sweep. Each candidate gets the empirical p-value of its KL among the controls'
-(:mod:`neuronspec.uncertainty`); it is recorded as a *causal neuron* when p ≤
+high-variance sweep of GPT-2 reuses the controls of the causal sweep. Each candidate gets
+the empirical p-value of its KL among the controls' (:mod:`neuronspec.uncertainty`); it is
+recorded as a *causal neuron* when p ≤
 ``CAUSAL_ALPHA`` = 0.01 (per neuron, uncorrected). A layer's candidates as a set are tested
 against its controls by a one-sided Mann–Whitney rank-sum test (``candidates_exceed(alpha)``).
 The screen's quality is reported per layer: Spearman's ρ between κ̂ and the exact KL over
@@ -239,11 +240,13 @@ class CausalCache:
         self._exact: dict[tuple[str, int, int], tuple[float, list[float]]] = {}
 
     def check(self, prompts: torch.Tensor, method: str, means: Mapping | None) -> None:
-        if method != self.method or means is not self.means:
+        if method != self.method:
             raise AblationError(
-                f"the cache holds the {self.method!r} intervention (its own means), the "
-                f"sweep intervenes by {method!r}"
+                f"the cache holds the {self.method!r} intervention, the sweep intervenes by "
+                f"{method!r}: build a CausalCache with method={method!r}"
             )
+        if means is not self.means:
+            raise AblationError("the cache was measured with other means than the sweep's")
         if prompts.shape != self.prompts.shape or not torch.equal(prompts, self.prompts):
             raise AblationError("the cache was measured on other prompts than the sweep's")
 
